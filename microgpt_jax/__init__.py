@@ -1,0 +1,9 @@
+"""microgpt-jax: a fast, exact JAX reimplementation of microgpt.
+
+Modules: data (documents, vocabulary, batches), model (GPTConfig, params,
+forward, loss), train (TrainConfig, optimizer, jitted steps), sample,
+checkpoint (run directories), check (the cross-check against `reference`),
+reproduce (the seed's run), cli (the `microgpt-jax` command).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from microgpt_jax.cli import entry
+
+entry()

@@ -1,0 +1,157 @@
+"""The GPT of ../shared/spec/microgpt.md, vectorized over a whole sequence.
+
+Parameters are a flat dict of arrays keyed like the seed's (`wte`, `wpe`,
+`lm_head`, `layer0.attn_wq`, ...), each `[out, in]`, so `x @ W.T` is the
+seed's `linear(x, W)`. Every function is pure: weights in, arrays out.
+
+Shape suffixes: B batch rows, T positions, D n_embd, H heads, K head size,
+F 4*n_embd, V vocabulary, S key positions.
+
+    x = rmsnorm(wte[tok] + wpe[pos])
+    per layer:  x += attn(rmsnorm(x));  x += fc2(relu(fc1(rmsnorm(x))))
+    logits = lm_head(x)
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from microgpt_jax.errors import UserError
+
+INIT_STD = 0.08
+NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The model's shape. Defaults are the seed's (vocab_size comes from the data)."""
+
+    vocab_size: int = 27
+    n_embd: int = 16
+    n_head: int = 4
+    n_layer: int = 1
+    block_size: int = 16
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_embd", "n_head", "n_layer", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "change one so that n_embd / n_head is a whole head size"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """Name -> [out, in] of every weight, in the spec's creation order."""
+    d = cfg.n_embd
+    shapes = {"wte": (cfg.vocab_size, d), "wpe": (cfg.block_size, d), "lm_head": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layer):
+        shapes |= {
+            f"layer{i}.attn_wq": (d, d),
+            f"layer{i}.attn_wk": (d, d),
+            f"layer{i}.attn_wv": (d, d),
+            f"layer{i}.attn_wo": (d, d),
+            f"layer{i}.mlp_fc1": (4 * d, d),
+            f"layer{i}.mlp_fc2": (d, 4 * d),
+        }
+    return shapes
+
+
+def init_params(cfg: GPTConfig, key, dtype=jnp.float32) -> dict:
+    """Every weight ~ N(0, 0.08^2), drawn with jax.random."""
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    return {name: INIT_STD * jax.random.normal(k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
+
+
+def init_params_compat(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
+    """The scalar engine's initialisation: rng.gauss(0, 0.08) in the spec's order.
+
+    Given the same `random.Random` state, this gives the very weights the
+    scalar engine starts from, and leaves rng where the scalar engine would.
+    """
+    return {
+        name: np.array([[rng.gauss(0, INIT_STD) for _ in range(n_in)] for _ in range(n_out)], dtype)
+        for name, (n_out, n_in) in param_shapes(cfg).items()
+    }
+
+
+def rmsnorm(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def attention(x_BTD, wq, wk, wv, wo, mask_BTS, n_head):
+    """Multi-head attention; mask_BTS[b, t, s] says whether position t may see position s."""
+    B, T, D = x_BTD.shape
+    K = D // n_head
+    q_BTHK = (x_BTD @ wq.T).reshape(B, T, n_head, K)
+    k_BSHK = (x_BTD @ wk.T).reshape(B, T, n_head, K)
+    v_BSHK = (x_BTD @ wv.T).reshape(B, T, n_head, K)
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / np.sqrt(K).astype(x_BTD.dtype)
+    att_BHTS = jnp.where(mask_BTS[:, None], att_BHTS, -jnp.inf)
+    att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
+    out_BTD = jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK).reshape(B, T, D)
+    return out_BTD @ wo.T
+
+
+def mlp(x_BTD, fc1, fc2):
+    return jax.nn.relu(x_BTD @ fc1.T) @ fc2.T
+
+
+def attention_mask(positions_BT, segments_BT):
+    """Causal within a document: t sees s iff s <= t and both belong to the same document.
+
+    Positions restart at 0 for every document, so within one document the
+    order of positions is the order of the sequence.
+    """
+    T = positions_BT.shape[-1]
+    causal_TS = jnp.tril(jnp.ones((T, T), bool))
+    same_doc_BTS = segments_BT[:, :, None] == segments_BT[:, None, :]
+    return causal_TS[None] & same_doc_BTS
+
+
+def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None):
+    """Logits [B, T, V] for every position of every row, all at once.
+
+    Without positions and segments each row is one document starting at
+    position 0, and this equals running the seed's token-by-token model over
+    the row with its KV cache.
+    """
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if segments_BT is None:
+        segments_BT = jnp.zeros((B, T), jnp.int32)
+    mask_BTS = attention_mask(positions_BT, segments_BT)
+
+    x_BTD = rmsnorm(params["wte"][tokens_BT] + params["wpe"][positions_BT])
+    for i in range(cfg.n_layer):
+        p = f"layer{i}."
+        x_BTD = x_BTD + attention(
+            rmsnorm(x_BTD),
+            params[p + "attn_wq"],
+            params[p + "attn_wk"],
+            params[p + "attn_wv"],
+            params[p + "attn_wo"],
+            mask_BTS,
+            cfg.n_head,
+        )
+        x_BTD = x_BTD + mlp(rmsnorm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"])
+    return x_BTD @ params["lm_head"].T
+
+
+def loss_fn(params, batch, cfg: GPTConfig):
+    """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents."""
+    logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll_BT = -jnp.take_along_axis(logp_BTV, batch.targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(batch.weights.astype(nll_BT.dtype) * nll_BT)

@@ -1,0 +1,29 @@
+"""Test setup: float64 everywhere, and the datasets from ../shared/data (never downloaded)."""
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MICROGPT_JAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NAMES = SHARED_DATA / "names.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+
+# The cross-checks compare against Python floats: the JAX side must be float64 too.
+jax.config.update("jax_enable_x64", True)
+# Every command and test reads names from ../shared/data; nothing goes to the network.
+os.environ.setdefault("MICROGPT_JAX_DATA", str(NAMES))
+
+
+@pytest.fixture(scope="session")
+def names_path():
+    assert NAMES.is_file(), f"the names dataset is expected at {NAMES} (set MICROGPT_JAX_SHARED_DATA)"
+    return NAMES
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path():
+    assert SHAKESPEARE.is_file(), f"tinyshakespeare is expected at {SHAKESPEARE}"
+    return SHAKESPEARE
