@@ -114,6 +114,12 @@ def cmd_reproduce(args):
     reproduce(resolve_data_path(args.data), steps=args.steps)
 
 
+def cmd_bench(args):
+    from microgpt_jax import bench
+
+    bench.run(args.cases, args.json)
+
+
 def build_parser():
     parser = ArgumentParser(prog="microgpt-jax", description="A fast, exact JAX reimplementation of microgpt.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -144,6 +150,11 @@ def build_parser():
     p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("bench", help="benchmarks, measured side by side, printed as a table")
+    p.add_argument("cases", nargs="*", help="cases to run (default: all)")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
