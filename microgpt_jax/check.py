@@ -48,9 +48,13 @@ def reference_grads(params, cfg, tokens):
     return loss.data, from_reference_state(state, "grad")
 
 
+_value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
+_forward = jax.jit(forward, static_argnums=2)
+
+
 def jax_grads(params, cfg, tokens):
     batch = jax.tree.map(jnp.asarray, padded_batch([tokens], cfg.block_size))
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)(params, batch, cfg)
+    loss, grads = _value_and_grad(params, batch, cfg)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -74,7 +78,7 @@ def check_logits(params, cfg, tokens) -> Row:
     """The vectorized forward against the scalar engine's token-by-token logits."""
     tokens = tokens[: cfg.block_size]
     want = [[v.data for v in row] for row in reference.sequence_logits(to_reference_state(params), cfg, tokens)]
-    got = forward(params, jnp.asarray([tokens]), cfg)[0]
+    got = _forward(params, jnp.asarray([tokens]), cfg)[0]
     return compare("logits", got, want)
 
 

@@ -5,10 +5,12 @@ updates and samples out, to float64 round-off.
 """
 
 from reference.engine import Value, topological_order
+
+# One token's forward is reference.gpt.gpt: not re-exported, so that the name
+# `reference.gpt` stays the module.
 from reference.gpt import (
     Adam,
     Config,
-    gpt,
     init_state,
     loss,
     param_shapes,
@@ -23,7 +25,6 @@ __all__ = [
     "Adam",
     "Config",
     "Value",
-    "gpt",
     "init_state",
     "loss",
     "param_shapes",

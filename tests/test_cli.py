@@ -1,0 +1,139 @@
+"""The command line: bad input is one line on stderr, a non-zero exit and no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from microgpt_jax.cli import main
+from microgpt_jax.errors import run_cli
+from tests.conftest import ROOT
+
+
+def cli(*args):
+    """Run `python -m microgpt_jax ARGS` as a user would."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "microgpt_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def run_in_process(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, list(args))
+    return e.value.code, capsys.readouterr()
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    files = {
+        "empty": b"",
+        "blank": b"\n   \n\n",
+        "latin1": "anna\nzoë\n".encode("latin-1"),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    return tmp_path
+
+
+def test_missing_data_file_as_a_real_process(tmp_path):
+    out = cli("train", "--steps", "1", "--data", str(tmp_path / "missing.txt"))
+    assert_one_line_error(out.returncode, out.stderr, "data file not found", "--data")
+
+
+def test_bad_model_config_as_a_real_process():
+    out = cli("train", "--n-embd", "10", "--n-head", "4")
+    assert_one_line_error(out.returncode, out.stderr, "n_embd (10) must be divisible by n_head (4)")
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [("empty", "data file is empty"), ("blank", "no non-blank line"), ("latin1", "not valid UTF-8 at line 2")],
+)
+@pytest.mark.parametrize("command", ["train", "check", "reproduce"])
+def test_bad_data_files(capsys, bad_files, name, fragment, command):
+    code, out = run_in_process(capsys, command, "--data", str(bad_files / name))
+    assert_one_line_error(code, out.err, fragment)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["train", "--steps", "0"], "steps must be a positive integer"),
+        (["train", "--steps", "-3"], "steps must be a positive integer"),
+        (["train", "--batch-size", "0"], "batch_size must be a positive integer"),
+        (["train", "--n-layer", "0"], "n_layer must be a positive integer"),
+        (["train", "--n-embd", "-16"], "n_embd must be a positive integer"),
+        (["train", "--block-size", "0"], "block_size must be a positive integer"),
+        (["train", "--n-head", "3"], "must be divisible by n_head (3)"),
+        (["train", "--steps", "ten"], "invalid int value"),
+        (["check", "--n-head", "5"], "must be divisible by n_head (5)"),
+        (["check", "--steps", "0"], "must be a positive integer"),
+        (["reproduce", "--steps", "0"], "must be a positive integer"),
+        (["sample", "/nonexistent/run"], "is not a run directory"),
+    ],
+)
+def test_bad_flags(capsys, args, fragment):
+    code, out = run_in_process(capsys, *args)
+    assert_one_line_error(code, out.err, fragment)
+
+
+def test_the_scalar_engines_command_checks_its_input_too(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for args, fragment in [(["--data", str(tmp_path / "empty.txt")], "data file is empty"), (["--steps", "0"], "positive")]:
+        out = subprocess.run(
+            [sys.executable, "-m", "reference", *args], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert_one_line_error(out.returncode, out.stderr, fragment)
+
+
+def test_check_prints_a_table_and_passes(capsys):
+    code, out = run_in_process(capsys, "check", "--steps", "2", "--doc", "emma")
+    assert code == 0, out.err
+    lines = out.out.splitlines()
+    assert lines[1].split()[:5] == ["parameter", "max", "abs", "err", "max"]
+    names = [line.rsplit(None, 3)[0] for line in lines[2:-1]]
+    assert {"logits", "loss", "grad wte", "grad layer0.mlp_fc2", "train losses", "after 2 steps wpe"} <= set(names)
+    assert all(line.rstrip().endswith("pass") for line in lines[2:-1])
+    assert lines[-1] == f"{len(lines) - 3} passed, 0 failed"
+
+
+def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):
+    import reference.gpt
+
+    monkeypatch.setattr(reference.gpt, "linear", lambda x, w: [sum(wi * xi for wi, xi in zip(r, x)) * 1.001 for r in w])
+    code, out = run_in_process(capsys, "check", "--steps", "1", "--n-embd", "8", "--doc", "ava")
+    assert code == 1
+    assert "FAIL" in out.out and out.out.splitlines()[-1].endswith("failed") and " 0 failed" not in out.out
+
+
+def test_check_refuses_a_document_outside_the_vocabulary(capsys):
+    code, out = run_in_process(capsys, "check", "--doc", "Émile")
+    assert_one_line_error(code, out.err, "outside the vocabulary", "'É'")
+
+
+def test_train_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out = run_in_process(capsys, "train", "--steps", "30", "--out", str(run))
+    assert code == 0, out.err
+    lines = out.out.splitlines()
+    assert lines[:3] == ["num docs: 32033", "vocab size: 27", "num params: 4192"]
+    assert lines[3].startswith("step    1 /   30 | loss ") and lines[32].startswith("step   30 /   30 | loss ")
+    code, out = run_in_process(capsys, "sample", str(run), "--num-samples", "5")
+    assert code == 0, out.err
+    samples = out.out.splitlines()
+    assert len(samples) == 5 and all(set(s) <= set("abcdefghijklmnopqrstuvwxyz") for s in samples)
+    # nothing saved is overwritten: training into the same directory again is refused
+    code, out = run_in_process(capsys, "train", "--steps", "1", "--out", str(run))
+    assert_one_line_error(code, out.err, "already exists")

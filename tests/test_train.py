@@ -1,0 +1,125 @@
+"""The jitted training step and loop: batches, donation, one compile, scan == step by step."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from microgpt_jax.check import ATOL, RTOL, from_reference_state, to_reference_state
+from microgpt_jax.data import Vocab, padded_batch, spec_order_batches
+from microgpt_jax.errors import UserError
+from microgpt_jax.model import GPTConfig, init_params, init_params_compat, loss_fn, param_shapes
+from microgpt_jax.train import Trainer, TrainConfig, make_optimizer
+
+DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
+VOCAB = Vocab.from_docs(DOCS)
+ENCODED = [VOCAB.encode(d) for d in DOCS]
+CFG = GPTConfig(vocab_size=VOCAB.size, n_embd=8, n_head=2, n_layer=1, block_size=8)
+
+
+def as_jax(tree):
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=4)
+    for field in ("vocab_size", "n_embd", "n_head", "n_layer", "block_size"):
+        with pytest.raises(UserError, match=f"{field} must be a positive integer"):
+            GPTConfig(**{field: 0})
+    with pytest.raises(UserError, match="steps must be a positive integer"):
+        TrainConfig(steps=0)
+    with pytest.raises(UserError, match="dtype"):
+        TrainConfig(dtype="float16")
+
+
+def test_init_params_shapes_and_scale():
+    cfg = GPTConfig(vocab_size=27, n_embd=32, n_head=4, n_layer=2, block_size=16)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    assert {k: v.shape for k, v in params.items()} == param_shapes(cfg)
+    assert all(v.dtype == jnp.float32 for v in params.values())
+    flat = np.concatenate([np.ravel(v) for v in params.values()])
+    assert abs(flat.std() - 0.08) < 0.005 and abs(flat.mean()) < 0.005
+    assert param_shapes(GPTConfig(vocab_size=27)) == dict(reference.param_shapes(GPTConfig(vocab_size=27)))
+
+
+def test_batch_loss_and_grads_are_the_mean_over_documents_of_the_scalar_engine():
+    params = init_params_compat(CFG, random.Random(0))
+    docs = [ENCODED[0], ENCODED[3], ENCODED[6]]  # different lengths; charlotte is cut at block_size
+    ref_losses, ref_grads = [], []
+    for tokens in docs:
+        state = to_reference_state(params)
+        out = reference.loss(state, CFG, tokens)
+        out.backward()
+        ref_losses.append(out.data)
+        ref_grads.append(from_reference_state(state, "grad"))
+    loss, grads = jax.value_and_grad(loss_fn)(as_jax(params), as_jax(padded_batch(docs, CFG.block_size)), CFG)
+    np.testing.assert_allclose(float(loss), np.mean(ref_losses), rtol=RTOL, atol=ATOL)
+    for k in params:
+        want = np.mean([g[k] for g in ref_grads], axis=0)
+        np.testing.assert_allclose(grads[k], want, rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
+    tcfg = TrainConfig(steps=6, batch_size=2, dtype="float64")
+    trainer = Trainer(CFG, tcfg)
+    params0 = init_params(CFG, jax.random.key(1), jnp.float64)
+    batches = spec_order_batches(ENCODED, 0, 6, 2, CFG.block_size)
+
+    p, s = jax.tree.map(jnp.copy, params0), trainer.init(params0)
+    step_losses = []
+    for i in range(6):
+        p, s, loss = trainer.step(p, s, as_jax(jax.tree.map(lambda b: b[i], batches)))
+        step_losses.append(float(loss))
+    assert trainer.step._cache_size() == 1  # six steps, one trace
+
+    q, t = jax.tree.map(jnp.copy, params0), trainer.init(params0)
+    scan_losses = []
+    for start in (0, 3):  # two calls of 3 steps each: one trace
+        chunk = as_jax(jax.tree.map(lambda b: b[start : start + 3], batches))
+        q, t, losses = trainer.steps(q, t, chunk)
+        scan_losses += [float(x) for x in losses]
+    assert trainer.steps._cache_size() == 1
+
+    np.testing.assert_allclose(scan_losses, step_losses, rtol=RTOL, atol=ATOL)
+    for k in p:
+        np.testing.assert_allclose(q[k], p[k], rtol=0, atol=1e-14, err_msg=k)
+    chex_like_equal = jax.tree.map(lambda a, b: bool(jnp.allclose(a, b, rtol=0, atol=1e-14)), s, t)
+    assert all(jax.tree.leaves(chex_like_equal))
+
+
+def test_step_donates_params_and_optimizer_state():
+    trainer = Trainer(CFG, TrainConfig(steps=2, dtype="float64"))
+    params = init_params(CFG, jax.random.key(2), jnp.float64)
+    opt_state = trainer.init(params)
+    batch = as_jax(padded_batch([ENCODED[0]], CFG.block_size))
+    new_params, _, _ = trainer.step(params, opt_state, batch)
+    assert all(p.is_deleted() for p in jax.tree.leaves(params))
+    assert not any(p.is_deleted() for p in jax.tree.leaves(new_params))
+
+
+def test_float32_training_stays_float32_and_learns():
+    tcfg = TrainConfig(steps=40, batch_size=4, dtype="float32")
+    trainer = Trainer(CFG, tcfg)
+    params = init_params(CFG, jax.random.key(3), jnp.float32)
+    opt_state = trainer.init(params)
+    batches = as_jax(spec_order_batches(ENCODED, 0, 40, 4, CFG.block_size))
+    params, opt_state, losses = trainer.steps(params, opt_state, batches)
+    assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in params.values())
+    assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5
+
+
+def test_learning_rate_decays_linearly_to_zero():
+    tcfg = TrainConfig(steps=10, lr=0.01, dtype="float64")
+    opt = make_optimizer(tcfg)
+    # with a gradient of 1 and fresh moments, Adam's step is lr_s * 1 / (1 + eps): read lr_s off it
+    params = {"w": jnp.zeros(())}
+    state = opt.init(params)
+    lrs = []
+    for _ in range(10):
+        updates, state = opt.update({"w": jnp.ones(())}, state, params)
+        lrs.append(-float(updates["w"]) * (1 + tcfg.eps))
+    np.testing.assert_allclose(lrs, [0.01 * (1 - s / 10) for s in range(10)], rtol=1e-12)
