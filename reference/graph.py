@@ -13,7 +13,8 @@ Nothing here changes the engine or the model:
 - a node's stage comes from the weights it depends on: it belongs to the
   last weight matrix on its path in forward order (so q, which depends on
   attn_wq alone among q/k/v weights, is "query", and q.k, which depends on
-  attn_wq and attn_wk, is "attention");
+  attn_wq and attn_wk, is "attention"; a norm counts with the stage that
+  produced its input);
 - lifetimes come from weak references (`Value` has `__weakref__`) to every
   node built inside `tracking()`;
 - per-call records (one entry per `gpt` or `softmax` call) come from
@@ -102,10 +103,9 @@ def graph_stats(roots, state) -> GraphStats:
 # --- stages: which part of a token's pass built a node ---
 
 
-def forward_matrices(state):
-    """The weight matrices in the order a token's pass first uses them (lm_head last)."""
-    names = [name for name in state if name != "lm_head"]
-    return names + ["lm_head"]
+def forward_matrices(names):
+    """Weight matrix names (a state dict's keys) in the order a token's pass uses them: lm_head last."""
+    return [name for name in names if name != "lm_head"] + ["lm_head"]
 
 
 def stage_order(n_layer):
@@ -493,8 +493,8 @@ def components_mermaid(state, tp: TokenPass):
     """Diagram 1: every weight matrix (permanent) and what one token's pass builds (temporary)."""
     m = _Mermaid()
     with m.subgraph("Permanent_Memory", "PERMANENT MEMORY (weights)"):
-        for name, matrix in state.items():
-            rows, cols = len(matrix), len(matrix[0])
+        for name in forward_matrices(state):
+            rows, cols = len(state[name]), len(state[name][0])
             m.box("W_" + _node_id(name), f"{name}<br/>{rows}x{cols} = {_n(rows * cols)} nodes", WEIGHT)
     with m.subgraph("Temporary_Graph", f"TEMPORARY GRAPH (token at position {tp.position})"):
         for s in stage_order(len(tp.cache_after)):
@@ -512,7 +512,8 @@ def to_mermaid(tp: TokenPass):
     """
     m = _Mermaid()
     with m.subgraph("Weights", "PERMANENT WEIGHTS (read by this token)"):
-        for name, (read, total) in tp.weights_read.items():
+        for name in forward_matrices(tp.weights_read):
+            read, total = tp.weights_read[name]
             if read:
                 m.box("W_" + _node_id(name), f"{name}<br/>{_n(read)} of {_n(total)} nodes read", WEIGHT)
     if tp.roles.get(KV_CACHE):
