@@ -12,7 +12,7 @@ from microgpt_jax.data import Vocab, spec_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-STEPS = 3  # MICROGPT_NB_STEPS for the test runs: enough to exercise every cell
+STEPS = 2  # MICROGPT_NB_STEPS for the test runs: enough to exercise every cell
 
 
 def execute(path, names_path, monkeypatch):
