@@ -157,10 +157,12 @@ def build_parser():
     p.add_argument("--num-samples", type=positive_int, default=20)
     p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default 0.5)")
     p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="draw only from the most likely tokens holding probability P")
+    p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P")
     p.add_argument("--prompt", default="", help="every sample continues this text (e.g. ka)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--batch-size", type=positive_int, default=None, help="samples generated together (default: up to 1000)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability")
     p.add_argument(
         "--reference-compat",

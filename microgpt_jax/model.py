@@ -152,8 +152,8 @@ def _replace(items, i, item):
 
 def init_cache(cfg: GPTConfig, batch_size, dtype=jnp.float32) -> KVCache:
     shape = (batch_size, cfg.block_size, cfg.n_head, cfg.head_dim)
-    empty = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))
-    return KVCache(empty, empty)
+    empty = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # own buffers: they are donated
+    return KVCache(empty(), empty())
 
 
 def embed(params, tokens_BT, positions_BT):

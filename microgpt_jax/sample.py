@@ -51,7 +51,9 @@ def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
     """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
     unknown = sorted(set(text) - set(vocab.chars))
     if unknown:
-        raise UserError(f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
+        raise UserError(
+            f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}"
+        )
     if len(text) >= cfg.block_size:
         raise UserError(
             f"--prompt is {len(text)} characters but the model's block_size is {cfg.block_size}; "
@@ -61,6 +63,12 @@ def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
 
 
 # --- drawing a token ---
+
+
+def running_sums(x_BV):
+    """Running sums along the last axis, as one small matmul (XLA's CPU cumsum is a slow windowed reduction)."""
+    V = x_BV.shape[-1]
+    return x_BV @ jnp.triu(jnp.ones((V, V), x_BV.dtype))
 
 
 def kept_mask(z_BV, top_k, top_p):
@@ -75,7 +83,7 @@ def kept_mask(z_BV, top_k, top_p):
     order_BV = jnp.argsort(-z_BV, axis=-1, stable=True)
     in_top_k_V = jnp.arange(V) < top_k
     probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, jnp.take_along_axis(z_BV, order_BV, -1), -jnp.inf), axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # exactly 0 at rank 0
+    before_BV = running_sums(probs_BV) - probs_BV  # exactly 0 at rank 0
     keep_by_rank_BV = in_top_k_V & ((before_BV < top_p) | (top_p >= 1))
     return jnp.take_along_axis(keep_by_rank_BV, jnp.argsort(order_BV, axis=-1), -1)
 
@@ -97,8 +105,7 @@ def draw_tokens(u_B, logits_BV, temperature, top_k, top_p):
         filtered = (top_k < V) | (top_p < 1)
         kept_BV = jax.lax.cond(filtered, kept_mask, lambda z, k, p: jnp.ones(z.shape, bool), z_BV, top_k, top_p)
         e_BV = jnp.where(kept_BV, jnp.exp(z_BV - jnp.max(z_BV, axis=-1, keepdims=True)), 0)
-        # running sums as one small matmul (XLA's CPU cumsum is a slow windowed reduction)
-        cum_BV = e_BV @ jnp.triu(jnp.ones((V, V), e_BV.dtype))
+        cum_BV = running_sums(e_BV)
         past_BV = kept_BV & (cum_BV > u_B[:, None] * cum_BV[:, -1:])
         # first such token, by max-reductions; if rounding leaves none, the last kept token
         first_B = V - jnp.max(jnp.where(past_BV, V - id_V, 0), axis=-1)
@@ -174,12 +181,15 @@ def _with_bos(cfg: GPTConfig, prompt):
 
 
 def _cut(out_NW, logp_N, bos) -> list[Sample]:
-    rows = np.asarray(out_NW).tolist()
-    return [Sample(row[: row.index(bos)] if bos in row else row, float(lp)) for row, lp in zip(rows, np.asarray(logp_N))]
+    rows, logps = np.asarray(out_NW).tolist(), np.asarray(logp_N).tolist()
+    return [Sample(row[: row.index(bos)] if bos in row else row, lp) for row, lp in zip(rows, logps)]
 
 
 def keyed_draw(key, rows_B, temperature, top_k, top_p):
-    """draw(logits_BV, step) for rows rows_B of a run: row i's step-th uniform comes from fold_in(fold_in(key, i), step)."""
+    """draw(logits_BV, step) for the rows rows_B of a run.
+
+    Row i's step-th uniform comes from fold_in(fold_in(key, i), step).
+    """
     keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
 
     def draw(logits_BV, step):
@@ -242,7 +252,7 @@ def _sample_compat(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_
 
 
 def sample_compat(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
-    """num_samples samples drawn as the seed draws them from rng (a `random.Random`), which is left where the seed leaves it."""
+    """num_samples samples drawn as the seed draws them from rng, a `random.Random` left where the seed leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(
             f"the seed's sampling (--reference-compat) divides by the temperature: use one > 0, got {temperature}"
