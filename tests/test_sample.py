@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import reference
@@ -171,22 +171,28 @@ _kept_mask = jax.jit(kept_mask)
 _draw = jax.jit(draw_tokens)
 
 
+STAIRS = [float(x) for x in range(V, 0, -1)]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
     logits=st.lists(logit, min_size=V, max_size=V),
-    top_k=st.integers(1, V),
-    top_p=st.floats(0.01, 1.0),
+    top_k=st.one_of(st.just(V), st.integers(1, V)),  # top_k = V: top-p alone
+    top_p=st.one_of(st.just(1.0), st.floats(0.01, 1.0)),  # top_p = 1: top-k alone
     temperature=st.floats(0.1, 4.0),
     seed=st.integers(0, 2**31),
 )
+@example(logits=STAIRS, top_k=V, top_p=0.5, temperature=1.0, seed=0)  # top-p keeps 1 token of 12
+@example(logits=STAIRS, top_k=2, top_p=1.0, temperature=4.0, seed=0)  # top-k keeps 2 of 12 near-equal ones
+@example(logits=[0.0] * V, top_k=3, top_p=0.3, temperature=1.0, seed=0)  # ties: the lowest ids win
 def test_top_k_top_p_never_emit_a_dropped_token(logits, top_k, top_p, temperature, seed):
     z = [x / temperature for x in logits]
     want = kept_set(z, top_k, top_p)
     got = np.flatnonzero(_kept_mask(jnp.asarray([z]), jnp.int32(top_k), jnp.float64(top_p))[0])
     assert set(got.tolist()) == want
-    # 64 draws, with the uniforms at the ends of [0, 1) among them
-    u = jnp.concatenate([jnp.asarray([0.0, 0.5, 1 - 2**-53]), jax.random.uniform(jax.random.key(seed), (61,))])
-    drawn = _draw(u, jnp.tile(jnp.asarray(logits), (64, 1)), *knobs(temperature, top_k, top_p))
+    # 256 draws, with the uniforms at the ends of [0, 1) among them
+    u = jnp.concatenate([jnp.asarray([0.0, 0.5, 1 - 2**-53]), jax.random.uniform(jax.random.key(seed), (253,))])
+    drawn = _draw(u, jnp.tile(jnp.asarray(logits), (256, 1)), *knobs(temperature, top_k, top_p))
     assert set(np.asarray(drawn).tolist()) <= want
 
 
