@@ -74,13 +74,33 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from microgpt_jax.checkpoint import load_run
-    from microgpt_jax.sample import sample_compat
+    import jax
+    import numpy as np
 
+    from microgpt_jax.checkpoint import load_run
+    from microgpt_jax.sample import check_options, encode_prompt, sample, sample_compat
+
+    if args.reference_compat:
+        given = {"--top-k": args.top_k, "--top-p": args.top_p, "--batch-size": args.batch_size}
+        extra = [flag for flag, value in given.items() if value is not None]
+        if extra:
+            raise UserError(
+                f"{', '.join(extra)} cannot be used with --reference-compat "
+                "(the seed draws one sample at a time from the whole softmax); drop them"
+            )
+    check_options(args.temperature, args.top_k, args.top_p)
     cfg, _, vocab, params = load_run(args.run_dir)
-    rng = random.Random(args.seed)
-    for ids in sample_compat(params, cfg, rng, args.num_samples, args.temperature):
-        print(vocab.decode(ids))
+    prompt = encode_prompt(vocab, args.prompt, cfg)
+    if args.reference_compat or any(np.asarray(w).dtype == np.float64 for w in params.values()):
+        jax.config.update("jax_enable_x64", True)  # the seed's Python floats, or the run's own float64
+    if args.reference_compat:
+        samples = sample_compat(params, cfg, random.Random(args.seed), args.num_samples, args.temperature, prompt)
+    else:
+        options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        samples = sample(params, cfg, args.num_samples, prompt=prompt, batch_size=args.batch_size, **options)
+    for s in samples:
+        text = args.prompt + vocab.decode(s.ids)
+        print(json.dumps({"sample": text, "logprob": s.logprob}) if args.json else text)
 
 
 def cmd_check(args):
@@ -135,8 +155,20 @@ def build_parser():
     p = sub.add_parser("sample", help="sample from a trained run")
     p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")
     p.add_argument("--num-samples", type=positive_int, default=20)
-    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default 0.5)")
+    p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P")
+    p.add_argument("--prompt", default="", help="every sample continues this text (e.g. ka)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability")
+    p.add_argument(
+        "--reference-compat",
+        action="store_true",
+        help="draw from Python's random stream as the seed does (exactly the scalar engine's samples)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")

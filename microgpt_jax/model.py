@@ -10,9 +10,16 @@ F 4*n_embd, V vocabulary, S key positions.
     x = rmsnorm(wte[tok] + wpe[pos])
     per layer:  x += attn(rmsnorm(x));  x += fc2(relu(fc1(rmsnorm(x))))
     logits = lm_head(x)
+
+One `block` is the layer for both ways of running the model: `forward` (a
+whole sequence, keys and values of the sequence itself) and `forward_cached`
+(a few new positions whose keys and values go into a preallocated KVCache
+that the queries attend over: the seed's inference, one token at a time).
 """
 
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,18 +96,18 @@ def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
 
 
-def attention(x_BTD, wq, wk, wv, wo, mask_BTS, n_head):
-    """Multi-head attention; mask_BTS[b, t, s] says whether position t may see position s."""
+def split_heads(x_BTD, n_head):
     B, T, D = x_BTD.shape
-    K = D // n_head
-    q_BTHK = (x_BTD @ wq.T).reshape(B, T, n_head, K)
-    k_BSHK = (x_BTD @ wk.T).reshape(B, T, n_head, K)
-    v_BSHK = (x_BTD @ wv.T).reshape(B, T, n_head, K)
-    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / np.sqrt(K).astype(x_BTD.dtype)
+    return x_BTD.reshape(B, T, n_head, D // n_head)
+
+
+def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS):
+    """Softmax attention of T queries over S keys; mask_BTS[b, t, s] says whether t may see s."""
+    K = q_BTHK.shape[-1]
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / np.sqrt(K).astype(q_BTHK.dtype)
     att_BHTS = jnp.where(mask_BTS[:, None], att_BHTS, -jnp.inf)
     att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
-    out_BTD = jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK).reshape(B, T, D)
-    return out_BTD @ wo.T
+    return jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK)
 
 
 def mlp(x_BTD, fc1, fc2):
@@ -119,6 +126,61 @@ def attention_mask(positions_BT, segments_BT):
     return causal_TS[None] & same_doc_BTS
 
 
+class KVCache(NamedTuple):
+    """Every layer's keys and values at every position decoded so far.
+
+    k[layer] and v[layer] are [batch, block_size, heads, head size],
+    allocated once; a position's entry means something once it is written.
+    The layer axis is a tuple, not an array axis: inside the generation loop
+    XLA updates separate buffers in place but copies a stacked
+    [layer, ...] array on every step (5-8x slower decode steps, measured).
+    """
+
+    k: tuple
+    v: tuple
+
+    def write(self, layer, start, k_BTHK, v_BTHK):
+        """The cache with positions start..start+T-1 of `layer` set."""
+        k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k_BTHK, start, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v_BTHK, start, axis=1)
+        return KVCache(_replace(self.k, layer, k), _replace(self.v, layer, v))
+
+
+def _replace(items, i, item):
+    return items[:i] + (item,) + items[i + 1 :]
+
+
+def init_cache(cfg: GPTConfig, batch_size, dtype=jnp.float32) -> KVCache:
+    shape = (batch_size, cfg.block_size, cfg.n_head, cfg.head_dim)
+    empty = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # own buffers: they are donated
+    return KVCache(empty(), empty())
+
+
+def embed(params, tokens_BT, positions_BT):
+    return rmsnorm(params["wte"][tokens_BT] + params["wpe"][positions_BT])
+
+
+def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
+    """Layer i: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)). Returns (x, cache).
+
+    Without a cache the T queries attend over the T keys of x itself
+    (mask_BTS is [B, T, T]). With one, the T new keys and values are first
+    written into layer i of the cache at positions start..start+T-1 and the
+    queries attend over all block_size cached positions (mask_BTS is
+    [B, T, block_size]): the seed's "append k and v, then attend over the cache".
+    """
+    p = f"layer{i}."
+    h_BTD = rmsnorm(x_BTD)
+    q_BTHK, k_BSHK, v_BSHK = (split_heads(h_BTD @ params[p + w].T, n_head) for w in ("attn_wq", "attn_wk", "attn_wv"))
+    if cache is not None:
+        cache = cache.write(i, start, k_BSHK, v_BSHK)
+        k_BSHK, v_BSHK = cache.k[i], cache.v[i]
+    out_BTHK = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
+    x_BTD = x_BTD + out_BTHK.reshape(x_BTD.shape) @ params[p + "attn_wo"].T
+    x_BTD = x_BTD + mlp(rmsnorm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"])
+    return x_BTD, cache
+
+
 def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None):
     """Logits [B, T, V] for every position of every row, all at once.
 
@@ -133,20 +195,34 @@ def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=No
         segments_BT = jnp.zeros((B, T), jnp.int32)
     mask_BTS = attention_mask(positions_BT, segments_BT)
 
-    x_BTD = rmsnorm(params["wte"][tokens_BT] + params["wpe"][positions_BT])
+    x_BTD = embed(params, tokens_BT, positions_BT)
     for i in range(cfg.n_layer):
-        p = f"layer{i}."
-        x_BTD = x_BTD + attention(
-            rmsnorm(x_BTD),
-            params[p + "attn_wq"],
-            params[p + "attn_wk"],
-            params[p + "attn_wv"],
-            params[p + "attn_wo"],
-            mask_BTS,
-            cfg.n_head,
-        )
-        x_BTD = x_BTD + mlp(rmsnorm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"])
+        x_BTD, _ = block(params, i, x_BTD, mask_BTS, cfg.n_head)
     return x_BTD @ params["lm_head"].T
+
+
+def forward_cached(params, tokens_BT, cache: KVCache, start, cfg: GPTConfig):
+    """(logits [B, T, V], cache) for tokens at positions start..start+T-1 of every row.
+
+    The rows continue what the cache holds at positions < start; the tokens'
+    keys and values are written into the cache. The caller keeps
+    start + T <= block_size (beyond it JAX would clamp, not fail).
+    """
+    B, T = tokens_BT.shape
+    positions_T = start + jnp.arange(T)
+    # causal by position: a cached slot s is seen iff it has been written, s <= t
+    mask_1TS = (jnp.arange(cfg.block_size)[None, :] <= positions_T[:, None])[None]
+    x_BTD = embed(params, tokens_BT, jnp.broadcast_to(positions_T, (B, T)))
+    for i in range(cfg.n_layer):
+        x_BTD, cache = block(params, i, x_BTD, mask_1TS, cfg.n_head, cache, start)
+    return x_BTD @ params["lm_head"].T, cache
+
+
+@partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+def decode_step(params, token_B, cache: KVCache, pos, cfg: GPTConfig):
+    """One token per row at position pos: (next-token logits [B, V], cache with its keys and values)."""
+    logits_B1V, cache = forward_cached(params, token_B[:, None], cache, pos, cfg)
+    return logits_B1V[:, 0], cache
 
 
 def loss_fn(params, batch, cfg: GPTConfig):

@@ -35,5 +35,5 @@ def reproduce(data_path, steps=1000, print=print):
             print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
 
     print("\n--- inference (new, hallucinated names) ---")
-    for i, ids in enumerate(sample_compat(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):
-        print(f"sample {i + 1:2d}: {vocab.decode(ids)}")
+    for i, s in enumerate(sample_compat(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):
+        print(f"sample {i + 1:2d}: {vocab.decode(s.ids)}")

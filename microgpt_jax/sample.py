@@ -1,20 +1,118 @@
-"""Sampling names from a trained model.
+"""Sampling from a trained model: the seed's inference, compiled.
 
-`sample_compat` is the seed's inference (spec section 5) run by the JAX
-model: every draw is `random.choices(range(vocab_size), weights=probs)` on
-the caller's Python `random` stream, so the same weights and the same stream
-give the seed's very samples. The whole generation is one compiled loop: the
-uniforms that `random.choices` would consume are drawn up front, and the
-stream is then advanced by exactly the number of draws the samples used.
+There is one generation loop, `_generate`: prefill the prompt into a KV cache,
+then one `decode_step` per position inside a `lax.while_loop`, for a batch of
+rows that each stop at BOS on their own. Two ways of drawing a token plug
+into it:
+
+- `sample`: uniforms from jax.random, with temperature (0 = greedy), top-k and top-p.
+  Row i of the whole run draws with its own key fold_in(key, i), so the
+  samples do not depend on the batch size they were generated in.
+- `sample_compat`: the seed's `random.choices(range(vocab_size),
+  weights=probs)` on the caller's Python `random` stream (spec section 5),
+  one sample after another. The uniforms `random.choices` would consume are
+  drawn up front and the stream is then advanced by exactly the number of
+  draws used, so the same weights and the same stream give the seed's very
+  samples.
+
+Each sample comes with its log-probability under the model itself
+(temperature 1, nothing filtered): the sum over its drawn tokens, the ending
+BOS included, of log softmax(logits)[token], given the prompt.
 """
 
+import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax.model import GPTConfig, forward
+from microgpt_jax.errors import UserError
+from microgpt_jax.model import GPTConfig, decode_step, forward_cached, init_cache
+
+
+class Sample(NamedTuple):
+    ids: list  # the drawn token ids after the prompt, BOS excluded
+    logprob: float
+
+
+def check_options(temperature, top_k=None, top_p=None):
+    """A UserError naming the bad option, if any."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be a number >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (the number of most likely tokens kept), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (the probability mass kept), got {top_p}")
+
+
+def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
+    """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
+    unknown = sorted(set(text) - set(vocab.chars))
+    if unknown:
+        raise UserError(
+            f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}"
+        )
+    if len(text) >= cfg.block_size:
+        raise UserError(
+            f"--prompt is {len(text)} characters but the model's block_size is {cfg.block_size}; "
+            f"use a prompt of at most {cfg.block_size - 1} characters"
+        )
+    return vocab.encode(text)[1:-1]
+
+
+# --- drawing a token ---
+
+
+def running_sums(x_BV):
+    """Running sums along the last axis, as one small matmul (XLA's CPU cumsum is a slow windowed reduction)."""
+    V = x_BV.shape[-1]
+    return x_BV @ jnp.triu(jnp.ones((V, V), x_BV.dtype))
+
+
+def kept_mask(z_BV, top_k, top_p):
+    """Which tokens top-k and then top-p keep, row by row.
+
+    Tokens are ranked by z, highest first (ties: lower id first). Top-k keeps
+    ranks < top_k. Top-p then keeps, of those, the shortest run of ranks
+    whose probability (softmax over the top-k) reaches top_p: a rank is kept
+    if the ranks before it hold less than top_p. Rank 0 is always kept.
+    """
+    V = z_BV.shape[-1]
+    order_BV = jnp.argsort(-z_BV, axis=-1, stable=True)
+    in_top_k_V = jnp.arange(V) < top_k
+    probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, jnp.take_along_axis(z_BV, order_BV, -1), -jnp.inf), axis=-1)
+    before_BV = running_sums(probs_BV) - probs_BV  # exactly 0 at rank 0
+    keep_by_rank_BV = in_top_k_V & ((before_BV < top_p) | (top_p >= 1))
+    return jnp.take_along_axis(keep_by_rank_BV, jnp.argsort(order_BV, axis=-1), -1)
+
+
+def draw_tokens(u_B, logits_BV, temperature, top_k, top_p):
+    """One token per row: argmax if temperature is 0, else drawn from softmax(logits / T) over the kept set.
+
+    Drawn by inverse CDF from one uniform u in [0, 1) per row, as
+    random.choices draws: the first kept token whose running sum of
+    probabilities exceeds u * total. temperature, top_k (vocab_size = keep
+    all) and top_p (1 = keep all) are traced: changing them does not recompile.
+    """
+    V = logits_BV.shape[-1]
+    id_V = jnp.arange(V)
+
+    def drawn():
+        z_BV = logits_BV / temperature.astype(logits_BV.dtype)
+        # the sort is only paid for when something is filtered
+        filtered = (top_k < V) | (top_p < 1)
+        kept_BV = jax.lax.cond(filtered, kept_mask, lambda z, k, p: jnp.ones(z.shape, bool), z_BV, top_k, top_p)
+        e_BV = jnp.where(kept_BV, jnp.exp(z_BV - jnp.max(z_BV, axis=-1, keepdims=True)), 0)
+        cum_BV = running_sums(e_BV)
+        past_BV = kept_BV & (cum_BV > u_B[:, None] * cum_BV[:, -1:])
+        # first such token, by max-reductions; if rounding leaves none, the last kept token
+        first_B = V - jnp.max(jnp.where(past_BV, V - id_V, 0), axis=-1)
+        return jnp.where(first_B < V, first_B, jnp.max(jnp.where(kept_BV, id_V, -1), axis=-1))
+
+    greedy = lambda: jnp.argmax(logits_BV, axis=-1)
+    return jax.lax.cond(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
 def _cumsum_in_order(p_V):
@@ -36,38 +134,139 @@ def seed_probs(logits_V, temperature):
     return e_V * (1.0 / jnp.sum(e_V))
 
 
-@partial(jax.jit, static_argnames=("cfg", "num_samples", "temperature"))
-def _generate_compat(params, uniforms, cfg: GPTConfig, num_samples, temperature):
-    """Samples one after another, one token per loop iteration, each draw taking the next uniform.
+# --- the generation loop ---
 
-    Returns tokens [num_samples, block_size] (each sample ends at its first
-    BOS, or fills the row) and the number of uniforms used.
+
+def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw):
+    """Every row continues prompt_P ([BOS] + prompt ids) until it draws BOS or fills block_size.
+
+    draw(logits_BV, step) gives each row's step-th drawn token. Returns the
+    drawn tokens [B, block_size - P + 1] (BOS after a row's end), each row's
+    log-probability [B] and the number of loop steps (draws) taken.
     """
-    T, bos = cfg.block_size, cfg.vocab_size - 1
-    fresh_T = jnp.full((T,), bos, jnp.int32)
+    P, bos = prompt_P.shape[0], cfg.vocab_size - 1
+    prompt_BP = jnp.broadcast_to(prompt_P, (batch_size, P))
+    cache = init_cache(cfg, batch_size, params["wte"].dtype)
+    if P > 1:  # all but the last prompt token in one pass; the loop feeds the last one
+        _, cache = forward_cached(params, prompt_BP[:, :-1], cache, 0, cfg)
 
     def body(carry):
-        i, pos, used, seq_T, out_NT = carry
-        logits_V = forward(params, seq_T[None], cfg)[0, pos]
-        token = choices_index(seed_probs(logits_V, temperature), uniforms[used]).astype(jnp.int32)
-        out_NT = out_NT.at[i, pos].set(token)
-        done = (token == bos) | (pos == T - 1)
-        seq_T = jnp.where(done, fresh_T, seq_T.at[pos + 1].set(token, mode="drop"))
-        return i + done, jnp.where(done, 0, pos + 1), used + 1, seq_T, out_NT
+        pos, token_B, cache, done_B, out_BW, logp_B = carry
+        logits_BV, cache = decode_step(params, token_B, cache, pos, cfg)
+        step = pos - (P - 1)
+        new_B = jnp.where(done_B, bos, draw(logits_BV, step).astype(jnp.int32))
+        new_logp_B = jnp.take_along_axis(logits_BV, new_B[:, None], -1)[:, 0] - jax.nn.logsumexp(logits_BV, axis=-1)
+        logp_B = logp_B + jnp.where(done_B, 0, new_logp_B)
+        out_BW = out_BW.at[:, step].set(new_B)
+        return pos + 1, new_B, cache, done_B | (new_B == bos), out_BW, logp_B
 
-    init = (0, 0, 0, fresh_T, jnp.full((num_samples, T), bos, jnp.int32))
-    _, _, used, _, out_NT = jax.lax.while_loop(lambda c: c[0] < num_samples, body, init)
-    return out_NT, used
+    def cond(carry):
+        pos, _, _, done_B, _, _ = carry
+        return (pos < cfg.block_size) & ~jnp.all(done_B)
+
+    init = (
+        jnp.int32(P - 1),
+        prompt_BP[:, -1],
+        cache,
+        jnp.zeros(batch_size, bool),
+        jnp.full((batch_size, cfg.block_size - P + 1), bos, jnp.int32),
+        jnp.zeros(batch_size, params["wte"].dtype),
+    )
+    pos, _, _, _, out_BW, logp_B = jax.lax.while_loop(cond, body, init)
+    return out_BW, logp_B, pos - (P - 1)
 
 
-def sample_compat(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5):
-    """Token ids of num_samples samples (BOS excluded), drawn as the seed draws them from rng."""
+def _with_bos(cfg: GPTConfig, prompt):
+    return jnp.asarray([cfg.vocab_size - 1, *prompt], jnp.int32)
+
+
+def _cut(out_NW, logp_N, bos) -> list[Sample]:
+    rows, logps = np.asarray(out_NW).tolist(), np.asarray(logp_N).tolist()
+    return [Sample(row[: row.index(bos)] if bos in row else row, lp) for row, lp in zip(rows, logps)]
+
+
+def keyed_draw(key, rows_B, temperature, top_k, top_p):
+    """draw(logits_BV, step) for the rows rows_B of a run.
+
+    Row i's step-th uniform comes from fold_in(fold_in(key, i), step).
+    """
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
+
+    def draw(logits_BV, step):
+        u_B = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), dtype=logits_BV.dtype))(keys_B)
+        return draw_tokens(u_B, logits_BV, temperature, top_k, top_p)
+
+    return draw
+
+
+@partial(jax.jit, static_argnames="cfg")
+def sample_rows(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg: GPTConfig):
+    """Rows rows_B of a run, generated together: (tokens [B, W], log-probabilities [B])."""
+    draw = keyed_draw(key, rows_B, temperature, top_k, top_p)
+    out_BW, logp_B, _ = _generate(params, prompt_P, cfg, rows_B.shape[0], draw)
+    return out_BW, logp_B
+
+
+def sample(
+    params, cfg: GPTConfig, num_samples, *, prompt=(), temperature=1.0, top_k=None, top_p=None, seed=0, batch_size=None
+) -> list[Sample]:
+    """num_samples samples continuing the prompt ids, batch_size (default: up to 1000) at a time.
+
+    Every batch has the same shape (the last one runs padded), so this compiles once.
+    """
+    check_options(temperature, top_k, top_p)
+    batch_size = batch_size or min(num_samples, 1000)
+    params = jax.tree.map(jnp.asarray, params)
+    dtype, V = params["wte"].dtype, cfg.vocab_size
+    prompt_P, key = _with_bos(cfg, prompt), jax.random.key(seed)
+    knobs = (
+        jnp.asarray(temperature, dtype),
+        jnp.int32(min(top_k or V, V)),
+        jnp.asarray(1.0 if top_p is None else top_p, dtype),
+    )
+    # dispatch every batch before reading any back
+    outs = [
+        sample_rows(params, prompt_P, key, jnp.arange(first, first + batch_size), *knobs, cfg=cfg)
+        for first in range(0, num_samples, batch_size)
+    ]
+    out_NW, logp_N = (jnp.concatenate(x)[:num_samples] for x in zip(*outs))
+    return _cut(out_NW, logp_N, cfg.vocab_size - 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "num_samples"))
+def _sample_compat(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_samples):
+    """Samples one after another through the generation loop (batch 1), each draw taking the next uniform."""
+    W = cfg.block_size - prompt_P.shape[0] + 1
+
+    def one(i, carry):
+        used, out_NW, logp_N = carry
+
+        def draw(logits_1V, step):
+            return choices_index(seed_probs(logits_1V[0], temperature), uniforms[used + step])[None]
+
+        out_1W, logp_1, n = _generate(params, prompt_P, cfg, 1, draw)
+        return used + n, out_NW.at[i].set(out_1W[0]), logp_N.at[i].set(logp_1[0])
+
+    init = (jnp.int32(0), jnp.zeros((num_samples, W), jnp.int32), jnp.zeros(num_samples, params["wte"].dtype))
+    return jax.lax.fori_loop(0, num_samples, one, init)
+
+
+def sample_compat(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
+    """num_samples samples drawn as the seed draws them from rng, a `random.Random` left where the seed leaves it."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(
+            f"the seed's sampling (--reference-compat) divides by the temperature: use one > 0, got {temperature}"
+        )
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError("sample_compat draws exactly as the seed's Python floats do: enable jax_enable_x64 first")
+    params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)
+    W = cfg.block_size - len(prompt)
     state = rng.getstate()
-    uniforms = np.array([rng.random() for _ in range(num_samples * cfg.block_size)])
-    out_NT, used = _generate_compat(params, uniforms, cfg, num_samples, float(temperature))
+    uniforms = np.array([rng.random() for _ in range(num_samples * W)])
+    used, out_NW, logp_N = _sample_compat(
+        params, _with_bos(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
+    )
     rng.setstate(state)
     for _ in range(int(used)):  # leave rng exactly where the seed's draws would
         rng.random()
-    bos = cfg.vocab_size - 1
-    rows = np.asarray(out_NT).tolist()
-    return [row[: row.index(bos)] if bos in row else row for row in rows]
+    return _cut(out_NW, logp_N, cfg.vocab_size - 1)
