@@ -4,6 +4,7 @@ Model and training flags are derived from the GPTConfig and TrainConfig
 fields, so a new field is a new flag with no code here.
 """
 
+import argparse
 import dataclasses
 import json
 import random
@@ -18,6 +19,14 @@ DERIVED = (GPTConfig, TrainConfig)
 NOT_FLAGS = {"vocab_size"}  # comes from the data
 
 
+class GivenFlag(argparse.Action):
+    """Stores the value and records that the flag was typed: `train --resume` checks typed flags against the run."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {**getattr(namespace, "given", {}), self.dest: values}
+
+
 def add_config_flags(parser, cls, defaults=None):
     """One --flag per dataclass field, typed and defaulted from the field."""
     group = parser.add_argument_group(cls.__name__)
@@ -29,6 +38,7 @@ def add_config_flags(parser, cls, defaults=None):
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
+            action=GivenFlag,
             type=kind,
             default=default,
             help=f"{cls.__name__}.{f.name} (default {default})",
@@ -44,19 +54,33 @@ def cmd_train(args):
     import jax
     import jax.numpy as jnp
 
-    from microgpt_jax.checkpoint import save_run
-    from microgpt_jax.data import Vocab, resolve_data_path, spec_docs
+    from microgpt_jax.checkpoint import Keeper, Run, first_nonfinite
+    from microgpt_jax.data import Vocab, resolve_data_path, spec_docs, spec_order_position
     from microgpt_jax.model import init_params, param_shapes
     from microgpt_jax.train import Trainer, run_steps
 
-    tcfg = config_from_args(TrainConfig, args)
-    if args.out and Path(args.out).exists():
-        raise UserError(f"--out {args.out} already exists; choose a new directory so nothing saved is overwritten")
+    # -- the run directory: a new one (--out), a resumed one (--resume), or none --------
+    run = None
+    if args.resume:
+        if args.out:
+            raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
+        run = Run.open(args.resume)
+        run.check_config(getattr(args, "given", {}))
+        tcfg, data_path = run.tcfg, Path(args.data) if args.data else run.data_path
+        run.check_data(data_path)
+    else:
+        tcfg, data_path = config_from_args(TrainConfig, args), resolve_data_path(args.data)
+    save_every = args.save_every or (run.save_every if run else 1000)
+    # -----------------------------------------------------------------------------------
     if tcfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    docs, _ = spec_docs(resolve_data_path(args.data), seed=tcfg.seed)
+    docs, _ = spec_docs(data_path, seed=tcfg.seed)
     vocab = Vocab.from_docs(docs)
-    cfg = config_from_args(GPTConfig, args, vocab_size=vocab.size)
+    cfg = run.cfg if run else config_from_args(GPTConfig, args, vocab_size=vocab.size)
+    if args.out:
+        run = Run.create(args.out, cfg, tcfg, vocab, data_path, save_every, args.keep or 3)
+    elif run and args.keep:
+        run.keep = args.keep
     print(f"num docs: {len(docs)}")
     print(f"vocab size: {vocab.size}")
     params = init_params(cfg, jax.random.key(tcfg.seed), jnp.dtype(tcfg.dtype))
@@ -65,12 +89,29 @@ def cmd_train(args):
     trainer = Trainer(cfg, tcfg)
     opt_state = trainer.init(params)
     encoded = [vocab.encode(d) for d in docs]
-    for params, opt_state, first, losses in run_steps(trainer, params, opt_state, encoded, 0, tcfg.steps):
-        for s, loss in enumerate(losses, first):
-            print(f"step {s + 1:4d} / {tcfg.steps:4d} | loss {loss:.4f}")
-    if args.out:
-        save_run(args.out, cfg, tcfg, vocab, params)
-        print(f"saved to {args.out}; sample with: microgpt-jax sample {args.out}")
+    # -- resume: the latest good checkpoint's state; the batches are a function of the step
+    start = 0
+    position = lambda step: spec_order_position(step, tcfg.batch_size, len(encoded))  # noqa: E731
+    if args.resume:
+        checkpoint = run.resume(opt_state, position)
+        if checkpoint:
+            start = checkpoint.step
+            params, opt_state = jax.tree.map(jnp.asarray, (checkpoint.params, checkpoint.opt_state))
+        print(f"resuming {run.path} at step {start}")
+        if start == tcfg.steps:
+            print(f"{run.path} has trained all {tcfg.steps} steps; sample with: microgpt-jax sample {run.path}")
+            return 0
+    # -----------------------------------------------------------------------------------
+    with Keeper(run, tcfg.steps, save_every, position) as keeper:
+        for params, opt_state, first, losses in run_steps(
+            trainer, params, opt_state, encoded, start, tcfg.steps - start, align=save_every
+        ):
+            bad = first_nonfinite(losses)  # nothing after a NaN/inf loss is reported or kept
+            for s, loss in enumerate(losses if bad is None else losses[: bad + 1], first):
+                print(f"step {s + 1:4d} / {tcfg.steps:4d} | loss {loss:.4f}")
+            keeper.end_chunk(first, losses, params, opt_state)  # stops on NaN/inf or a signal; saves
+    if run:
+        print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
 
 
 def cmd_sample(args):
@@ -134,6 +175,13 @@ def cmd_reproduce(args):
     reproduce(resolve_data_path(args.data), steps=args.steps)
 
 
+def cmd_export(args):
+    from microgpt_jax.checkpoint import export_safetensors
+
+    step = export_safetensors(args.run_dir, args.out)
+    print(f"wrote {args.out}: the parameters of step {step}, vocabulary and configs in its metadata")
+
+
 def cmd_bench(args):
     from microgpt_jax import bench
 
@@ -149,7 +197,12 @@ def build_parser():
     add_config_flags(p, GPTConfig)
     add_config_flags(p, TrainConfig)
     p.add_argument("--data", default=None, help=data_help)
-    p.add_argument("--out", default=None, help="run directory to save the trained model in")
+    p.add_argument("--out", default=None, help="a new run directory: configs, vocabulary, checkpoints")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint")
+    p.add_argument(
+        "--save-every", type=positive_int, default=None, help="save a checkpoint every N steps (default 1000; on resume, the run's)"
+    )
+    p.add_argument("--keep", type=positive_int, default=None, help="checkpoints to keep (default 3; on resume, the run's)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample from a trained run")
@@ -170,6 +223,11 @@ def build_parser():
         help="draw from Python's random stream as the seed does (exactly the scalar engine's samples)",
     )
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a run's parameters as safetensors, vocabulary in the metadata")
+    p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")
+    p.add_argument("out", help="the .safetensors file to write (must not exist)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
     add_config_flags(p, GPTConfig)

@@ -159,6 +159,11 @@ def padded_batch(encoded_docs, block_size) -> Batch:
     return Batch(tokens, targets, positions, segments, weights)
 
 
+def spec_order_position(step, batch_size, num_docs) -> int:
+    """Index of the first document step `step` trains (the data position a checkpoint records)."""
+    return step * batch_size % num_docs
+
+
 def spec_order_batches(encoded_docs, start_step, num_steps, batch_size, block_size) -> Batch:
     """Batches for steps [start_step, start_step + num_steps), stacked on a leading step axis.
 
@@ -167,6 +172,7 @@ def spec_order_batches(encoded_docs, start_step, num_steps, batch_size, block_si
     """
     rows = []
     for s in range(start_step, start_step + num_steps):
-        idx = [(s * batch_size + i) % len(encoded_docs) for i in range(batch_size)]
+        first = spec_order_position(s, batch_size, len(encoded_docs))
+        idx = [(first + i) % len(encoded_docs) for i in range(batch_size)]
         rows.append(padded_batch([encoded_docs[i] for i in idx], block_size))
     return Batch(*(np.stack(field) for field in zip(*rows)))

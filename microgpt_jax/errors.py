@@ -7,6 +7,8 @@ import sys
 class UserError(Exception):
     """Bad input from the user. The message names the problem and says how to fix it."""
 
+    exit_code = 2
+
 
 def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
@@ -18,7 +20,7 @@ def run_cli(main, argv=None):
     try:
         code = main(argv)
     except UserError as e:
-        fail(str(e))
+        fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     raise SystemExit(code or 0)

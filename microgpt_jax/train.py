@@ -93,15 +93,16 @@ class Trainer:
         return jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
 
 
-def run_steps(trainer: Trainer, params, opt_state, encoded_docs, start, num_steps, chunk=100):
+def run_steps(trainer: Trainer, params, opt_state, encoded_docs, start, num_steps, chunk=100, align=None):
     """Train steps [start, start + num_steps) in spec order, `chunk` steps per compiled call.
 
     Yields (params, opt_state, first_step, losses) after each call; losses is
-    a numpy array, one per step.
+    a numpy array, one per step. Calls end at multiples of chunk and of
+    `align` (the steps a checkpoint is saved after), wherever the run started.
     """
     step = start
     while step < start + num_steps:
-        n = min(chunk, start + num_steps - step)
+        n = min(chunk - step % chunk, start + num_steps - step, align - step % align if align else chunk)
         batches = spec_order_batches(encoded_docs, step, n, trainer.tcfg.batch_size, trainer.cfg.block_size)
         params, opt_state, losses = trainer.steps(params, opt_state, jax.tree.map(jnp.asarray, batches))
         yield params, opt_state, step, np.asarray(losses)
