@@ -136,4 +136,4 @@ def test_train_then_sample(tmp_path, capsys):
     assert len(samples) == 5 and all(set(s) <= set("abcdefghijklmnopqrstuvwxyz") for s in samples)
     # nothing saved is overwritten: training into the same directory again is refused
     code, out = run_in_process(capsys, "train", "--steps", "1", "--out", str(run))
-    assert_one_line_error(code, out.err, "already exists")
+    assert_one_line_error(code, out.err, "is an existing run", "--resume")

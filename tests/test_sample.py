@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import reference
+import reference.gpt
 from microgpt_jax import bench, cli
 from microgpt_jax.check import compare, to_reference_state
-from microgpt_jax.checkpoint import save_run
+from microgpt_jax.checkpoint import Run, step_key
 from microgpt_jax.data import Vocab
 from microgpt_jax.errors import run_cli
 from microgpt_jax.model import (
@@ -29,7 +30,7 @@ from microgpt_jax.model import (
     init_params_compat,
 )
 from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_compat, sample_rows
-from microgpt_jax.train import TrainConfig
+from microgpt_jax.train import TrainConfig, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = Vocab("abcdefghijklmnopqrstuvwxyz")
@@ -217,10 +218,10 @@ def scalar_samples(params, cfg, rng, n, temperature, prompt):
     for _ in range(n):
         keys, values = [[] for _ in range(cfg.n_layer)], [[] for _ in range(cfg.n_layer)]
         for pos, token in enumerate([BOS, *prompt][:-1]):
-            reference.gpt(state, cfg, token, pos, keys, values)
+            reference.gpt.gpt(state, cfg, token, pos, keys, values)
         token, ids = ([BOS, *prompt])[-1], []
         for pos in range(len(prompt), cfg.block_size):
-            logits = reference.gpt(state, cfg, token, pos, keys, values)
+            logits = reference.gpt.gpt(state, cfg, token, pos, keys, values)
             probs = reference.softmax([v / temperature for v in logits])
             token = rng.choices(range(cfg.vocab_size), weights=[p.data for p in probs])[0]
             if token == BOS:
@@ -243,9 +244,13 @@ def test_compat_draws_the_scalar_engines_samples(prompt):
 
 
 def make_run(path, dtype):
-    """A run directory as `train --out` writes it (checkpoint.save_run), with peaked weights."""
+    """A run directory as `train --out` writes it (run.json and one checkpoint), with peaked weights."""
     params = {k: np.asarray(v, dtype) for k, v in random_params(CFG, seed=1, scale=3.0).items()}
-    save_run(path, CFG, TrainConfig(steps=1, dtype=np.dtype(dtype).name), VOCAB, params)
+    tcfg = TrainConfig(steps=1, dtype=np.dtype(dtype).name)
+    data = path.parent / f"{path.name}-data.txt"
+    data.write_text(VOCAB.chars + "\n")
+    run = Run.create(path, CFG, tcfg, VOCAB, data)
+    run.save(1, params, make_optimizer(tcfg).init(params), step_key(tcfg.seed, 1), data_position=0)
     return str(path)
 
 
