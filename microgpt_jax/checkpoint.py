@@ -18,7 +18,7 @@ from microgpt_jax.train import TrainConfig
 
 def save_run(run_dir, cfg: GPTConfig, tcfg: TrainConfig, vocab: Vocab, params):
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir.mkdir(parents=True, exist_ok=True)  # train --out made it, empty, before training
     meta = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg), "vocab": vocab.chars}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     np.savez(run_dir / "params.npz", **{k: np.asarray(v) for k, v in params.items()})

@@ -42,35 +42,53 @@ def config_from_args(cls, args, **extra):
 
 def cmd_train(args):
     import jax
-    import jax.numpy as jnp
 
     from microgpt_jax.checkpoint import save_run
-    from microgpt_jax.data import Vocab, resolve_data_path, spec_docs
+    from microgpt_jax.data import load_train_data, resolve_data_path
     from microgpt_jax.model import init_params, param_shapes
-    from microgpt_jax.train import Trainer, run_steps
+    from microgpt_jax.train import Trainer, fit
 
     tcfg = config_from_args(TrainConfig, args)
+    cfg = config_from_args(GPTConfig, args, vocab_size=1)  # checked now; the vocabulary comes from the data
     if args.out and Path(args.out).exists():
         raise UserError(f"--out {args.out} already exists; choose a new directory so nothing saved is overwritten")
+    if tcfg.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        # refused rather than warned: on the CPU bfloat16 is no faster than float32, only less precise
+        raise UserError("--dtype bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use --dtype float32")
     if tcfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    docs, _ = spec_docs(resolve_data_path(args.data), seed=tcfg.seed)
-    vocab = Vocab.from_docs(docs)
-    cfg = config_from_args(GPTConfig, args, vocab_size=vocab.size)
-    print(f"num docs: {len(docs)}")
+    vocab, data = load_train_data(resolve_data_path(args.data), tcfg, cfg.block_size)
+    cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
+    print(data.describe())
     print(f"vocab size: {vocab.size}")
-    params = init_params(cfg, jax.random.key(tcfg.seed), jnp.dtype(tcfg.dtype))
+    params = init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype)
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
 
     trainer = Trainer(cfg, tcfg)
     opt_state = trainer.init(params)
-    encoded = [vocab.encode(d) for d in docs]
-    for params, opt_state, first, losses in run_steps(trainer, params, opt_state, encoded, 0, tcfg.steps):
-        for s, loss in enumerate(losses, first):
-            print(f"step {s + 1:4d} / {tcfg.steps:4d} | loss {loss:.4f}")
+    if args.out:
+        Path(args.out).mkdir(parents=True)
+    params, opt_state, _ = fit(trainer, params, opt_state, data, run_dir=args.out)
     if args.out:
         save_run(args.out, cfg, tcfg, vocab, params)
         print(f"saved to {args.out}; sample with: microgpt-jax sample {args.out}")
+        save_plot([args.out], Path(args.out) / "loss.png")
+
+
+def save_plot(run_dirs, out_path):
+    from microgpt_jax.plot import plot_runs
+
+    try:
+        print(f"loss curves: {plot_runs(run_dirs, out_path)}")
+    except UserError as e:  # matplotlib missing: the run itself is saved, say how to get the plot
+        print(f"no loss plot: {e}")
+
+
+def cmd_plot(args):
+    from microgpt_jax.plot import plot_runs
+
+    out = args.out or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else Path("loss.png"))
+    print(f"loss curves: {plot_runs(args.run_dirs, out)}")
 
 
 def cmd_sample(args):
@@ -128,9 +146,14 @@ def build_parser():
     p = sub.add_parser("train", help="train a model (default: the seed's model and hyperparameters on names)")
     add_config_flags(p, GPTConfig)
     add_config_flags(p, TrainConfig)
-    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
     p.add_argument("--out", default=None, help="run directory to save the trained model in")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="training and validation loss curves of one or more runs, overlaid")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `microgpt-jax train --out`")
+    p.add_argument("--out", default=None, help="image to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("sample", help="sample from a trained run")
     p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")

@@ -152,6 +152,8 @@ def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=No
 def loss_fn(params, batch, cfg: GPTConfig):
     """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents."""
     logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments)
+    # bfloat16 compute: the softmax and the loss still in float32
+    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, batch.targets[..., None], axis=-1)[..., 0]
     return jnp.sum(batch.weights.astype(nll_BT.dtype) * nll_BT)
