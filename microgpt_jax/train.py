@@ -139,6 +139,21 @@ class Trainer:
         self.step = jax.jit(partial(_step, **fixed), donate_argnums=(0, 1))
         self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=(0, 1))
         self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=jnp.dtype(tcfg.dtype)))
+        self._compiled = {}
+
+    def compiled_steps(self, params, opt_state, batches):
+        """`steps` compiled ahead of time for these argument shapes, once per Trainer: (executable, seconds spent now).
+
+        Calling the executable never traces or compiles again; arguments of
+        another shape are an error instead of a silent recompilation.
+        """
+        leaves, tree = jax.tree.flatten((params, opt_state, batches))
+        key = (tree, tuple((a.shape, str(a.dtype)) for a in leaves))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        clock = time.perf_counter()
+        self._compiled[key] = self.steps.lower(params, opt_state, batches, 0).compile()
+        return self._compiled[key], time.perf_counter() - clock
 
     def init(self, params):
         """The optimizer state for params (moments at zero, step count 0)."""
@@ -185,9 +200,7 @@ def run_steps(trainer: Trainer, params, opt_state, data, start, stop, chunk=100,
         return jax.device_put(batches), int(np.count_nonzero(batches.weights))
 
     batches, tokens = prepare(firsts[0], bounds[0])
-    clock = time.perf_counter()
-    compiled = trainer.steps.lower(params, opt_state, batches, bounds[0] - firsts[0]).compile()
-    compile_s = time.perf_counter() - clock
+    compiled, compile_s = trainer.compiled_steps(params, opt_state, batches)
     for i, (first, end) in enumerate(zip(firsts, bounds)):
         params, opt_state, losses = compiled(params, opt_state, batches, end - first)  # runs asynchronously
         if i + 1 < len(bounds):
@@ -252,7 +265,7 @@ def fit(trainer: Trainer, params, opt_state, data, run_dir=None, start=0, progre
     record = {}
     began = last = time.perf_counter()
     try:
-        for chunk in run_steps(trainer, params, opt_state, data, start, tcfg.steps, tcfg.log_every, (tcfg.eval_every,)):
+        for chunk in run_steps(trainer, params, opt_state, data, start, tcfg.steps, tcfg.log_every, (tcfg.log_every, tcfg.eval_every)):
             # --- after each compiled chunk: everything the host does between chunks is here ---
             params, opt_state = chunk.params, chunk.opt_state
             if chunk.compile_s:
