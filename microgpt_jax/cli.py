@@ -135,7 +135,7 @@ def cmd_reproduce(args):
 def cmd_bench(args):
     from microgpt_jax import bench
 
-    bench.run(args.cases, args.json)
+    bench.run(args.cases, args.json, data=args.data, text=args.text)
 
 
 def build_parser():
@@ -177,6 +177,8 @@ def build_parser():
     p = sub.add_parser("bench", help="benchmarks, measured side by side, printed as a table")
     p.add_argument("cases", nargs="*", help="cases to run (default: all)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--text", default=None, help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)")
     p.set_defaults(func=cmd_bench)
     return parser
 
