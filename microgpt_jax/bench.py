@@ -27,7 +27,8 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def run(names=None, json_path=None, print=print):
+def run(names=None, json_path=None, print=print, data=None, text=None):
+    PATHS.update(data=data, text=text)
     names = names or list(CASES)
     unknown = sorted(set(names) - set(CASES))
     if unknown:
@@ -45,6 +46,219 @@ def run(names=None, json_path=None, print=print):
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+# --- training: the seed's steps, the reproduce command, packing, a large model ---
+
+PATHS = {}  # "data" (names) and "text" (continuous text for the large case), from the command line
+
+
+def names_path():
+    from microgpt_jax.data import resolve_data_path
+
+    return resolve_data_path(PATHS.get("data"))
+
+
+def text_path():
+    """--text, else tinyshakespeare.txt next to the names file."""
+    from pathlib import Path
+
+    from microgpt_jax.errors import UserError
+
+    path = Path(PATHS.get("text") or Path(names_path()).with_name("tinyshakespeare.txt"))
+    if not path.is_file():
+        raise UserError(f"the large case trains on continuous text and {path} is missing; pass --text PATH (e.g. tinyshakespeare.txt)")
+    return path
+
+
+def peak_mb(compiled):
+    """The device memory XLA's buffer assignment needs for one compiled call: arguments, outputs and temporaries."""
+    m = compiled.memory_analysis()
+    total = m.peak_memory_in_bytes or m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return total / 2**20
+
+
+def steady_rate(trainer, params, data, chunk, chunks):
+    """(steps/s, trained tokens/s, compile seconds, peak MB) of `run_steps`, the real training pipeline.
+
+    The first chunk compiles and warms up; the rest are timed end to end,
+    host batch building and transfers included (they overlap the step).
+    """
+    from microgpt_jax.train import run_steps
+
+    opt_state = trainer.init(params)
+    tokens, clock = 0, None
+    for i, c in enumerate(run_steps(trainer, params, opt_state, data, 0, chunk * chunks, chunk)):
+        if i == 0:
+            compile_s, clock = c.compile_s, time.perf_counter()
+        else:
+            tokens += c.tokens
+    seconds = time.perf_counter() - clock
+    (compiled,) = trainer._compiled.values()
+    return chunk * (chunks - 1) / seconds, tokens / seconds, compile_s, peak_mb(compiled)
+
+
+def scalar_docs():
+    """The seed's model on the scalar engine, with its initial state and documents in spec order."""
+    import reference
+    from microgpt_jax.data import Vocab, spec_docs
+    from microgpt_jax.model import GPTConfig
+
+    docs, rng = spec_docs(names_path())
+    vocab = Vocab.from_docs(docs)
+    cfg = GPTConfig(vocab_size=vocab.size)
+    return cfg, reference.init_state(cfg, rng), [vocab.encode(d) for d in docs]
+
+
+_SCALAR = {}
+
+
+def scalar_rate(steps=24):
+    """The scalar engine's training steps per second (spec order, from the seed's weights), measured once per run."""
+    if not _SCALAR:
+        import tracemalloc
+
+        import reference
+
+        cfg, state, encoded = scalar_docs()
+        adam = reference.Adam(reference.parameters(state), 1000)
+        reference.train_step(state, cfg, adam, 0, encoded[0])  # warm up
+        start = time.perf_counter()
+        for s in range(1, steps + 1):
+            reference.train_step(state, cfg, adam, s, encoded[s])
+        _SCALAR["steps_per_s"] = steps / (time.perf_counter() - start)
+        tracemalloc.start()  # memory apart: tracing allocations slows Python down
+        reference.train_step(state, cfg, adam, steps + 1, encoded[steps + 1])
+        _SCALAR["peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return _SCALAR
+
+
+@case
+def compat():
+    """The seed's training (batch 1, spec order, float64) on JAX against the scalar engine, same documents."""
+    import jax
+
+    from microgpt_jax.data import TrainData
+    from microgpt_jax.model import init_params_compat
+    from microgpt_jax.train import Trainer, TrainConfig
+
+    scalar = scalar_rate()
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        import random
+
+        cfg, _, encoded = scalar_docs()
+        tcfg = TrainConfig(steps=3000, dtype="float64", layout="padded", val_fraction=0.0)
+        params = jax.tree.map(jax.numpy.asarray, init_params_compat(cfg, random.Random(42)))
+        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, TrainData(tcfg, cfg.block_size, encoded, []), 1000, 3)
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    return {
+        "scalar_steps_per_s": scalar["steps_per_s"],
+        "compat_steps_per_s": steps_per_s,
+        "compat_compile_s": compile_s,
+        "compat_vs_scalar_steps_ratio": steps_per_s / scalar["steps_per_s"],
+        "scalar_peak_mb": scalar["peak_mb"],
+        "compat_peak_mb": mem,
+    }
+
+
+@case
+def reproduce():
+    """The whole `microgpt-jax reproduce` (start, compile, 1000 steps, 20 samples) against 1000 scalar steps."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scalar = scalar_rate()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "microgpt_jax", "reproduce", "--data", str(names_path())], check=True, env=env, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    return {
+        "reproduce_s": seconds,
+        "scalar_1000_steps_s": 1000 / scalar["steps_per_s"],
+        "reproduce_vs_scalar_ratio": 1000 / scalar["steps_per_s"] / seconds,
+        "reproduce_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+@case
+def packing():
+    """Trained tokens per second at the default model, batch 256 names, padded against packed (float32)."""
+    import jax
+
+    from microgpt_jax.data import load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import Trainer, TrainConfig
+
+    out = {}
+    for layout in ("padded", "packed"):
+        tcfg = TrainConfig(steps=200, batch_size=256, layout=layout)
+        vocab, data = load_train_data(names_path(), tcfg, 16)
+        cfg = GPTConfig(vocab_size=vocab.size)
+        params = init_params(cfg, jax.random.key(0))
+        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 25, 5)
+        out |= {f"{layout}_tokens_per_s": tokens_per_s, f"{layout}_compile_s": compile_s, f"{layout}_peak_mb": mem}
+        out[f"{layout}_rows"] = data.rows
+    out["packed_vs_padded_ratio"] = out["packed_tokens_per_s"] / out["padded_tokens_per_s"]
+    return out
+
+
+def matmul_peak(n=2048, dtype="float32", repeats=5):
+    """FLOP/s of the best of `repeats` n x n matmuls: the peak the MFU is measured against."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(timed(f, a)[1] for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
+    """Tokens/s and MFU of stream-mode training on the text: MFU = flops_per_token * tokens/s over a measured matmul peak."""
+    import jax
+
+    from microgpt_jax.data import load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import Trainer, TrainConfig, flops_per_token
+
+    tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, mode="stream", dtype=dtype)
+    vocab, data = load_train_data(text_path(), tcfg, cfg_kwargs["block_size"])
+    cfg = GPTConfig(vocab_size=vocab.size, **cfg_kwargs)
+    params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
+    peak_before = matmul_peak(peak_n, dtype)
+    _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
+    peak = max(peak_before, matmul_peak(peak_n, dtype))  # around the run: the machine's best, not a lucky step
+    return {
+        f"{prefix}_tokens_per_s": tokens_per_s,
+        f"{prefix}_mfu": tokens_per_s * flops_per_token(cfg) / peak,
+        f"{prefix}_matmul_peak_gflops": peak / 1e9,
+        f"{prefix}_compile_s": compile_s,
+        f"{prefix}_peak_mb": mem,
+    }
+
+
+@case
+def large():
+    """n_layer 4, n_embd 128, n_head 4, block 128, batch 64, float32, stream mode on the text."""
+    return mfu_case("large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 4, 2048)
+
+
+@case
+def gpu():
+    """GPT-2 small shape (n_layer 12, n_embd 768, block 1024), bfloat16, stream mode: only on a GPU."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return {"gpu": "skipped: no GPU"}
+    return mfu_case("gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4, 8192)
 
 
 # --- sampling: the KV-cache generation loop against the scalar engine and against recomputing ---

@@ -52,12 +52,11 @@ def config_from_args(cls, args, **extra):
 
 def cmd_train(args):
     import jax
-    import jax.numpy as jnp
 
-    from microgpt_jax.checkpoint import Keeper, Run, first_nonfinite
-    from microgpt_jax.data import Vocab, resolve_data_path, spec_docs, spec_order_position
+    from microgpt_jax.checkpoint import Keeper, Run
+    from microgpt_jax.data import load_train_data, resolve_data_path
     from microgpt_jax.model import init_params, param_shapes
-    from microgpt_jax.train import Trainer, run_steps
+    from microgpt_jax.train import RESUME_FREE, Trainer, fit
 
     # -- the run directory: a new one (--out), a resumed one (--resume), or none --------
     run = None
@@ -65,53 +64,69 @@ def cmd_train(args):
         if args.out:
             raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
         run = Run.open(args.resume)
-        run.check_config(getattr(args, "given", {}))
-        tcfg, data_path = run.tcfg, Path(args.data) if args.data else run.data_path
+        given = getattr(args, "given", {})
+        run.check_config({k: v for k, v in given.items() if k not in RESUME_FREE})
+        tcfg = dataclasses.replace(run.tcfg, **{k: v for k, v in given.items() if k in RESUME_FREE})
+        cfg, data_path = run.cfg, Path(args.data) if args.data else run.data_path
         run.check_data(data_path)
     else:
         tcfg, data_path = config_from_args(TrainConfig, args), resolve_data_path(args.data)
+        cfg = config_from_args(GPTConfig, args, vocab_size=1)  # checked now; the vocabulary comes from the data
     save_every = args.save_every or (run.save_every if run else 1000)
     # -----------------------------------------------------------------------------------
+    if tcfg.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        # refused rather than warned: on the CPU bfloat16 is no faster than float32, only less precise
+        raise UserError("--dtype bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use --dtype float32")
     if tcfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    docs, _ = spec_docs(data_path, seed=tcfg.seed)
-    vocab = Vocab.from_docs(docs)
-    cfg = run.cfg if run else config_from_args(GPTConfig, args, vocab_size=vocab.size)
+    vocab, data = load_train_data(data_path, tcfg, cfg.block_size)
     if args.out:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
         run = Run.create(args.out, cfg, tcfg, vocab, data_path, save_every, args.keep or 3)
     elif run and args.keep:
         run.keep = args.keep
-    print(f"num docs: {len(docs)}")
+    elif run is None:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
+    print(data.describe())
     print(f"vocab size: {vocab.size}")
-    params = init_params(cfg, jax.random.key(tcfg.seed), jnp.dtype(tcfg.dtype))
+    params = init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype)
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
 
     trainer = Trainer(cfg, tcfg)
     opt_state = trainer.init(params)
-    encoded = [vocab.encode(d) for d in docs]
     # -- resume: the latest good checkpoint's state; the batches are a function of the step
     start = 0
-    position = lambda step: spec_order_position(step, tcfg.batch_size, len(encoded))  # noqa: E731
     if args.resume:
-        checkpoint = run.resume(opt_state, position)
+        checkpoint = run.resume(opt_state, data.position)
         if checkpoint:
             start = checkpoint.step
-            params, opt_state = jax.tree.map(jnp.asarray, (checkpoint.params, checkpoint.opt_state))
+            params, opt_state = jax.tree.map(jax.numpy.asarray, (checkpoint.params, checkpoint.opt_state))
         print(f"resuming {run.path} at step {start}")
         if start == tcfg.steps:
             print(f"{run.path} has trained all {tcfg.steps} steps; sample with: microgpt-jax sample {run.path}")
             return 0
     # -----------------------------------------------------------------------------------
-    with Keeper(run, tcfg.steps, save_every, position) as keeper:
-        for params, opt_state, first, losses in run_steps(
-            trainer, params, opt_state, encoded, start, tcfg.steps - start, align=save_every
-        ):
-            bad = first_nonfinite(losses)  # nothing after a NaN/inf loss is reported or kept
-            for s, loss in enumerate(losses if bad is None else losses[: bad + 1], first):
-                print(f"step {s + 1:4d} / {tcfg.steps:4d} | loss {loss:.4f}")
-            keeper.end_chunk(first, losses, params, opt_state)  # stops on NaN/inf or a signal; saves
+    with Keeper(run, tcfg.steps, save_every, data.position) as keeper:
+        fit(trainer, params, opt_state, data, run_dir=run.path if run else None, start=start, keeper=keeper)
     if run:
         print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
+        save_plot([run.path], run.path / "loss.png")
+
+
+def save_plot(run_dirs, out_path):
+    from microgpt_jax.plot import plot_runs
+
+    try:
+        print(f"loss curves: {plot_runs(run_dirs, out_path)}")
+    except UserError as e:  # matplotlib missing: the run itself is saved, say how to get the plot
+        print(f"no loss plot: {e}")
+
+
+def cmd_plot(args):
+    from microgpt_jax.plot import plot_runs
+
+    out = args.out or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else Path("loss.png"))
+    print(f"loss curves: {plot_runs(args.run_dirs, out)}")
 
 
 def cmd_sample(args):
@@ -185,7 +200,7 @@ def cmd_export(args):
 def cmd_bench(args):
     from microgpt_jax import bench
 
-    bench.run(args.cases, args.json)
+    bench.run(args.cases, args.json, data=args.data, text=args.text)
 
 
 def build_parser():
@@ -196,7 +211,7 @@ def build_parser():
     p = sub.add_parser("train", help="train a model (default: the seed's model and hyperparameters on names)")
     add_config_flags(p, GPTConfig)
     add_config_flags(p, TrainConfig)
-    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
     p.add_argument("--out", default=None, help="a new run directory: configs, vocabulary, checkpoints")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint")
     p.add_argument(
@@ -204,6 +219,11 @@ def build_parser():
     )
     p.add_argument("--keep", type=positive_int, default=None, help="checkpoints to keep (default 3; on resume, the run's)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="training and validation loss curves of one or more runs, overlaid")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `microgpt-jax train --out`")
+    p.add_argument("--out", default=None, help="image to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("sample", help="sample from a trained run")
     p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")
@@ -244,6 +264,8 @@ def build_parser():
     p = sub.add_parser("bench", help="benchmarks, measured side by side, printed as a table")
     p.add_argument("cases", nargs="*", help="cases to run (default: all)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--data", default=None, help=data_help)
+    p.add_argument("--text", default=None, help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -96,18 +96,49 @@ def rmsnorm(x):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
 
 
+QUERY_BLOCK = 64  # queries per attention block: a block needs the keys up to its own end only
+
+
+@jax.custom_jvp
+def softmax(z):
+    """Softmax over the last axis as the seed computes it: exp(z - max) * (1 / sum), the max a constant."""
+    e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
+    return e * (1 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    # y * (dz - <y, dz>): two passes over the scores, not one per op of the forward
+    (z,), (dz,) = primals, tangents
+    y = softmax(z)
+    return y, y * (dz - jnp.sum(y * dz, axis=-1, keepdims=True))
+
+
 def split_heads(x_BTD, n_head):
+    """[B, T, D] -> [B, H, T, K]: heads lead, so both attention products are plain batched matmuls."""
     B, T, D = x_BTD.shape
-    return x_BTD.reshape(B, T, n_head, D // n_head)
+    return x_BTD.reshape(B, T, n_head, D // n_head).transpose(0, 2, 1, 3)
 
 
-def attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS):
-    """Softmax attention of T queries over S keys; mask_BTS[b, t, s] says whether t may see s."""
-    K = q_BTHK.shape[-1]
-    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK) / np.sqrt(K).astype(q_BTHK.dtype)
-    att_BHTS = jnp.where(mask_BTS[:, None], att_BHTS, -jnp.inf)
-    att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
-    return jnp.einsum("bhts,bshk->bthk", att_BHTS, v_BSHK)
+def attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, query_block=None):
+    """Softmax attention of T queries over S keys; mask_BTS[b, t, s] says whether t may see s.
+
+    With query_block (queries and keys are the same causal sequence), the
+    queries go in blocks, each against the keys up to its own end only: the
+    scores the causal mask would zero anyway are never computed (a quarter
+    of them at T = 128).
+    """
+    T, S, K = q_BHTK.shape[2], k_BHSK.shape[2], q_BHTK.shape[3]
+    scale = np.asarray(1 / np.sqrt(K), q_BHTK.dtype)  # the seed's "/ sqrt(head_dim)" is a multiply by its inverse
+    step = query_block or T
+    out_BHTK = []
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        s1 = t1 if query_block else S
+        att_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK[:, :, t0:t1], k_BHSK[:, :, :s1]) * scale
+        att_BHTS = softmax(jnp.where(mask_BTS[:, None, t0:t1, :s1], att_BHTS, -jnp.inf))
+        out_BHTK.append(jnp.einsum("bhts,bhsk->bhtk", att_BHTS, v_BHSK[:, :, :s1]))
+    return jnp.concatenate(out_BHTK, axis=2)
 
 
 def mlp(x_BTD, fc1, fc2):
@@ -129,8 +160,8 @@ def attention_mask(positions_BT, segments_BT):
 class KVCache(NamedTuple):
     """Every layer's keys and values at every position decoded so far.
 
-    k[layer] and v[layer] are [batch, block_size, heads, head size],
-    allocated once; a position's entry means something once it is written.
+    k[layer] and v[layer] are [batch, heads, block_size, head size] (heads
+    lead, as in attention), allocated once; a position's entry means something once it is written.
     The layer axis is a tuple, not an array axis: inside the generation loop
     XLA updates separate buffers in place but copies a stacked
     [layer, ...] array on every step (5-8x slower decode steps, measured).
@@ -139,10 +170,10 @@ class KVCache(NamedTuple):
     k: tuple
     v: tuple
 
-    def write(self, layer, start, k_BTHK, v_BTHK):
+    def write(self, layer, start, k_BHTK, v_BHTK):
         """The cache with positions start..start+T-1 of `layer` set."""
-        k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k_BTHK, start, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v_BTHK, start, axis=1)
+        k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k_BHTK, start, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v_BHTK, start, axis=2)
         return KVCache(_replace(self.k, layer, k), _replace(self.v, layer, v))
 
 
@@ -151,7 +182,7 @@ def _replace(items, i, item):
 
 
 def init_cache(cfg: GPTConfig, batch_size, dtype=jnp.float32) -> KVCache:
-    shape = (batch_size, cfg.block_size, cfg.n_head, cfg.head_dim)
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
     empty = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # own buffers: they are donated
     return KVCache(empty(), empty())
 
@@ -170,13 +201,16 @@ def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
     [B, T, block_size]): the seed's "append k and v, then attend over the cache".
     """
     p = f"layer{i}."
+    D = x_BTD.shape[-1]
     h_BTD = rmsnorm(x_BTD)
-    q_BTHK, k_BSHK, v_BSHK = (split_heads(h_BTD @ params[p + w].T, n_head) for w in ("attn_wq", "attn_wk", "attn_wv"))
-    if cache is not None:
-        cache = cache.write(i, start, k_BSHK, v_BSHK)
-        k_BSHK, v_BSHK = cache.k[i], cache.v[i]
-    out_BTHK = attend(q_BTHK, k_BSHK, v_BSHK, mask_BTS)
-    x_BTD = x_BTD + out_BTHK.reshape(x_BTD.shape) @ params[p + "attn_wo"].T
+    q_BHTK, k_BHSK, v_BHSK = (split_heads(h_BTD @ params[p + w].T, n_head) for w in ("attn_wq", "attn_wk", "attn_wv"))
+    if cache is None:
+        out_BHTK = attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, QUERY_BLOCK)
+    else:
+        cache = cache.write(i, start, k_BHSK, v_BHSK)
+        out_BHTK = attend(q_BHTK, cache.k[i], cache.v[i], mask_BTS)
+    # concatenating the heads and applying wo, as one contraction over (head, k)
+    x_BTD = x_BTD + jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, n_head, D // n_head))
     x_BTD = x_BTD + mlp(rmsnorm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"])
     return x_BTD, cache
 
@@ -228,6 +262,8 @@ def decode_step(params, token_B, cache: KVCache, pos, cfg: GPTConfig):
 def loss_fn(params, batch, cfg: GPTConfig):
     """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents."""
     logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments)
+    # bfloat16 compute: the softmax and the loss still in float32
+    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     nll_BT = -jnp.take_along_axis(logp_BTV, batch.targets[..., None], axis=-1)[..., 0]
     return jnp.sum(batch.weights.astype(nll_BT.dtype) * nll_BT)

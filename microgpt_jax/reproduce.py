@@ -8,7 +8,7 @@ stream. It prints what `python -m reference` prints, line for line.
 import jax
 import jax.numpy as jnp
 
-from microgpt_jax.data import Vocab, spec_docs
+from microgpt_jax.data import TrainData, Vocab, spec_docs
 from microgpt_jax.model import GPTConfig, init_params_compat, param_shapes
 from microgpt_jax.sample import sample_compat
 from microgpt_jax.train import Trainer, TrainConfig, run_steps
@@ -26,12 +26,14 @@ def reproduce(data_path, steps=1000, print=print):
     params = jax.tree.map(jnp.asarray, init_params_compat(cfg, rng))
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
 
-    trainer = Trainer(cfg, TrainConfig(steps=steps, dtype="float64"))
+    tcfg = TrainConfig(steps=steps, dtype="float64", layout="padded", val_fraction=0.0)
+    trainer = Trainer(cfg, tcfg)
     opt_state = trainer.init(params)
-    encoded = [vocab.encode(d) for d in docs]
-    # one compiled call for the whole run: the seed's 1000 steps are one lax.scan
-    for params, opt_state, first, losses in run_steps(trainer, params, opt_state, encoded, 0, steps, chunk=steps):
-        for s, loss in enumerate(losses, first):
+    data = TrainData(tcfg, cfg.block_size, [vocab.encode(d) for d in docs], [])  # step s: docs[s % len(docs)]
+    # one compiled call for the whole run: the seed's 1000 steps are one loop on the device
+    for chunk in run_steps(trainer, params, opt_state, data, 0, steps, chunk=steps):
+        params = chunk.params
+        for s, loss in enumerate(chunk.losses, chunk.start):
             print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
 
     print("\n--- inference (new, hallucinated names) ---")

@@ -1,0 +1,317 @@
+"""Training at scale: packed and padded layouts, stream windows, the split, the compiled loop, metrics."""
+
+import json
+import os
+import sys
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from microgpt_jax import train as train_module
+from microgpt_jax.check import ATOL, PARAM_ATOL, RTOL
+from microgpt_jax.data import (
+    Batch,
+    TrainData,
+    Vocab,
+    load_docs,
+    load_train_data,
+    pack,
+    packed_batch,
+    padded_batch,
+    split,
+)
+from microgpt_jax.errors import UserError
+from microgpt_jax.model import GPTConfig, init_params, loss_fn
+from microgpt_jax.train import Progress, Trainer, TrainConfig, chunk_ends, fit, make_schedule, run_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_close(got, want, atol=ATOL, rtol=RTOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    err = np.abs(got - want)
+    assert np.all(err <= atol + rtol * np.abs(want)), f"max abs err {err.max():.3e}"
+
+
+@pytest.fixture(scope="module")
+def names_docs(names_path):
+    docs = load_docs(names_path)
+    return docs, Vocab.from_docs(docs)
+
+
+# --- layouts ---
+
+
+def test_pack_places_every_document_without_overlap():
+    rng = np.random.default_rng(0)
+    n = rng.integers(1, 17, size=200)
+    rows, offsets = pack(n, 16)
+    assert rows.min() >= 0
+    used = np.zeros((rows.max() + 1, 16), int)
+    for r, o, k in zip(rows, offsets, n):
+        assert o + k <= 16
+        used[r, o : o + k] += 1
+    assert used.max() == 1  # no position holds two documents
+    assert rows.max() + 1 <= 1.15 * np.ceil(n.sum() / 16)  # and it packs tightly: near the least possible rows
+    # with a fixed number of rows, what does not fit is left out, never overlapped
+    rows, _ = pack(n, 16, num_rows=10)
+    assert (rows < 0).any() and set(rows[rows >= 0]) <= set(range(10))
+
+
+def test_packed_batch_is_the_padded_batch_rearranged(names_docs):
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[:40]] + [vocab.encode("abcdefghijklmnopqrstuvwxyz")]  # one cut at block_size
+    packed, padded = packed_batch(enc, 16), padded_batch(enc, 16)
+    assert packed.tokens.shape[0] < len(enc) / 1.5
+    for field in ("tokens", "targets", "positions"):
+        real = padded.weights > 0
+        assert sorted(getattr(packed, field)[packed.weights > 0].tolist()) == sorted(getattr(padded, field)[real].tolist())
+    assert packed.weights.sum() == pytest.approx(1.0) and padded.weights.sum() == pytest.approx(1.0)
+    # every packed document starts with BOS at position 0, in its own segment
+    starts = (packed.positions == 0) & (packed.weights > 0)
+    assert np.all(packed.tokens[starts] == vocab.bos)
+    assert starts.sum() == len(enc)
+
+
+def test_packed_loss_and_gradients_equal_padded_in_float64(names_docs):
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[100:124]] + [vocab.encode("abcdefghijklmnopqrstuvwxyz")]
+    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, n_layer=2, block_size=16)
+    params = init_params(cfg, jax.random.key(1), jnp.float64)
+    packed, padded = packed_batch(enc, 16), padded_batch(enc, 16)
+    assert packed.tokens.shape[0] <= 13 < padded.tokens.shape[0] == 25
+    # topped up with empty rows to the padded batch's shape: one compiled function for both
+    empty = padded.tokens.shape[0] - packed.tokens.shape[0]
+    packed = Batch(*(np.concatenate([a, np.zeros((empty, 16), a.dtype)]) for a in packed))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
+    loss_packed, g_packed = grad_fn(params, jax.tree.map(jnp.asarray, packed), cfg)
+    loss_padded, g_padded = grad_fn(params, jax.tree.map(jnp.asarray, padded), cfg)
+    assert_close(loss_packed, loss_padded)
+    for k in params:
+        assert_close(g_packed[k], g_padded[k])
+
+
+def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
+    """Same documents per step, two layouts, chunks with a short last one: the same losses and weights."""
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[:300]]
+    cfg = GPTConfig(vocab_size=vocab.size)
+    results = []
+    for layout in ("packed", "padded"):
+        tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64", layout=layout)
+        trainer = Trainer(cfg, tcfg)
+        params = init_params(cfg, jax.random.key(0), jnp.float64)
+        opt_state = trainer.init(params)
+        data = TrainData(tcfg, cfg.block_size, enc, [])
+        losses = []
+        for chunk in run_steps(trainer, params, opt_state, data, 0, 7, chunk=3):
+            params, opt_state = chunk.params, chunk.opt_state
+            losses.extend(chunk.losses)
+        results.append((np.array(losses), params))
+        if layout == "packed":
+            assert data.rows < 24
+    (loss_a, p_a), (loss_b, p_b) = results
+    assert len(loss_a) == 7
+    assert_close(loss_a, loss_b)
+    for k in p_a:
+        assert_close(p_a[k], p_b[k], atol=PARAM_ATOL, rtol=0)
+
+    # and the chunked loop equals the one-step function called 7 times
+    tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64", layout="padded")
+    trainer = Trainer(cfg, tcfg)
+    params = init_params(cfg, jax.random.key(0), jnp.float64)
+    opt_state = trainer.init(params)
+    data = TrainData(tcfg, cfg.block_size, enc, [])
+    for s in range(7):
+        params, opt_state, loss = trainer.step(params, opt_state, jax.tree.map(jnp.asarray, data.batch(s)))
+        assert_close(loss, loss_b[s])
+    for k in params:
+        assert_close(params[k], p_b[k], atol=PARAM_ATOL, rtol=0)
+
+
+# --- batches are a pure function of the step ---
+
+
+def test_batch_is_a_pure_function_of_the_step(names_docs, shakespeare_path):
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[:1000]]
+    for tcfg, train in (
+        (TrainConfig(batch_size=16), enc),
+        (TrainConfig(batch_size=4, mode="stream"), np.arange(500) % 7),
+    ):
+        a, b = TrainData(tcfg, 16, train, []), TrainData(tcfg, 16, train, [])
+        later = a.batch(9)
+        _ = [a.batch(s) for s in range(5)]  # whatever was asked before
+        for x, y, z in zip(later, b.batch(9), a.batches(8, 2, 4)):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z[1])
+        stacked = a.batches(8, 2, 4)
+        assert stacked.tokens.shape[0] == 4 and not stacked.weights[2:].any()  # the tail is all padding
+        assert not np.array_equal(a.batch(9).tokens, a.batch(10).tokens)
+
+
+def test_docs_mode_at_batch_1_is_the_spec_order(names_docs):
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[:50]]
+    data = TrainData(TrainConfig(layout="padded"), 16, enc, [])
+    for s in (0, 1, 49, 50, 123):
+        np.testing.assert_array_equal(data.batch(s).tokens, padded_batch([enc[s % 50]], 16).tokens)
+
+
+def test_stream_windows(shakespeare_path):
+    tcfg = TrainConfig(batch_size=8, mode="stream")
+    vocab, data = load_train_data(shakespeare_path, tcfg, 32)
+    text = shakespeare_path.read_text()
+    b = data.batch(3)
+    assert b.tokens.shape == (8, 32)
+    np.testing.assert_array_equal(b.tokens[:, 1:], b.targets[:, :-1])  # windows of block_size + 1 characters
+    assert np.all(b.weights == 1 / (8 * 32)) and np.all(b.segments == 1)
+    for row in vocab.decode(b.tokens[0].tolist()), vocab.decode(b.targets[0].tolist()):
+        assert row in text[: len(text) - len(text) // 10]  # from the training 90%
+    assert data.eval_set().weights.sum() == pytest.approx(1.0)
+    assert len(data.val_text) == len(text) // 10
+
+
+# --- the split ---
+
+
+def test_split_is_deterministic_and_refuses_an_empty_side(names_path):
+    tcfg = TrainConfig()
+    (_, a), (_, b) = load_train_data(names_path, tcfg, 16), load_train_data(names_path, tcfg, 16)
+    assert len(a.val) == 32033 // 10 and a.val == b.val and len(a.n) == 32033 - 32033 // 10
+    train, val = split(list(range(20)), 0.1, "documents")
+    assert val == [18, 19] and train == list(range(18))
+    assert split(list(range(5)), 0.0, "documents") == (list(range(5)), [])
+    with pytest.raises(UserError, match="leaves no document for validation"):
+        split(list(range(5)), 0.1, "documents")
+
+
+# --- the compiled loop ---
+
+
+def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_path):
+    traces = {"step": 0, "evaluate": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            traces[name] += 1  # runs only while JAX traces
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(train_module, "_step", counting("step", train_module._step))
+    monkeypatch.setattr(train_module, "_evaluate", counting("evaluate", train_module._evaluate))
+    docs, vocab = names_docs
+    enc = [vocab.encode(d) for d in docs[:400]]
+    # 23 steps in chunks of 5: 5, 5, 5 (eval at 15), ... 3: short chunks, and four evals
+    tcfg = TrainConfig(steps=23, batch_size=4, log_every=5, eval_every=6, eval_size=40)
+    cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
+    trainer = Trainer(cfg, tcfg)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    data = TrainData(tcfg, cfg.block_size, enc[:300], enc[300:])
+    progress = Progress(tcfg.steps, bar=False)
+    params, opt_state, last = fit(trainer, params, trainer.init(params), data, run_dir=tmp_path, progress=progress)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 6, 10, 12, 15, 18, 20, 23]
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12, 18, 23]
+    assert traces == {"step": 1, "evaluate": 1}
+    assert last == records[-1] and np.isfinite(last["val_loss"])
+    assert records[-1]["lr"] == pytest.approx(0.01 * (1 - 22 / 23), rel=1e-6)
+
+
+def test_chunk_ends():
+    assert list(chunk_ends(0, 23, 5, (5, 6))) == [5, 6, 10, 12, 15, 18, 20, 23]
+    assert list(chunk_ends(0, 23, 5, (6,))) == [5, 6, 11, 12, 17, 18, 23]
+    assert list(chunk_ends(7, 12, 100)) == [12]
+
+
+def test_warmup_schedule():
+    lr = make_schedule(TrainConfig(steps=10, warmup=4, lr=1.0))
+    assert [float(lr(s)) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    seed = make_schedule(TrainConfig(steps=10, lr=1.0, dtype="float64"))
+    assert [float(seed(s)) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
+    docs, vocab = names_docs
+    cfg = GPTConfig(vocab_size=vocab.size)
+    tcfg = TrainConfig(steps=3, batch_size=4, dtype="bfloat16")
+    trainer = Trainer(cfg, tcfg)
+    params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
+    batch = padded_batch([vocab.encode(d) for d in docs[:4]], 16)
+    batch = jax.tree.map(jnp.asarray, batch._replace(weights=batch.weights.astype(np.float32)))
+    opt_state = trainer.init(params)
+    jaxpr = str(jax.make_jaxpr(trainer.step)(params, opt_state, batch))
+    assert "bf16[4,16,16]" in jaxpr  # activations in bfloat16
+    new, new_opt_state, loss = jax.eval_shape(trainer.step, params, opt_state, batch)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new, new_opt_state)) if p.ndim)  # weights and moments
+    assert loss.dtype == jnp.float32  # the softmax and the loss in float32
+
+
+def test_progress_bar_shows_loss_val_rate_and_eta(capsys):
+    progress = Progress(100, bar=True)
+    progress.update({"step": 10, "loss": 2.5, "val_loss": 2.6, "tokens_per_s": 12345.0, "elapsed": 1.0}, 10)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "loss 2.5000" in err and "val 2.6000" in err and "12,345 tok/s" in err and "10/100" in err and "<" in err
+
+
+# --- the command line ---
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "microgpt_jax", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, shakespeare_path):
+    small = ["--steps", "12", "--log-every", "4", "--eval-every", "8", "--eval-size", "64", "--n-embd", "8", "--n-head", "2"]
+    a = run_cli("train", "--batch-size", "16", *small, "--data", str(names_path), "--out", "a", cwd=tmp_path)
+    assert a.returncode == 0, a.stderr
+    assert "step  4 / 12 | loss" in a.stdout and "val" in a.stdout and "tok/s" in a.stdout and "eta" in a.stdout
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert set(records[1]) == {"step", "loss", "val_loss", "lr", "tokens_per_s", "elapsed"}
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    b = run_cli(
+        "train", "--mode", "stream", "--block-size", "32", "--batch-size", "4", *small,
+        "--data", str(shakespeare_path), "--out", "b", cwd=tmp_path,
+    )  # fmt: skip
+    assert b.returncode == 0, b.stderr
+    assert "stream" in b.stdout
+    c = run_cli("plot", "a", "b", "--out", "both.png", cwd=tmp_path)
+    assert c.returncode == 0, c.stderr
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch-size", "0"], "batch_size must be a positive integer"),
+        (["--block-size", "0"], "block_size must be a positive integer"),
+        (["--eval-every", "-5"], "eval_every must be a positive integer"),
+        (["--mode", "stream", "--block-size", "64", "--data", "tiny.txt"], "fewer than block_size + 1 = 65"),
+        (["--val-fraction", "0.1", "--data", "three.txt"], "leaves no document for validation"),
+        (["--dtype", "bfloat16"], "bfloat16 is for GPUs"),
+        (["--layout", "ragged"], "layout must be one of packed, padded"),
+    ],
+)
+def test_train_bad_input_is_one_line(tmp_path, args, message):
+    if jax.default_backend() != "cpu" and "bfloat16" in args:
+        pytest.skip("bfloat16 is allowed on an accelerator")
+    (tmp_path / "tiny.txt").write_text("to be or not to be\n")
+    (tmp_path / "three.txt").write_text("ann\nbob\ncid\n")
+    r = run_cli("train", "--steps", "2", *args, "--out", "run", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_plot_refuses_a_directory_without_metrics(tmp_path):
+    r = run_cli("plot", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "metrics.jsonl not found" in r.stderr and r.stderr.count("\n") == 1
