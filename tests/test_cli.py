@@ -128,8 +128,9 @@ def test_train_then_sample(tmp_path, capsys):
     code, out = run_in_process(capsys, "train", "--steps", "30", "--out", str(run))
     assert code == 0, out.err
     lines = out.out.splitlines()
-    assert lines[:3] == ["num docs: 32033", "vocab size: 27", "num params: 4192"]
-    assert lines[3].startswith("step    1 /   30 | loss ") and lines[32].startswith("step   30 /   30 | loss ")
+    assert lines[:3] == ["num docs: 28830 train, 3203 validation (1 per step, 1 packed rows)", "vocab size: 27", "num params: 4192"]
+    steps = [line.split(" | ")[0] for line in lines if line.startswith("step ")]
+    assert steps == ["step 10 / 30", "step 20 / 30", "step 30 / 30"]  # a line per --log-every (10) steps
     code, out = run_in_process(capsys, "sample", str(run), "--num-samples", "5")
     assert code == 0, out.err
     samples = out.out.splitlines()

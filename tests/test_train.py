@@ -81,7 +81,7 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     scan_losses = []
     for start in (0, 3):  # two calls of 3 steps each: one trace
         chunk = as_jax(jax.tree.map(lambda b: b[start : start + 3], batches))
-        q, t, losses = trainer.steps(q, t, chunk)
+        q, t, losses = trainer.steps(q, t, chunk, 3)
         scan_losses += [float(x) for x in losses]
     assert trainer.steps._cache_size() == 1
 
@@ -106,7 +106,7 @@ def test_float32_training_stays_float32_and_learns():
     params = init_params(CFG, jax.random.key(3), jnp.float32)
     opt_state = trainer.init(params)
     batches = as_jax(spec_order_batches(ENCODED, 0, 40, 4, CFG.block_size))
-    params, opt_state, losses = trainer.steps(params, opt_state, batches)
+    params, opt_state, losses = trainer.steps(params, opt_state, batches, 40)
     assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in params.values())
     assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5
 
