@@ -96,6 +96,20 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(names_docs):
         assert_close(g_packed[k], g_padded[k])
 
 
+def test_attention_in_query_blocks_matches_the_scalar_engine():
+    """Past QUERY_BLOCK positions queries attend in blocks: logits, loss and gradients still match in float64."""
+    import random
+
+    from microgpt_jax.check import run_check
+    from microgpt_jax.model import QUERY_BLOCK, init_params_compat
+
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz")
+    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
+    rows = run_check(cfg, init_params_compat(cfg, random.Random(3)), vocab.encode(vocab.chars * 3))
+    assert len(rows) == 2 + len(init_params_compat(cfg, random.Random(3)))
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
 def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
     """Same documents per step, two layouts, chunks with a short last one: the same losses and weights."""
     docs, vocab = names_docs
