@@ -79,8 +79,7 @@ def text_path():
 def peak_mb(compiled):
     """The device memory XLA's buffer assignment needs for one compiled call: arguments, outputs and temporaries."""
     m = compiled.memory_analysis()
-    total = m.peak_memory_in_bytes or m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return total / 2**20
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
 
 
 def steady_rate(trainer, params, data, chunk, chunks):

@@ -122,10 +122,15 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
         params = init_params(cfg, jax.random.key(0), jnp.float64)
         opt_state = trainer.init(params)
         data = TrainData(tcfg, cfg.block_size, enc, [])
+        built, built_by_yield, batches = [], [], data.batches
+        data.batches = lambda start, n, length: built.append(start) or batches(start, n, length)
         losses = []
         for chunk in run_steps(trainer, params, opt_state, data, 0, 7, chunk=3):
+            built_by_yield.append(list(built))
             params, opt_state = chunk.params, chunk.opt_state
             losses.extend(chunk.losses)
+        # each chunk's batches are built while the chunk before it runs, before its results are waited for
+        assert built_by_yield == [[0, 3], [0, 3, 6], [0, 3, 6]]
         results.append((np.array(losses), params))
         if layout == "packed":
             assert data.rows < 24
