@@ -367,8 +367,7 @@ class TrainData:
                 rows, offsets = np.arange(len(idx)), np.zeros(len(idx), np.int64)
             else:
                 placed = [pack(n[i * B : (i + 1) * B], T, R) for i in range(num_steps)]
-                rows = np.concatenate([r + i * R if r.size else r for i, (r, _) in enumerate(placed)])
-                rows[np.concatenate([r < 0 for r, _ in placed])] = -1
+                rows = np.concatenate([np.where(r < 0, -1, r + i * R) for i, (r, _) in enumerate(placed)])  # rows of the chunk
                 offsets = np.concatenate([o for _, o in placed])
                 if rows.min() < 0 and not self._warned:
                     self._warned = True
