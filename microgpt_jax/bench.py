@@ -9,6 +9,8 @@ apart from steady-state time.
 import json
 import time
 
+import numpy as np
+
 CASES = {}
 
 
@@ -28,6 +30,9 @@ def timed(fn, *args):
 
 
 def run(names=None, json_path=None, print=print, data=None, text=None):
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # compile times measured, not read from disk
     PATHS.update(data=data, text=text)
     names = names or list(CASES)
     unknown = sorted(set(names) - set(CASES))
@@ -74,28 +79,32 @@ def text_path():
 def peak_mb(compiled):
     """The device memory XLA's buffer assignment needs for one compiled call: arguments, outputs and temporaries."""
     m = compiled.memory_analysis()
-    total = m.peak_memory_in_bytes or m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return total / 2**20
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
 
 
 def steady_rate(trainer, params, data, chunk, chunks):
     """(steps/s, trained tokens/s, compile seconds, peak MB) of `run_steps`, the real training pipeline.
 
-    The first chunk compiles and warms up; the rest are timed end to end,
-    host batch building and transfers included (they overlap the step).
+    The first chunk compiles and warms up; each later chunk is timed end to
+    end (host batch building and transfers included: they overlap the step)
+    and the median chunk is reported, so a hiccup of a shared machine does
+    not decide the result.
     """
     from microgpt_jax.train import run_steps
 
     opt_state = trainer.init(params)
-    tokens, clock = 0, None
+    seconds, tokens = [], []
     for i, c in enumerate(run_steps(trainer, params, opt_state, data, 0, chunk * chunks, chunk)):
+        now = time.perf_counter()
         if i == 0:
-            compile_s, clock = c.compile_s, time.perf_counter()
+            compile_s = c.compile_s
         else:
-            tokens += c.tokens
-    seconds = time.perf_counter() - clock
+            seconds.append(now - clock)
+            tokens.append(c.tokens)
+        clock = now
+    median = int(np.argsort(seconds)[len(seconds) // 2])
     (compiled,) = trainer._compiled.values()
-    return chunk * (chunks - 1) / seconds, tokens / seconds, compile_s, peak_mb(compiled)
+    return chunk / seconds[median], tokens[median] / seconds[median], compile_s, peak_mb(compiled)
 
 
 def scalar_docs():
@@ -150,9 +159,9 @@ def compat():
         import random
 
         cfg, _, encoded = scalar_docs()
-        tcfg = TrainConfig(steps=3000, dtype="float64", layout="padded", val_fraction=0.0)
+        tcfg = TrainConfig(steps=4000, dtype="float64", layout="padded", val_fraction=0.0)
         params = jax.tree.map(jax.numpy.asarray, init_params_compat(cfg, random.Random(42)))
-        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, TrainData(tcfg, cfg.block_size, encoded, []), 1000, 3)
+        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, TrainData(tcfg, cfg.block_size, encoded, []), 1000, 4)
     finally:
         jax.config.update("jax_enable_x64", x64)
     return {
@@ -167,24 +176,32 @@ def compat():
 
 @case
 def reproduce():
-    """The whole `microgpt-jax reproduce` (start, compile, 1000 steps, 20 samples) against 1000 scalar steps."""
+    """The whole `microgpt-jax reproduce` (start, compile, 1000 steps, 20 samples) against 1000 scalar steps.
+
+    Run twice with a fresh compilation cache: cold (everything compiled) and
+    warm (the compiled programs read from the cache, as any run after the first).
+    """
     import os
     import resource
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    scalar = scalar_rate()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "microgpt_jax", "reproduce", "--data", str(names_path())], check=True, env=env, stdout=subprocess.DEVNULL)
-    seconds = time.perf_counter() - start
-    return {
-        "reproduce_s": seconds,
-        "scalar_1000_steps_s": 1000 / scalar["steps_per_s"],
-        "reproduce_vs_scalar_ratio": 1000 / scalar["steps_per_s"] / seconds,
-        "reproduce_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
+    scalar_s = 1000 / scalar_rate()["steps_per_s"]
+    out = {"scalar_1000_steps_s": scalar_s}
+    with tempfile.TemporaryDirectory() as cache:
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), JAX_COMPILATION_CACHE_DIR=cache)
+        for run in ("cold", "warm"):
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "microgpt_jax", "reproduce", "--data", str(names_path())]
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - start
+            prefix = "reproduce_cold" if run == "cold" else "reproduce_warm"
+            out |= {f"{prefix}_s": seconds, f"{prefix}_vs_scalar_ratio": scalar_s / seconds}
+    out["reproduce_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return out
 
 
 @case
@@ -198,11 +215,11 @@ def packing():
 
     out = {}
     for layout in ("padded", "packed"):
-        tcfg = TrainConfig(steps=200, batch_size=256, layout=layout)
+        tcfg = TrainConfig(steps=220, batch_size=256, layout=layout)
         vocab, data = load_train_data(names_path(), tcfg, 16)
         cfg = GPTConfig(vocab_size=vocab.size)
         params = init_params(cfg, jax.random.key(0))
-        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 25, 5)
+        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 20, 11)
         out |= {f"{layout}_tokens_per_s": tokens_per_s, f"{layout}_compile_s": compile_s, f"{layout}_peak_mb": mem}
         out[f"{layout}_rows"] = data.rows
     out["packed_vs_padded_ratio"] = out["packed_tokens_per_s"] / out["padded_tokens_per_s"]
@@ -248,7 +265,7 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
 @case
 def large():
     """n_layer 4, n_embd 128, n_head 4, block 128, batch 64, float32, stream mode on the text."""
-    return mfu_case("large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 4, 2048)
+    return mfu_case("large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 5, 2048)
 
 
 @case

@@ -270,8 +270,24 @@ def build_parser():
     return parser
 
 
+def use_compilation_cache():
+    """Keep compiled programs on disk in CACHE/xla, so a command run again skips XLA's compilation.
+
+    CACHE is $MICROGPT_JAX_CACHE or ~/.cache/microgpt-jax; JAX's own
+    JAX_COMPILATION_CACHE_DIR, when set, wins.
+    """
+    import jax
+
+    from microgpt_jax.data import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # the steps and the sampler, not tiny ops
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    use_compilation_cache()
     return args.func(args)
 
 

@@ -164,15 +164,18 @@ def trained_positions(lengths, block_size):
     return np.minimum(block_size, np.asarray(lengths) - 1)
 
 
-def _fill(flat, starts, n, rows, offsets, num_rows, block_size) -> Batch:
+def _fill(flat, starts, n, rows, offsets, num_rows, block_size, batches=None) -> Batch:
     """Lay documents out in rows: document i's n[i] positions go to row rows[i] from column offsets[i].
 
     Documents with rows[i] < 0 are left out. Each document gets its own
-    segment id within its row and positions 0..n-1; every document weighs
-    the same in the loss, whatever its length.
+    segment id within its row and positions 0..n-1, and every document of a
+    batch weighs the same in its loss, whatever its length. `batches[i]`
+    says which batch document i belongs to (default: all in one), for
+    laying out several steps' batches in one go.
     """
     keep = np.flatnonzero(rows >= 0)
     n, rows, offsets, starts = n[keep], rows[keep], offsets[keep], starts[keep]
+    batches = np.zeros(len(n), np.int64) if batches is None else np.asarray(batches)[keep]
     shape = (num_rows, block_size)
     tokens, targets, segments = (np.zeros(shape, np.int32) for _ in range(3))
     positions = np.broadcast_to(np.arange(block_size, dtype=np.int32), shape).copy()
@@ -189,7 +192,7 @@ def _fill(flat, starts, n, rows, offsets, num_rows, block_size) -> Batch:
     seg = np.empty(len(n), np.int32)
     seg[order] = np.arange(len(n)) - first_in_row + 1
     segments[r, c] = seg[doc]
-    weights[r, c] = (1.0 / (n * len(n)))[doc]
+    weights[r, c] = (1.0 / (n * np.bincount(batches)[batches]))[doc]
     return Batch(tokens, targets, positions, segments, weights)
 
 
@@ -207,29 +210,29 @@ def pack(n, block_size, num_rows=None):
     for it. With num_rows given, a document that fits in no row gets row -1;
     without, a new row is opened for it.
     """
-    n = np.asarray(n)
-    rows, offsets = np.full(len(n), -1, np.int64), np.zeros(len(n), np.int64)
+    sizes = np.asarray(n).tolist()
+    rows, offsets = [-1] * len(sizes), [0] * len(sizes)
     free = [[] for _ in range(block_size + 1)]  # free[c]: rows with exactly c places left
     free[block_size] = list(range((num_rows or 0) - 1, -1, -1))  # pop() takes the lowest row first
     has_free = (1 << block_size) if num_rows else 0  # bit c set iff free[c] is not empty
     opened = num_rows or 0
-    for i in np.argsort(-n, kind="stable").tolist():
-        need = int(n[i])
+    for i in sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True):
+        need = sizes[i]
         above = has_free >> need
         if above:
             c = need + (above & -above).bit_length() - 1  # the smallest room that fits
             r = free[c].pop()
             if not free[c]:
-                has_free &= ~(1 << c)
+                has_free ^= 1 << c
         elif num_rows is None:
             c, r, opened = block_size, opened, opened + 1
         else:
             continue
         rows[i], offsets[i] = r, block_size - c
-        if c - need:
+        if c > need:
             free[c - need].append(r)
             has_free |= 1 << (c - need)
-    return rows, offsets
+    return np.array(rows, np.int64), np.array(offsets, np.int64)
 
 
 def packed_batch(encoded_docs, block_size, num_rows=None) -> Batch:
@@ -344,21 +347,7 @@ class TrainData:
 
     def batch(self, step) -> Batch:
         """The batch of training step `step` (0-based), as numpy arrays [rows, block_size]."""
-        T = self.block_size
-        if self.mode == "stream":
-            rng = np.random.default_rng([self.seed, step])
-            offsets = rng.integers(0, len(self.text) - T, size=self.batch_size)
-            return windows_batch(self.text, offsets, T)
-        idx = step_docs(step, self.batch_size, len(self.n))
-        n = self.n[idx]
-        if self.layout == "padded":
-            rows, offsets = np.arange(len(idx)), np.zeros(len(idx), np.int64)
-        else:
-            rows, offsets = pack(n, T, self.rows)
-            if rows.min() < 0 and not self._warned:
-                self._warned = True
-                warnings.warn(f"step {step}: {np.sum(rows < 0)} documents did not fit in {self.rows} packed rows and were left out")
-        return _fill(self.flat, self.starts[idx], n, rows, offsets, self.rows, T)
+        return Batch(*(a[0] for a in self.batches(step, 1, 1)))
 
     def position(self, step) -> int:
         """Where step `step` starts in the data order (a checkpoint records it): the index of its
@@ -368,10 +357,30 @@ class TrainData:
         return int(step_docs(step, self.batch_size, len(self.n))[0])
 
     def batches(self, start, num_steps, length) -> Batch:
-        """Steps [start, start + num_steps) stacked, then all-padding batches up to `length` entries."""
-        found = [self.batch(s) for s in range(start, start + num_steps)]
-        empty = Batch(*(np.zeros_like(a) for a in found[0]))
-        return stack(found + [empty] * (length - num_steps))
+        """Steps [start, start + num_steps) stacked, then all-padding batches up to `length` entries.
+
+        All steps are laid out in one go (one set of numpy calls per chunk,
+        not per step): on a CPU the host shares the cores with the step.
+        """
+        T, B, R = self.block_size, self.batch_size, self.rows
+        steps = range(start, start + num_steps)
+        if self.mode == "stream":
+            offsets = [np.random.default_rng([self.seed, s]).integers(0, len(self.text) - T, size=B) for s in steps]
+            found = windows_batch(self.text, np.concatenate(offsets), T, B)
+        else:
+            idx = np.concatenate([step_docs(s, B, len(self.n)) for s in steps])
+            n = self.n[idx]
+            if self.layout == "padded":
+                rows, offsets = np.arange(len(idx)), np.zeros(len(idx), np.int64)
+            else:
+                placed = [pack(n[i * B : (i + 1) * B], T, R) for i in range(num_steps)]
+                rows = np.concatenate([np.where(r < 0, -1, r + i * R) for i, (r, _) in enumerate(placed)])  # rows of the chunk
+                offsets = np.concatenate([o for _, o in placed])
+                if rows.min() < 0 and not self._warned:
+                    self._warned = True
+                    warnings.warn(f"steps {start}-{start + num_steps - 1}: {np.sum(rows < 0)} documents did not fit in {R} packed rows and were left out")
+            found = _fill(self.flat, self.starts[idx], n, rows, offsets, num_steps * R, T, np.repeat(np.arange(num_steps), B))
+        return Batch(*(np.concatenate([a, np.zeros(((length - num_steps) * R, T), a.dtype)]).reshape(length, R, T) for a in found))
 
     def eval_set(self) -> Batch | None:
         """The validation set, stacked [E, rows, block_size]; its loss is the mean over its documents or windows.
@@ -396,13 +405,17 @@ class TrainData:
         return Batch(*(np.concatenate([a, np.zeros((pad, T), a.dtype)]).reshape(num, self.rows, T) for a in whole))
 
 
-def windows_batch(ids, offsets, block_size) -> Batch:
-    """One window of block_size + 1 tokens per row from ids at each offset; every position trained."""
+def windows_batch(ids, offsets, block_size, windows_per_batch=None) -> Batch:
+    """One window of block_size + 1 tokens per row from ids at each offset; every position trained.
+
+    Each position weighs 1 / (windows_per_batch * block_size): the mean
+    over a batch of that many windows (default: all of them).
+    """
     T = block_size
     window = ids[np.asarray(offsets)[:, None] + np.arange(T + 1)]
     shape = window[:, :T].shape
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy()
-    weights = np.full(shape, 1.0 / (shape[0] * T))
+    weights = np.full(shape, 1.0 / ((windows_per_batch or shape[0]) * T))
     return Batch(window[:, :T], window[:, 1:], positions, np.ones(shape, np.int32), weights)
 
 

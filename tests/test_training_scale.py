@@ -96,6 +96,20 @@ def test_packed_loss_and_gradients_equal_padded_in_float64(names_docs):
         assert_close(g_packed[k], g_padded[k])
 
 
+def test_attention_in_query_blocks_matches_the_scalar_engine():
+    """Past QUERY_BLOCK positions queries attend in blocks: logits, loss and gradients still match in float64."""
+    import random
+
+    from microgpt_jax.check import run_check
+    from microgpt_jax.model import QUERY_BLOCK, init_params_compat
+
+    vocab = Vocab("abcdefghijklmnopqrstuvwxyz")
+    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
+    rows = run_check(cfg, init_params_compat(cfg, random.Random(3)), vocab.encode(vocab.chars * 3))
+    assert len(rows) == 2 + len(init_params_compat(cfg, random.Random(3)))
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
 def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
     """Same documents per step, two layouts, chunks with a short last one: the same losses and weights."""
     docs, vocab = names_docs
@@ -108,10 +122,15 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
         params = init_params(cfg, jax.random.key(0), jnp.float64)
         opt_state = trainer.init(params)
         data = TrainData(tcfg, cfg.block_size, enc, [])
+        built, built_by_yield, batches = [], [], data.batches
+        data.batches = lambda start, n, length: built.append(start) or batches(start, n, length)
         losses = []
         for chunk in run_steps(trainer, params, opt_state, data, 0, 7, chunk=3):
+            built_by_yield.append(list(built))
             params, opt_state = chunk.params, chunk.opt_state
             losses.extend(chunk.losses)
+        # each chunk's batches are built while the chunk before it runs, before its results are waited for
+        assert built_by_yield == [[0, 3], [0, 3, 6], [0, 3, 6]]
         results.append((np.array(losses), params))
         if layout == "packed":
             assert data.rows < 24
