@@ -1,6 +1,7 @@
 """Test setup: float64 everywhere, and the datasets from ../shared/data (never downloaded)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import jax
@@ -15,6 +16,8 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 jax.config.update("jax_enable_x64", True)
 # Every command and test reads names from ../shared/data; nothing goes to the network.
 os.environ.setdefault("MICROGPT_JAX_DATA", str(NAMES))
+# The download cache and the compiled-program cache of this test session: never the user's.
+os.environ["MICROGPT_JAX_CACHE"] = tempfile.mkdtemp(prefix="microgpt-jax-test-cache-")
 
 
 @pytest.fixture(scope="session")
