@@ -162,10 +162,6 @@ class Trainer:
         """The optimizer state for params (moments at zero, step count 0)."""
         return self.optimizer.init(params)
 
-    @staticmethod
-    def as_dtype(params, dtype):
-        return jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
-
 
 def chunk_ends(start, stop, length, every=()):
     """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop."""
