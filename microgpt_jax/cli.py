@@ -164,17 +164,23 @@ def cmd_check(args):
 
     jax.config.update("jax_enable_x64", True)
     from microgpt_jax.check import format_table, run_check
-    from microgpt_jax.data import Vocab, resolve_data_path, spec_docs
+    from microgpt_jax.checkpoint import Run
+    from microgpt_jax.data import Vocab, load_docs, resolve_data_path, spec_docs
     from microgpt_jax.model import init_params_compat
 
-    docs, rng = spec_docs(resolve_data_path(args.data))
-    vocab = Vocab.from_docs(docs)
-    cfg = config_from_args(GPTConfig, args, vocab_size=vocab.size)
+    if args.run_dir:  # a run's config, vocabulary and latest good weights; the document from its data
+        run = Run.open(args.run_dir)
+        cfg, vocab, params = run.cfg, run.vocab, run.restore().params
+        docs = load_docs(Path(args.data) if args.data else run.data_path) if args.doc is None else []
+    else:  # the seed's initial weights for the flags' config
+        docs, rng = spec_docs(resolve_data_path(args.data))
+        vocab = Vocab.from_docs(docs)
+        cfg = config_from_args(GPTConfig, args, vocab_size=vocab.size)
+        params = init_params_compat(cfg, rng)
     doc = docs[0] if args.doc is None else args.doc
     unknown = sorted(set(doc) - set(vocab.chars))
     if unknown:
         raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
-    params = init_params_compat(cfg, rng)
     rows = run_check(cfg, params, vocab.encode(doc), steps=args.steps)
     print(f"config: {json.dumps(dataclasses.asdict(cfg))}  document: {doc!r}")
     print(format_table(rows))
@@ -250,6 +256,9 @@ def build_parser():
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
+    p.add_argument(
+        "run_dir", nargs="?", default=None, help="check a trained run's weights (default: the seed's initial weights)"
+    )
     add_config_flags(p, GPTConfig)
     p.add_argument("--doc", default=None, help="the document to check on (default: the first after the shuffle)")
     p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1")

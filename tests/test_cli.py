@@ -138,3 +138,16 @@ def test_train_then_sample(tmp_path, capsys):
     # nothing saved is overwritten: training into the same directory again is refused
     code, out = run_in_process(capsys, "train", "--steps", "1", "--out", str(run))
     assert_one_line_error(code, out.err, "is an existing run", "--resume")
+
+
+def test_check_a_trained_run(tmp_path, capsys):
+    """`check RUN_DIR` reads the run's config, vocabulary and trained weights: no other flag."""
+    run = tmp_path / "run"
+    code, out = run_in_process(capsys, "train", "--steps", "20", "--n-embd", "8", "--n-head", "2", "--out", str(run))
+    assert code == 0, out.err
+    code, out = run_in_process(capsys, "check", str(run), "--steps", "2")
+    assert code == 0, out.err
+    assert '"n_embd": 8' in out.out.splitlines()[0]  # the run's config, not the defaults
+    assert out.out.splitlines()[-1].endswith(" 0 failed")
+    code, out = run_in_process(capsys, "check", str(tmp_path / "nothing"))
+    assert_one_line_error(code, out.err, "not a run directory")
