@@ -137,5 +137,26 @@ def put_batch(local_tree, mesh: Mesh, batch_size, batch_axis=0):
 
 
 def is_main_process() -> bool:
-    """Only process 0 writes logs, metrics and plots."""
+    """Only process 0 writes logs, metrics, plots and the run's own files."""
     return jax.process_index() == 0
+
+
+def barrier(name):
+    """Wait until every process gets here (nothing to wait for in a single-process run).
+
+    Where one process writes a file the others read next, they all meet
+    here in between.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        sync_global_devices(name)
+
+
+def gather_int(value) -> list:
+    """value of every process, in process order (one process: [value])."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental.multihost_utils import process_allgather
+
+    return [int(v) for v in np.asarray(process_allgather(np.int64(value)))]

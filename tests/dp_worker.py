@@ -28,11 +28,10 @@ def train(num_devices, steps=10, batch_size=8):
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, dtype="float64")
     mesh = parallel.make_mesh(num_devices)
     trainer = Trainer(cfg, tcfg, mesh)
-    params = parallel.put_replicated(init_params(cfg, jax.random.key(0), jnp.float64), mesh)
+    params = trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64))
     opt_state = trainer.init(params)
-    batches = spec_order_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size)
-    batches = parallel.put_batch(batches, mesh, batch_size, batch_axis=1)
-    params, opt_state, losses = trainer.steps(params, opt_state, batches)
+    batches = trainer.put(spec_order_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
+    params, opt_state, losses = trainer.steps(params, opt_state, batches, steps)
     shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}
     return np.asarray(losses), jax.tree.map(np.asarray, params), shards
 
