@@ -517,6 +517,8 @@ class Keeper:
                 f"after it; {self._latest()} ({advice})"
             )
         step = first + len(losses)
+        if jax.process_count() > 1:  # a signal to any process stops all of them at the same step
+            self.signum = next((s for s in parallel.gather_int(self.signum or 0) if s), None)
         if self.run and (step % self.save_every == 0 or step == self.total or self.signum is not None):
             # a finite loss can still come with weights that just overflowed: never save those
             params, opt_state = jax.tree.map(np.asarray, (params, opt_state))

@@ -98,10 +98,10 @@ def cmd_train(args):
         cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
     print(data.describe())
     print(f"vocab size: {vocab.size}")
-    print(f"devices: {mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})")
     trainer = Trainer(cfg, tcfg, mesh)
     params = trainer.replicate(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
+    print(f"devices: {mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})")
     opt_state = trainer.init(params)
     # -- resume: the latest good checkpoint's state; the batches are a function of the step
     start = 0
