@@ -278,6 +278,55 @@ def gpu():
     return mfu_case("gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4, 8192)
 
 
+@case
+def scaling():
+    """Steps/s of the large case (float32, stream mode) data-parallel on 1, 2 and 4 virtual CPU devices.
+
+    Each device count in its own process (XLA fixes the count at start-up):
+    XLA_FLAGS=--xla_force_host_platform_device_count=N, the global batch 64
+    split over the N devices. On a CPU the virtual devices share the same
+    cores, so this shows the cost of the sharded step, not a speed-up.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    out = {}
+    for n in (1, 2, 4):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+        command = [sys.executable, "-c", "import sys; from microgpt_jax.bench import scaling_worker; scaling_worker(sys.argv[1])", str(text_path())]
+        result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        out |= {f"scaling_{n}dev_steps_per_s": result["steps_per_s"], f"scaling_{n}dev_compile_s": result["compile_s"]}
+    for n in (2, 4):
+        out[f"scaling_{n}dev_vs_1dev_ratio"] = out[f"scaling_{n}dev_steps_per_s"] / out["scaling_1dev_steps_per_s"]
+    return out
+
+
+def scaling_worker(text):
+    """One device count of `scaling`: prints {steps_per_s, compile_s} as JSON."""
+    import jax
+
+    from microgpt_jax import parallel
+    from microgpt_jax.data import load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import Trainer, TrainConfig
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    mesh = parallel.make_mesh()
+    chunk, chunks = 2, 4
+    tcfg = TrainConfig(steps=chunk * chunks, batch_size=64, mode="stream")
+    parallel.check_batch(tcfg.batch_size, mesh)
+    vocab, data = load_train_data(text, tcfg, 128, row_multiple=mesh.devices.size)
+    cfg = GPTConfig(vocab_size=vocab.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
+    trainer = Trainer(cfg, tcfg, mesh)
+    params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))
+    steps_per_s, _, compile_s, _ = steady_rate(trainer, params, data, chunk, chunks)
+    print(json.dumps({"steps_per_s": steps_per_s, "compile_s": compile_s}))
+
+
 # --- sampling: the KV-cache generation loop against the scalar engine and against recomputing ---
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from microgpt_jax import parallel
 from microgpt_jax.data import Vocab
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, param_shapes
@@ -169,7 +170,10 @@ class Run:
 
     @classmethod
     def create(cls, path, cfg: GPTConfig, tcfg: TrainConfig, vocab: Vocab, data_path, save_every=1000, keep=3):
-        """A new run directory. Refuses a path that holds anything, above all an existing run."""
+        """A new run directory. Refuses a path that holds anything, above all an existing run.
+
+        In a multi-process run every process checks, then process 0 writes.
+        """
         path = Path(path)
         if (path / RUN_FILE).exists():
             raise UserError(
@@ -188,10 +192,13 @@ class Run:
             "data": {"path": str(data_path), "sha256": file_sha256(data_path)},
             "checkpoints": {"save_every": save_every, "keep": keep},
         }
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(path / RUN_FILE)  # atomic: run.json is whole or absent
+        parallel.barrier("run-create-checked")  # no process checks a directory process 0 has begun writing
+        if parallel.is_main_process():
+            path.mkdir(parents=True, exist_ok=True)
+            tmp = path / (RUN_FILE + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+            tmp.replace(path / RUN_FILE)  # atomic: run.json is whole or absent
+        parallel.barrier("run-created")
         return cls(path, meta)
 
     @classmethod
@@ -260,12 +267,17 @@ class Run:
 
     def _remove_partial(self):
         """Delete steps orbax never finished writing (a crash or a full disk mid-save): never a checkpoint."""
-        if self.checkpoint_dir.is_dir():
+        if self.checkpoint_dir.is_dir() and parallel.is_main_process():
             for p in self.checkpoint_dir.glob(f"*{TMP_MARK}*"):
                 shutil.rmtree(p, ignore_errors=True)
 
     def save(self, step: int, params, opt_state, key, data_position: int):
-        """Write checkpoint `step`; on any failure the checkpoints already there stay as they were."""
+        """Write checkpoint `step`; on any failure the checkpoints already there stay as they were.
+
+        In a multi-process run every process calls this with the same
+        (replicated) values: orbax has process 0 write the arrays and the
+        processes wait for one another; process 0 writes the manifest.
+        """
         import orbax.checkpoint as ocp
 
         if step in self.steps():
@@ -299,11 +311,13 @@ class Run:
                 f"fix the disk and resume with `microgpt-jax train --resume {self.path}`"
             ) from None
         try:
-            _write_manifest(self.checkpoint_dir / str(step))
+            if parallel.is_main_process():
+                _write_manifest(self.checkpoint_dir / str(step))
         except OSError as e:  # the checkpoint is whole: its arrays' sha256s still vouch for it
             (self.checkpoint_dir / str(step) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
             print(f"warning: could not write {MANIFEST} of checkpoint {step} ({_reason(e)}); "
                   "it will be checked by its arrays alone", file=sys.stderr)
+        parallel.barrier(f"saved-{step}")
 
     def read(self, step, opt_state_like=None) -> Checkpoint:
         """Checkpoint `step`, checked against its sha256s; raises ValueError saying what is wrong."""
@@ -363,12 +377,22 @@ class Run:
         """The checkpoint to continue from (None: none saved yet, start at step 0).
 
         Damaged checkpoints are moved aside, half-written ones deleted, and the
-        checkpoint's data position must be where this data puts its step.
+        checkpoint's data position must be where this data puts its step. In
+        a multi-process run process 0 does the moving and deleting, and
+        every process continues from the same checkpoint.
         """
         self._remove_partial()
+        parallel.barrier("resume-cleaned")
         if not self.steps():
             return None
-        checkpoint = self.restore(opt_state_like, move_damaged=True)
+        main = parallel.is_main_process()
+        checkpoint = self.restore(opt_state_like, move_damaged=main, warn=None if main else (lambda message: None))
+        steps = parallel.gather_int(checkpoint.step)  # also waits for process 0's moving aside
+        if len(set(steps)) > 1:
+            raise UserError(
+                f"the processes found different latest good checkpoints (steps {steps}) in {self.checkpoint_dir}; "
+                "every process must see the same run directory (a shared file system)"
+            )
         if checkpoint.data_position != data_position(checkpoint.step):
             raise UserError(
                 f"checkpoint {checkpoint.step} was at data position {checkpoint.data_position}, but this data order "
@@ -493,6 +517,8 @@ class Keeper:
                 f"after it; {self._latest()} ({advice})"
             )
         step = first + len(losses)
+        if jax.process_count() > 1:  # a signal to any process stops all of them at the same step
+            self.signum = next((s for s in parallel.gather_int(self.signum or 0) if s), None)
         if self.run and (step % self.save_every == 0 or step == self.total or self.signum is not None):
             # a finite loss can still come with weights that just overflowed: never save those
             params, opt_state = jax.tree.map(np.asarray, (params, opt_state))

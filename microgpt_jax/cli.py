@@ -7,6 +7,7 @@ fields, so a new field is a new flag with no code here.
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -51,6 +52,12 @@ def config_from_args(cls, args, **extra):
 
 
 def cmd_train(args):
+    from microgpt_jax import parallel
+
+    # before anything touches a JAX backend: join the other processes, if any
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    if not parallel.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
     import jax
 
     from microgpt_jax.checkpoint import Keeper, Run
@@ -79,7 +86,9 @@ def cmd_train(args):
         raise UserError("--dtype bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use --dtype float32")
     if tcfg.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    vocab, data = load_train_data(data_path, tcfg, cfg.block_size)
+    mesh = parallel.make_mesh(args.devices)
+    parallel.check_batch(tcfg.batch_size, mesh)
+    vocab, data = load_train_data(data_path, tcfg, cfg.block_size, row_multiple=mesh.devices.size)
     if args.out:
         cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
         run = Run.create(args.out, cfg, tcfg, vocab, data_path, save_every, args.keep or 3)
@@ -89,10 +98,10 @@ def cmd_train(args):
         cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
     print(data.describe())
     print(f"vocab size: {vocab.size}")
-    params = init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype)
+    trainer = Trainer(cfg, tcfg, mesh)
+    params = trainer.replicate(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
-
-    trainer = Trainer(cfg, tcfg)
+    print(f"devices: {mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})")
     opt_state = trainer.init(params)
     # -- resume: the latest good checkpoint's state; the batches are a function of the step
     start = 0
@@ -100,7 +109,7 @@ def cmd_train(args):
         checkpoint = run.resume(opt_state, data.position)
         if checkpoint:
             start = checkpoint.step
-            params, opt_state = jax.tree.map(jax.numpy.asarray, (checkpoint.params, checkpoint.opt_state))
+            params, opt_state = trainer.replicate((checkpoint.params, checkpoint.opt_state))
         print(f"resuming {run.path} at step {start}")
         if start == tcfg.steps:
             print(f"{run.path} has trained all {tcfg.steps} steps; sample with: microgpt-jax sample {run.path}")
@@ -108,7 +117,7 @@ def cmd_train(args):
     # -----------------------------------------------------------------------------------
     with Keeper(run, tcfg.steps, save_every, data.position) as keeper:
         fit(trainer, params, opt_state, data, run_dir=run.path if run else None, start=start, keeper=keeper)
-    if run:
+    if run and parallel.is_main_process():
         print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         save_plot([run.path], run.path / "loss.png")
 
@@ -224,6 +233,14 @@ def build_parser():
         "--save-every", type=positive_int, default=None, help="save a checkpoint every N steps (default 1000; on resume, the run's)"
     )
     p.add_argument("--keep", type=positive_int, default=None, help="checkpoints to keep (default 3; on resume, the run's)")
+    group = p.add_argument_group("devices and processes (see README, Beyond one device)")
+    group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run (or JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (or JAX_PROCESS_ID)")
+    group.add_argument(
+        "--coordinator-timeout", type=positive_int, default=60, metavar="SECONDS", help="give up joining after this long (default 60)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot", help="training and validation loss curves of one or more runs, overlaid")

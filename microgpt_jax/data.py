@@ -313,9 +313,12 @@ class TrainData:
     stream mode: step s trains batch_size windows of block_size + 1
     characters at offsets drawn from a generator seeded with (seed, s);
     every position of every window is trained.
+
+    Every batch has the same number of rows, a multiple of row_multiple
+    (the device count, so the rows split evenly over the devices).
     """
 
-    def __init__(self, tcfg, block_size, train, val):
+    def __init__(self, tcfg, block_size, train, val, row_multiple=1):
         self.mode, self.layout = tcfg.mode, tcfg.layout
         self.batch_size, self.block_size, self.seed, self.eval_size = tcfg.batch_size, block_size, tcfg.seed, tcfg.eval_size
         if self.mode == "stream":
@@ -337,6 +340,7 @@ class TrainData:
             self.val = val
             packed = self.layout == "packed"
             self.rows = packed_rows(self.n, self.batch_size, block_size) if packed else self.batch_size
+        self.rows = -(-self.rows // row_multiple) * row_multiple  # extra rows are padding: weight 0
         self._warned = False
 
     def describe(self) -> str:
@@ -419,7 +423,7 @@ def windows_batch(ids, offsets, block_size, windows_per_batch=None) -> Batch:
     return Batch(window[:, :T], window[:, 1:], positions, np.ones(shape, np.int32), weights)
 
 
-def load_train_data(path, tcfg, block_size):
+def load_train_data(path, tcfg, block_size, row_multiple=1):
     """(vocab, TrainData) for a run: documents or text, the split, the layout.
 
     Documents are shuffled like the seed's (random.Random(seed)) and the
@@ -430,8 +434,8 @@ def load_train_data(path, tcfg, block_size):
         text = read_text(path)
         vocab = Vocab.from_docs([text])
         train, val = split(text, tcfg.val_fraction, "characters")
-        return vocab, TrainData(tcfg, block_size, vocab.ids(train), vocab.ids(val))
+        return vocab, TrainData(tcfg, block_size, vocab.ids(train), vocab.ids(val), row_multiple)
     docs, _ = spec_docs(path, tcfg.seed)
     vocab = Vocab.from_docs(docs)
     train, val = split(docs, tcfg.val_fraction, "documents")
-    return vocab, TrainData(tcfg, block_size, [vocab.encode(d) for d in train], [vocab.encode(d) for d in val])
+    return vocab, TrainData(tcfg, block_size, [vocab.encode(d) for d in train], [vocab.encode(d) for d in val], row_multiple)

@@ -8,6 +8,7 @@ runs, validation loss, progress and RUN_DIR/metrics.jsonl.
 """
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from microgpt_jax.data import LAYOUTS, MODES
+from microgpt_jax import parallel
+from microgpt_jax.data import LAYOUTS, MODES, Batch
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, loss_fn
 
@@ -129,20 +131,49 @@ class Trainer:
     `step(params, opt_state, batch)` does one update; `steps(params,
     opt_state, batches, num_steps)` does one per leading entry of batches
     (the first num_steps) in one compiled call. Both donate params and
-    opt_state: the caller must use the returned ones. Params and the
-    optimizer state are replicated pytrees and every batch array has the
-    batch rows on one axis, so the step shards by rows as it is.
+    opt_state: the caller must use the returned ones. With a mesh (see
+    parallel.py) params and the optimizer state are replicated on its
+    devices and the batch rows split over its `data` axis; XLA adds the
+    all-reduce of the gradients. The arrays passed in must be placed that
+    way: `replicate` and `put` do it.
     """
 
-    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig):
-        self.cfg, self.tcfg = cfg, tcfg
+    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None):
+        self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
-        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=jnp.dtype(tcfg.dtype))
-        self.step = jax.jit(partial(_step, **fixed), donate_argnums=(0, 1))
-        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=(0, 1))
-        self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=jnp.dtype(tcfg.dtype)))
+        dtype = jnp.dtype(tcfg.dtype)
+        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype)
+        # (batch row axis of each argument, or None for a replicated one) -> in/out shardings
+        self.step = jax.jit(partial(_step, **fixed), donate_argnums=(0, 1), **self._shardings((None, None, 0)))
+        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=(0, 1), **self._shardings((None, None, 1, None)))
+        self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=dtype), **self._shardings((None, 1)))
+        self._init = jax.jit(self.optimizer.init, **self._shardings((None,)))
         self._compiled = {}
+
+    def _shardings(self, row_axes):
+        if self.mesh is None:
+            return {}
+        repl = parallel.replicated(self.mesh)
+        ins = tuple(repl if axis is None else parallel.batch_sharding(self.mesh, axis) for axis in row_axes)
+        return dict(in_shardings=ins, out_shardings=repl)
+
+    def replicate(self, tree):
+        """Host or single-device values -> the mesh's replicated arrays (unchanged without a mesh)."""
+        return tree if self.mesh is None else parallel.put_replicated(tree, self.mesh)
+
+    def put(self, batches: Batch) -> Batch:
+        """Stacked host batches [steps, rows, T] -> device arrays, rows split over the mesh.
+
+        Every process passes the whole global batch; each transfers only its
+        own rows (parallel.local_rows) to its own devices.
+        """
+        batches = batches._replace(weights=batches.weights.astype(self.tcfg.param_dtype))
+        if self.mesh is None:
+            return jax.device_put(batches)
+        rows = batches.tokens.shape[1]
+        mine = parallel.local_rows(rows)
+        return parallel.put_batch(Batch(*(a[:, mine] for a in batches)), self.mesh, rows, batch_axis=1)
 
     def compiled_steps(self, params, opt_state, batches):
         """`steps` compiled ahead of time for these argument shapes, once per Trainer: (executable, seconds spent now).
@@ -159,8 +190,8 @@ class Trainer:
         return self._compiled[key], time.perf_counter() - clock
 
     def init(self, params):
-        """The optimizer state for params (moments at zero, step count 0)."""
-        return self.optimizer.init(params)
+        """The optimizer state for params (moments at zero, step count 0), placed like params."""
+        return self._init(params)
 
 
 def chunk_ends(start, stop, length, every=()):
@@ -195,8 +226,7 @@ def run_steps(trainer: Trainer, params, opt_state, data, start, stop, chunk=100,
 
     def prepare(first, end):
         batches = data.batches(first, end - first, length)
-        batches = batches._replace(weights=batches.weights.astype(trainer.tcfg.param_dtype))
-        return jax.device_put(batches), int(np.count_nonzero(batches.weights))
+        return trainer.put(batches), int(np.count_nonzero(batches.weights))
 
     batches, tokens = prepare(firsts[0], bounds[0])
     compiled, compile_s = trainer.compiled_steps(params, opt_state, batches)
@@ -211,9 +241,9 @@ def run_steps(trainer: Trainer, params, opt_state, data, start, stop, chunk=100,
 class Progress:
     """A tqdm bar on a terminal (step, loss, validation loss, tokens/s, ETA); plain lines otherwise."""
 
-    def __init__(self, total, initial=0, bar=None):
+    def __init__(self, total, initial=0, bar=None, file=None):
         self.total, self.start = total, initial
-        self.file, self.bar = sys.stdout, None
+        self.file, self.bar = file or sys.stdout, None
         if bar if bar is not None else sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -262,13 +292,17 @@ def fit(trainer: Trainer, params, opt_state, data, run_dir=None, start=0, progre
     lr (of the chunk's last step), tokens_per_s (trained positions, padding
     not counted, per second of that chunk), elapsed (seconds since fit
     began, compilation included). Records go to the progress display and,
-    with a run_dir, are appended to RUN_DIR/metrics.jsonl.
+    with a run_dir, are appended to RUN_DIR/metrics.jsonl. In a
+    multi-process run every process trains, only process 0 shows progress
+    and writes metrics.
     """
     tcfg = trainer.tcfg
-    progress = progress or Progress(tcfg.steps, start)
+    main = parallel.is_main_process()
+    if progress is None:
+        progress = Progress(tcfg.steps, start) if main else Progress(tcfg.steps, start, bar=False, file=open(os.devnull, "w"))
     eval_set = data.eval_set()
-    eval_set = None if eval_set is None else jax.device_put(eval_set._replace(weights=eval_set.weights.astype(tcfg.param_dtype)))
-    metrics = open_metrics(Path(run_dir) / "metrics.jsonl", start) if run_dir else None
+    eval_set = None if eval_set is None else trainer.put(eval_set)
+    metrics = open_metrics(Path(run_dir) / "metrics.jsonl", start) if run_dir and main else None
     every = (tcfg.log_every, tcfg.eval_every) + ((keeper.save_every,) if keeper else ())
     record = {}
     began = last = time.perf_counter()

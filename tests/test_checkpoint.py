@@ -34,7 +34,7 @@ TRAINERS = {}
 
 def share_trainers(monkeypatch):
     real = train.Trainer
-    monkeypatch.setattr(train, "Trainer", lambda cfg, tcfg: TRAINERS.setdefault((cfg, tcfg), real(cfg, tcfg)))
+    monkeypatch.setattr(train, "Trainer", lambda cfg, tcfg, mesh=None: TRAINERS.setdefault((cfg, tcfg, mesh), real(cfg, tcfg, mesh)))
 
 
 @pytest.fixture(autouse=True)

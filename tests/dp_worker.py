@@ -1,0 +1,51 @@
+"""Run by tests/test_parallel.py in a fresh process (the device count is fixed at JAX start-up).
+
+Trains the same 10 steps on a 1-device mesh and on an N-device mesh, and
+prints the largest differences as JSON.
+"""
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from microgpt_jax import parallel  # noqa: E402
+from microgpt_jax.data import Vocab, spec_order_batches  # noqa: E402
+from microgpt_jax.model import GPTConfig, init_params  # noqa: E402
+from microgpt_jax.train import Trainer, TrainConfig  # noqa: E402
+
+DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn", "abigail"]
+
+
+def train(num_devices, steps=10, batch_size=8):
+    vocab = Vocab.from_docs(DOCS)
+    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, n_layer=2, block_size=8)
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, dtype="float64")
+    mesh = parallel.make_mesh(num_devices)
+    trainer = Trainer(cfg, tcfg, mesh)
+    params = trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64))
+    opt_state = trainer.init(params)
+    batches = trainer.put(spec_order_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
+    params, opt_state, losses = trainer.steps(params, opt_state, batches, steps)
+    shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}
+    return np.asarray(losses), jax.tree.map(np.asarray, params), shards
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1])
+    assert jax.device_count() == n, jax.devices()
+    one_losses, one_params, _ = train(1)
+    many_losses, many_params, shards = train(n)
+    rel = lambda a, b: float(np.max(np.abs(a - b) - 1e-10 * np.abs(b)))  # noqa: E731
+    print(json.dumps({
+        "devices_used": sorted(shards),
+        "loss_excess": rel(many_losses, one_losses),
+        "param_excess": max(rel(many_params[k], one_params[k]) for k in one_params),
+        "losses_differ_somewhere": bool(np.any(many_losses != one_losses)),
+        "losses": many_losses.tolist(),
+    }))

@@ -1,0 +1,155 @@
+"""`microgpt-jax train` over 2 processes x 2 virtual CPU devices (gloo on loopback) equals 1 process.
+
+Every run here is the real command line in subprocesses; each is bounded by
+a timeout and killed, with the other processes of its run, on failure.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from microgpt_jax import cli
+from microgpt_jax.checkpoint import Run
+from tests.conftest import ROOT
+
+ATOL, RTOL = 1e-12, 1e-10  # the issue's tolerance, |many - one| <= ATOL + RTOL * |one|
+SMALL = "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 --save-every 5 --log-every 5 --eval-every 5 --eval-size 16 --dtype float64".split()
+TIMEOUT = 120
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(devices=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT))
+    e.pop("XLA_FLAGS", None)
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        e.pop(name, None)
+    if devices:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return e
+
+
+def train(*args, devices=None):
+    """One process: (returncode, stdout, stderr)."""
+    command = [sys.executable, "-m", "microgpt_jax", "train", *args]
+    out = subprocess.run(command, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=TIMEOUT)
+    return out.returncode, out.stdout, out.stderr
+
+
+def train_two_processes(*args, while_running=None, returncode=0):
+    """Two processes with 2 virtual devices each, process 0 the coordinator: [(stdout, stderr)] by process id.
+
+    while_running(procs) is called once both are started.
+    """
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "microgpt_jax", "train", *args,
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--coordinator-timeout", "30"],
+            cwd=ROOT, env=env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        if while_running:
+            while_running(procs)
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:  # a process that failed leaves the other waiting at a barrier: never let it hang
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == returncode, err[-3000:]
+    return outs
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def assert_close(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    excess = np.max(np.abs(got - want) - (ATOL + RTOL * np.abs(want)))
+    assert excess <= 0, f"exceeds the tolerance by {excess}"
+
+
+def assert_same_run(got_dir, want_dir, step=10):
+    got, want = losses(got_dir), losses(want_dir)
+    assert [s for s, _, _ in got] == [s for s, _, _ in want] == [5, 10]
+    assert_close([l for _, l, _ in got], [l for _, l, _ in want])
+    assert_close([v for _, _, v in got], [v for _, _, v in want])
+    got_params, want_params = Run.open(got_dir).read(step).params, Run.open(want_dir).read(step).params
+    assert got_params.keys() == want_params.keys()
+    for name in want_params:
+        assert got_params[name].dtype == np.float64
+        assert_close(got_params[name], want_params[name])
+
+
+def resume_from_step_5(src, dst):
+    """A copy of run src with its last checkpoint (step 10) gone: resuming it trains steps 6..10 again."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "10")
+    return dst
+
+
+def test_two_processes_equal_one_and_resume_across(tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = train(*SMALL, "--out", str(one))
+    assert code == 0, err
+    (out0, _), (out1, _) = train_two_processes(*SMALL, "--out", str(two))
+    assert "devices: 4 (2 process(es), cpu)" in out0
+    assert "step 10 / 10" in out0 and "step" not in out1  # only process 0 logs
+    assert (two / "loss.png").is_file() and sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert_same_run(two, one)
+
+    # a checkpoint of the 2-process run resumed in 1 process, and the other way round
+    code, out, err = train("--resume", str(resume_from_step_5(two, tmp_path / "two_then_one")))
+    assert code == 0 and "at step 5" in out, err
+    assert_same_run(tmp_path / "two_then_one", one)
+    (out0, _), _ = train_two_processes("--resume", str(resume_from_step_5(one, tmp_path / "one_then_two")))
+    assert "resuming" in out0 and "at step 5" in out0
+    assert_same_run(tmp_path / "one_then_two", one)
+
+    # sampling from the run trained on 4 devices, on one: the samples of the 1-device run
+    samples = []
+    for run_dir in (one, two):
+        cli.main(["sample", str(run_dir), "--num-samples", "5", "--json"])
+        samples.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert len(samples[0]) == 5 and [s["sample"] for s in samples[1]] == [s["sample"] for s in samples[0]]
+    assert_close([s["logprob"] for s in samples[1]], [s["logprob"] for s in samples[0]])
+
+
+def assert_one_line_error(code, out, err, text):
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and text in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_batch_not_divisible_by_the_devices(tmp_path):
+    out_dir = tmp_path / "run"
+    code, out, err = train(*SMALL, "--batch-size", "6", "--out", str(out_dir), devices=4)
+    assert_one_line_error(code, out, err, "the global batch size 6 is not divisible by the 4 devices; use a multiple of 4")
+    assert not out_dir.exists()  # nothing written
+    code, out, err = train(*SMALL, "--devices", "3", "--out", str(out_dir), devices=4)
+    assert_one_line_error(code, out, err, "is not divisible by the 3 devices")
+
+
+def test_unreachable_coordinator_and_bad_process_id(tmp_path):
+    port = free_port()  # nobody listens there
+    args = [*SMALL, "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    code, out, err = train(*args, "--process-id", "1", "--coordinator-timeout", "2")
+    assert_one_line_error(code, out, err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
+    code, out, err = train(*args, "--process-id", "2")
+    assert_one_line_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
+    assert not (tmp_path / "run").exists()
