@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig, decode_step, forward_cached, init_cache
+from microgpt_jax.model import GPTConfig, decode_step, forward_cached, init_cache, softmax
 
 
 class Sample(NamedTuple):
@@ -128,10 +128,8 @@ def choices_index(probs_V, u):
 
 
 def seed_probs(logits_V, temperature):
-    """softmax(logits / T) computed in the scalar engine's order: exp(z - max) * (1 / sum)."""
-    z_V = logits_V / temperature
-    e_V = jnp.exp(z_V - jnp.max(z_V))
-    return e_V * (1.0 / jnp.sum(e_V))
+    """softmax(logits / T) in the scalar engine's order (model.softmax: exp(z - max) * (1 / sum))."""
+    return softmax(logits_V / temperature)
 
 
 # --- the generation loop ---
