@@ -16,7 +16,6 @@ from microgpt_jax.errors import ArgumentParser, UserError, positive_int, run_cli
 from microgpt_jax.model import GPTConfig
 from microgpt_jax.train import TrainConfig
 
-DERIVED = (GPTConfig, TrainConfig)
 NOT_FLAGS = {"vocab_size"}  # comes from the data
 
 

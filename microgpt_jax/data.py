@@ -253,19 +253,6 @@ def step_docs(step, batch_size, num_docs):
     return (step * batch_size + np.arange(batch_size)) % num_docs
 
 
-def spec_order_batches(encoded_docs, start_step, num_steps, batch_size, block_size) -> Batch:
-    """Batches for steps [start_step, start_step + num_steps), stacked on a leading step axis.
-
-    Step s trains documents (s * batch_size + i) % len(docs) for i < batch_size:
-    with batch_size 1 that is the spec's docs[s % len(docs)].
-    """
-    rows = []
-    for s in range(start_step, start_step + num_steps):
-        idx = step_docs(s, batch_size, len(encoded_docs))
-        rows.append(padded_batch([encoded_docs[i] for i in idx], block_size))
-    return stack(rows)
-
-
 def stack(batches) -> Batch:
     """Batches stacked on a new leading axis."""
     return Batch(*(np.stack(field) for field in zip(*batches)))

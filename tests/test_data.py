@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import microgpt_jax.data as data
-from microgpt_jax.data import Vocab, load_docs, padded_batch, spec_docs, spec_order_batches
+from microgpt_jax.data import Vocab, load_docs, padded_batch, spec_docs
 from microgpt_jax.errors import UserError
+from tests.conftest import spec_batches
 
 
 def test_docs_follow_the_spec(tmp_path):
@@ -65,9 +66,9 @@ def test_padded_batch_weights_average_per_document_then_over_documents():
     np.testing.assert_allclose(b.weights[1], [1 / 6, 1 / 6, 0, 0])
 
 
-def test_spec_order_batches_take_docs_in_order():
+def test_docs_mode_batches_take_docs_in_order():
     encoded = [[9, i, 9] for i in range(5)]
-    b = spec_order_batches(encoded, start_step=3, num_steps=2, batch_size=2, block_size=3)
+    b = spec_batches(encoded, start_step=3, num_steps=2, batch_size=2, block_size=3)
     assert b.tokens.shape == (2, 2, 3)
     # step 3 trains docs 6 % 5 and 7 % 5, step 4 docs 8 % 5 and 9 % 5
     np.testing.assert_array_equal(b.tokens[:, :, 1], [[1, 2], [3, 4]])

@@ -10,10 +10,11 @@ import pytest
 
 import reference
 from microgpt_jax.check import ATOL, RTOL, from_reference_state, to_reference_state
-from microgpt_jax.data import Vocab, padded_batch, spec_order_batches
+from microgpt_jax.data import Vocab, padded_batch
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, init_params, init_params_compat, loss_fn, param_shapes
 from microgpt_jax.train import Trainer, TrainConfig, make_optimizer
+from tests.conftest import spec_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
 VOCAB = Vocab.from_docs(DOCS)
@@ -68,7 +69,7 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     tcfg = TrainConfig(steps=6, batch_size=2, dtype="float64")
     trainer = Trainer(CFG, tcfg)
     params0 = init_params(CFG, jax.random.key(1), jnp.float64)
-    batches = spec_order_batches(ENCODED, 0, 6, 2, CFG.block_size)
+    batches = spec_batches(ENCODED, 0, 6, 2, CFG.block_size)
 
     p, s = jax.tree.map(jnp.copy, params0), trainer.init(params0)
     step_losses = []
@@ -105,7 +106,7 @@ def test_float32_training_stays_float32_and_learns():
     trainer = Trainer(CFG, tcfg)
     params = init_params(CFG, jax.random.key(3), jnp.float32)
     opt_state = trainer.init(params)
-    batches = as_jax(spec_order_batches(ENCODED, 0, 40, 4, CFG.block_size))
+    batches = as_jax(spec_batches(ENCODED, 0, 40, 4, CFG.block_size))
     params, opt_state, losses = trainer.steps(params, opt_state, batches, 40)
     assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in params.values())
     assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5
