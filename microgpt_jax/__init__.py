@@ -3,7 +3,7 @@
 Modules: data (documents, vocabulary, batches), model (GPTConfig, params,
 forward, loss), train (TrainConfig, optimizer, jitted steps), sample,
 checkpoint (run directories), check (the cross-check against `reference`),
-reproduce (the seed's run), graph (a jitted step's program and donated
+reproduce (microgpt's run), graph (a jitted step's program and donated
 buffers, for the notebooks), cli (the `microgpt-jax` command).
 """
 

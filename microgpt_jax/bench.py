@@ -53,7 +53,7 @@ def run(names=None, json_path=None, print=print, data=None, text=None):
     return results
 
 
-# --- training: the seed's steps, the reproduce command, packing, a large model ---
+# --- training: microgpt's steps, the reproduce command, packing, a large model ---
 
 PATHS = {}  # "data" (names) and "text" (continuous text for the large case), from the command line
 
@@ -108,12 +108,12 @@ def steady_rate(trainer, params, data, chunk, chunks):
 
 
 def scalar_docs():
-    """The seed's model on the scalar engine, with its initial state and documents in spec order."""
+    """microgpt's model on the scalar engine, with its initial state and documents in spec order."""
     import reference
-    from microgpt_jax.data import Vocab, spec_docs
+    from microgpt_jax.data import Vocab, reference_docs
     from microgpt_jax.model import GPTConfig
 
-    docs, rng = spec_docs(names_path())
+    docs, rng = reference_docs(names_path())
     vocab = Vocab.from_docs(docs)
     cfg = GPTConfig(vocab_size=vocab.size)
     return cfg, reference.init_state(cfg, rng), [vocab.encode(d) for d in docs]
@@ -123,7 +123,7 @@ _SCALAR = {}
 
 
 def scalar_rate(steps=24):
-    """The scalar engine's training steps per second (spec order, from the seed's weights), measured once per run."""
+    """The scalar engine's training steps per second (spec order, from microgpt's weights), measured once per run."""
     if not _SCALAR:
         import tracemalloc
 
@@ -144,12 +144,12 @@ def scalar_rate(steps=24):
 
 
 @case
-def compat():
-    """The seed's training (batch 1, spec order, float64) on JAX against the scalar engine, same documents."""
+def reference_mode():
+    """microgpt's training (batch 1, spec order, float64) on JAX against the scalar engine, same documents."""
     import jax
 
     from microgpt_jax.data import TrainData
-    from microgpt_jax.model import init_params_compat
+    from microgpt_jax.model import init_params_reference
     from microgpt_jax.train import Trainer, TrainConfig
 
     scalar = scalar_rate()
@@ -160,17 +160,17 @@ def compat():
 
         cfg, _, encoded = scalar_docs()
         tcfg = TrainConfig(steps=4000, dtype="float64", layout="padded", val_fraction=0.0)
-        params = jax.tree.map(jax.numpy.asarray, init_params_compat(cfg, random.Random(42)))
+        params = jax.tree.map(jax.numpy.asarray, init_params_reference(cfg, random.Random(42)))
         steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, TrainData(tcfg, cfg.block_size, encoded, []), 1000, 4)
     finally:
         jax.config.update("jax_enable_x64", x64)
     return {
         "scalar_steps_per_s": scalar["steps_per_s"],
-        "compat_steps_per_s": steps_per_s,
-        "compat_compile_s": compile_s,
-        "compat_vs_scalar_steps_ratio": steps_per_s / scalar["steps_per_s"],
+        "reference_mode_steps_per_s": steps_per_s,
+        "reference_mode_compile_s": compile_s,
+        "reference_mode_vs_scalar_steps_ratio": steps_per_s / scalar["steps_per_s"],
         "scalar_peak_mb": scalar["peak_mb"],
-        "compat_peak_mb": mem,
+        "reference_mode_peak_mb": mem,
     }
 
 
@@ -362,7 +362,7 @@ def generate_recompute(params, prompt_P, key, rows_B, temperature, top_k, top_p,
     from microgpt_jax.model import forward
     from microgpt_jax.sample import keyed_draw
 
-    P, T, bos, B = prompt_P.shape[0], cfg.block_size, cfg.vocab_size - 1, rows_B.shape[0]
+    P, T, bos, B = prompt_P.shape[0], cfg.block_size, cfg.bos, rows_B.shape[0]
     draw = keyed_draw(key, rows_B, temperature, top_k, top_p)
 
     def body(carry):
@@ -387,7 +387,7 @@ def _sampling_setup(cfg):
 
     params = init_params(cfg, jax.random.key(0), jnp.float32)
     knobs = (jnp.float32(1.0), jnp.int32(cfg.vocab_size), jnp.float32(1.0))
-    return params, jnp.asarray([cfg.vocab_size - 1], jnp.int32), jax.random.key(0), knobs
+    return params, jnp.asarray([cfg.bos], jnp.int32), jax.random.key(0), knobs
 
 
 @case
@@ -403,7 +403,7 @@ def sampling():
     from microgpt_jax.sample import sample_rows
 
     cfg = GPTConfig(vocab_size=27)
-    bos = cfg.vocab_size - 1
+    bos = cfg.bos
     params, prompt_P, key, knobs = _sampling_setup(cfg)
 
     def batch_of(size):
@@ -413,7 +413,7 @@ def sampling():
     rate_1, _ = _best_rate(lambda i: [batch_of(1)(20 * i + j) for j in range(20)], bos)  # 20 samples, one at a time
     rate_1000, compile_s = _best_rate(batch_of(1000), bos)
 
-    # the seed's inference on the scalar engine, same weights, a few samples
+    # microgpt's inference on the scalar engine, same weights, a few samples
     state, rng, drawn = to_reference_state(params), random.Random(0), 0
     start = time.perf_counter()
     for _ in range(3):
@@ -449,7 +449,7 @@ def sampling_cache():
             outs.setdefault(name, []).extend(out)
             return jnp.concatenate(out)
 
-        return _best_rate(generate, cfg.vocab_size - 1, repeats=2)
+        return _best_rate(generate, cfg.bos, repeats=2)
 
     rate_cache, _ = run(lambda *a, **k: sample_rows(*a, **k)[0], "cache")
     rate_recompute, _ = run(recompute, "recompute")

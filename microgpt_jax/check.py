@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import reference
-from microgpt_jax.data import padded_batch
+from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, forward, loss_fn
 from microgpt_jax.train import Trainer, TrainConfig
 
@@ -97,13 +97,13 @@ def check_training(params, cfg, docs_tokens, steps) -> list[Row]:
         reference.train_step(state, cfg, adam, s, docs_tokens[s % len(docs_tokens)]) for s in range(steps)
     ]
     trainer = Trainer(cfg, TrainConfig(steps=steps, dtype="float64"))
-    p = jax.tree.map(jnp.asarray, params)
-    opt_state = trainer.init(p)
+    train_state = trainer.init(jax.tree.map(jnp.asarray, params))
     jax_losses = []
     for s in range(steps):
         batch = jax.tree.map(jnp.asarray, padded_batch([docs_tokens[s % len(docs_tokens)]], cfg.block_size))
-        p, opt_state, loss = trainer.step(p, opt_state, batch)
+        train_state, loss = trainer.step(train_state, batch)
         jax_losses.append(float(loss))
+    p = train_state.params
     final = from_reference_state(state)
     return [compare("train losses", jax_losses, ref_losses)] + [
         compare(f"after {steps} steps {k}", p[k], final[k], atol=PARAM_ATOL, rtol=0.0) for k in final

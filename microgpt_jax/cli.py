@@ -12,10 +12,14 @@ import random
 import sys
 from pathlib import Path
 
+from microgpt_jax.checkpoint import CheckpointConfig
+from microgpt_jax.config import ConfigError
+from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int, run_cli
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.train import TrainConfig
+from microgpt_jax.train import TrainConfig, set_precision
 
+CONFIGS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
 NOT_FLAGS = {"vocab_size"}  # comes from the data
 
 
@@ -27,27 +31,37 @@ class GivenFlag(argparse.Action):
         namespace.given = {**getattr(namespace, "given", {}), self.dest: values}
 
 
-def add_config_flags(parser, cls, defaults=None):
-    """One --flag per dataclass field, typed and defaulted from the field."""
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        if f.name in NOT_FLAGS:
-            continue
-        default = (defaults or {}).get(f.name, f.default)
-        kind = type(f.default)
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            action=GivenFlag,
-            type=kind,
-            default=default,
-            help=f"{cls.__name__}.{f.name} (default {default})",
-        )
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def config_from_args(cls, args, **extra):
-    names = {f.name for f in dataclasses.fields(cls)} - set(extra)
-    return cls(**{n: getattr(args, n) for n in names}, **extra)
+def add_config_flags(parser, tables):
+    """One --flag per field of each config class, typed, defaulted and explained by the field itself."""
+    for table in tables:
+        cls = CONFIGS[table]
+        group = parser.add_argument_group(f"{table} ({cls.__name__})")
+        for f in dataclasses.fields(cls):
+            if f.name in NOT_FLAGS:
+                continue
+            choices = f.metadata.get("choices")
+            group.add_argument(
+                flag(f.name), dest=f.name, action=GivenFlag, type=type(f.default), default=f.default, choices=choices,
+                help=f"{f.metadata['help']} (default {f.default})",
+            )
+
+
+def configs_from_args(args, tables=tuple(CONFIGS)) -> dict:
+    """{table: config} from the flags (vocab_size from the data, later)."""
+    return {
+        table: CONFIGS[table](**{f.name: getattr(args, f.name) for f in dataclasses.fields(CONFIGS[table]) if f.name not in NOT_FLAGS})
+        for table in tables
+    }
+
+
+def given_configs(args) -> dict:
+    """The typed config flags as {table: {field: value}}."""
+    given = getattr(args, "given", {})
+    return {table: {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given} for table, cls in CONFIGS.items()}
 
 
 def cmd_train(args):
@@ -57,77 +71,36 @@ def cmd_train(args):
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     if not parallel.is_main_process():
         sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
-    import jax
+    from microgpt_jax.rundir import RunDir
+    from microgpt_jax.session import Session
+    from microgpt_jax.text import resolve_data_path
+    from microgpt_jax.train import fit, set_precision
 
-    from microgpt_jax.checkpoint import Keeper, Run
-    from microgpt_jax.data import load_train_data, resolve_data_path
-    from microgpt_jax.model import init_params, param_shapes
-    from microgpt_jax.train import RESUME_FREE, Trainer, fit
-
-    # -- the run directory: a new one (--out), a resumed one (--resume), or none --------
-    run = None
-    if args.resume:
-        if args.out:
-            raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
-        run = Run.open(args.resume)
-        given = getattr(args, "given", {})
-        run.check_config({k: v for k, v in given.items() if k not in RESUME_FREE})
-        tcfg = dataclasses.replace(run.tcfg, **{k: v for k, v in given.items() if k in RESUME_FREE})
-        cfg, data_path = run.cfg, Path(args.data) if args.data else run.data_path
+    if args.resume and args.out:
+        raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
+    run = RunDir.open(args.resume).lock() if args.resume else None
+    configs = run.resumed_configs(given_configs(args)) if run else configs_from_args(args)
+    data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
+    if run:
         run.check_data(data_path)
-    else:
-        tcfg, data_path = config_from_args(TrainConfig, args), resolve_data_path(args.data)
-        cfg = config_from_args(GPTConfig, args, vocab_size=1)  # checked now; the vocabulary comes from the data
-    save_every = args.save_every or (run.save_every if run else 1000)
-    # -----------------------------------------------------------------------------------
-    if tcfg.dtype == "bfloat16" and jax.default_backend() == "cpu":
-        # refused rather than warned: on the CPU bfloat16 is no faster than float32, only less precise
-        raise UserError("--dtype bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use --dtype float32")
-    if tcfg.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    mesh = parallel.make_mesh(args.devices)
-    parallel.check_batch(tcfg.batch_size, mesh)
-    vocab, data = load_train_data(data_path, tcfg, cfg.block_size, row_multiple=mesh.devices.size)
-    if args.out:
-        cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
-        run = Run.create(args.out, cfg, tcfg, vocab, data_path, save_every, args.keep or 3)
-    elif run and args.keep:
-        run.keep = args.keep
-    elif run is None:
-        cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
-    print(data.describe())
-    print(f"vocab size: {vocab.size}")
-    trainer = Trainer(cfg, tcfg, mesh)
-    params = trainer.replicate(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
-    print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
-    print(f"devices: {mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})")
-    opt_state = trainer.init(params)
-    # -- resume: the latest good checkpoint's state; the batches are a function of the step
-    start = 0
+    set_precision(configs["train"].dtype)
+    session = Session(configs, data_path, args.devices)
+    print(session.describe())
+    run = RunDir.create(args.out, session.configs, session.vocab, data_path) if args.out else run
+    state = run and args.resume and session.resumed_state(run)
     if args.resume:
-        checkpoint = run.resume(opt_state, data.position)
-        if checkpoint:
-            start = checkpoint.step
-            params, opt_state = trainer.replicate((checkpoint.params, checkpoint.opt_state))
-        print(f"resuming {run.path} at step {start}")
-        if start == tcfg.steps:
-            print(f"{run.path} has trained all {tcfg.steps} steps; sample with: microgpt-jax sample {run.path}")
-            return 0
-    # -----------------------------------------------------------------------------------
-    with Keeper(run, tcfg.steps, save_every, data.position) as keeper:
-        fit(trainer, params, opt_state, data, run_dir=run.path if run else None, start=start, keeper=keeper)
-    if run and parallel.is_main_process():
-        print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
-        save_plot([run.path], run.path / "loss.png")
-
-
-def save_plot(run_dirs, out_path):
-    from microgpt_jax.plot import plot_runs
-
+        print(f"resuming {run.path} at step {int(state.step) if state else 0}")
+    if state and int(state.step) == configs["train"].steps:
+        return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
+    if not run:
+        print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
+    state = state or session.initial_state()
     try:
-        print(f"loss curves: {plot_runs(run_dirs, out_path)}")
-    except UserError as e:  # matplotlib missing: the run itself is saved, say how to get the plot
-        print(f"no loss plot: {e}")
+        fit(session.trainer, state, session.data, session.hooks(state, run, args.peer_timeout))
+    except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
+        raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {run.store.latest() if run else 'nothing was saved'}") from None
+    if run:
+        print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
 
 
 def cmd_plot(args):
@@ -138,27 +111,27 @@ def cmd_plot(args):
 
 
 def cmd_sample(args):
-    import jax
     import numpy as np
 
-    from microgpt_jax.checkpoint import load_run
-    from microgpt_jax.sample import check_options, encode_prompt, sample, sample_compat
+    from microgpt_jax.rundir import load_run
+    from microgpt_jax.sample import check_options, encode_prompt, sample, sample_reference
 
-    if args.reference_compat:
+    if args.reference:
         given = {"--top-k": args.top_k, "--top-p": args.top_p, "--batch-size": args.batch_size}
         extra = [flag for flag, value in given.items() if value is not None]
         if extra:
             raise UserError(
-                f"{', '.join(extra)} cannot be used with --reference-compat "
-                "(the seed draws one sample at a time from the whole softmax); drop them"
+                f"{', '.join(extra)} cannot be used with --reference "
+                "(microgpt draws one sample at a time from the whole softmax); drop them"
             )
     check_options(args.temperature, args.top_k, args.top_p)
-    cfg, _, vocab, params = load_run(args.run_dir)
+    run, params = load_run(args.run_dir)
+    cfg, vocab = run.cfg, run.vocab
     prompt = encode_prompt(vocab, args.prompt, cfg)
-    if args.reference_compat or any(np.asarray(w).dtype == np.float64 for w in params.values()):
-        jax.config.update("jax_enable_x64", True)  # the seed's Python floats, or the run's own float64
-    if args.reference_compat:
-        samples = sample_compat(params, cfg, random.Random(args.seed), args.num_samples, args.temperature, prompt)
+    if args.reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
+        set_precision("float64")  # microgpt's Python floats, or the run's own float64
+    if args.reference:
+        samples = sample_reference(params, cfg, random.Random(args.seed), args.num_samples, args.temperature, prompt)
     else:
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         samples = sample(params, cfg, args.num_samples, prompt=prompt, batch_size=args.batch_size, **options)
@@ -168,23 +141,21 @@ def cmd_sample(args):
 
 
 def cmd_check(args):
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
+    set_precision("float64")
     from microgpt_jax.check import format_table, run_check
-    from microgpt_jax.checkpoint import Run
-    from microgpt_jax.data import Vocab, load_docs, resolve_data_path, spec_docs
-    from microgpt_jax.model import init_params_compat
+    from microgpt_jax.model import init_params_reference
+    from microgpt_jax.rundir import load_run
+    from microgpt_jax.text import Vocab, load_docs, reference_docs, resolve_data_path
 
     if args.run_dir:  # a run's config, vocabulary and latest good weights; the document from its data
-        run = Run.open(args.run_dir)
-        cfg, vocab, params = run.cfg, run.vocab, run.restore().params
+        run, params = load_run(args.run_dir)
+        cfg, vocab = run.cfg, run.vocab
         docs = load_docs(Path(args.data) if args.data else run.data_path) if args.doc is None else []
-    else:  # the seed's initial weights for the flags' config
-        docs, rng = spec_docs(resolve_data_path(args.data))
+    else:  # microgpt's initial weights for the flags' config
+        docs, rng = reference_docs(resolve_data_path(args.data))
         vocab = Vocab.from_docs(docs)
-        cfg = config_from_args(GPTConfig, args, vocab_size=vocab.size)
-        params = init_params_compat(cfg, rng)
+        cfg = dataclasses.replace(configs_from_args(args, ["model"])["model"], vocab_size=vocab.size)
+        params = init_params_reference(cfg, rng)
     doc = docs[0] if args.doc is None else args.doc
     unknown = sorted(set(doc) - set(vocab.chars))
     if unknown:
@@ -198,14 +169,14 @@ def cmd_check(args):
 
 
 def cmd_reproduce(args):
-    from microgpt_jax.data import resolve_data_path
     from microgpt_jax.reproduce import reproduce
+    from microgpt_jax.text import resolve_data_path
 
     reproduce(resolve_data_path(args.data), steps=args.steps)
 
 
 def cmd_export(args):
-    from microgpt_jax.checkpoint import export_safetensors
+    from microgpt_jax.rundir import export_safetensors
 
     step = export_safetensors(args.run_dir, args.out)
     print(f"wrote {args.out}: the parameters of step {step}, vocabulary and configs in its metadata")
@@ -222,16 +193,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     data_help = "text file, one document per line (default: the names dataset, downloaded and cached)"
 
-    p = sub.add_parser("train", help="train a model (default: the seed's model and hyperparameters on names)")
-    add_config_flags(p, GPTConfig)
-    add_config_flags(p, TrainConfig)
+    p = sub.add_parser("train", help="train a model (default: microgpt's model and hyperparameters on names)")
+    add_config_flags(p, CONFIGS)
     p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
     p.add_argument("--out", default=None, help="a new run directory: configs, vocabulary, checkpoints")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint")
-    p.add_argument(
-        "--save-every", type=positive_int, default=None, help="save a checkpoint every N steps (default 1000; on resume, the run's)"
-    )
-    p.add_argument("--keep", type=positive_int, default=None, help="checkpoints to keep (default 3; on resume, the run's)")
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")
@@ -239,6 +205,10 @@ def build_parser():
     group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (or JAX_PROCESS_ID)")
     group.add_argument(
         "--coordinator-timeout", type=positive_int, default=60, metavar="SECONDS", help="give up joining after this long (default 60)"
+    )
+    group.add_argument(
+        "--peer-timeout", type=positive_int, default=60, metavar="SECONDS",
+        help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default 60)",
     )
     p.set_defaults(func=cmd_train)
 
@@ -260,9 +230,9 @@ def build_parser():
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability")
     p.add_argument(
-        "--reference-compat",
+        "--reference",
         action="store_true",
-        help="draw from Python's random stream as the seed does (exactly the scalar engine's samples)",
+        help="draw from Python's random stream as microgpt does (exactly the scalar engine's samples)",
     )
     p.set_defaults(func=cmd_sample)
 
@@ -273,15 +243,15 @@ def build_parser():
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
     p.add_argument(
-        "run_dir", nargs="?", default=None, help="check a trained run's weights (default: the seed's initial weights)"
+        "run_dir", nargs="?", default=None, help="check a trained run's weights (default: microgpt's initial weights)"
     )
-    add_config_flags(p, GPTConfig)
+    add_config_flags(p, ["model"])
     p.add_argument("--doc", default=None, help="the document to check on (default: the first after the shuffle)")
     p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1")
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("reproduce", help="the seed's exact run (1000 steps, 20 samples) on the JAX engine")
+    p = sub.add_parser("reproduce", help="microgpt's exact run (1000 steps, 20 samples) on the JAX engine")
     p.add_argument("--steps", type=positive_int, default=1000)
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_reproduce)
@@ -303,7 +273,7 @@ def use_compilation_cache():
     """
     import jax
 
-    from microgpt_jax.data import cache_dir
+    from microgpt_jax.text import cache_dir
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
@@ -313,7 +283,10 @@ def use_compilation_cache():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     use_compilation_cache()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as e:  # a config value is wrong: name the flag that sets it
+        raise UserError(f"{flag(e.field)} {e.problem}") from None
 
 
 def entry():

@@ -1,6 +1,6 @@
 """The GPT of ../shared/spec/microgpt.md, vectorized over a whole sequence.
 
-Parameters are a flat dict of arrays keyed like the seed's (`wte`, `wpe`,
+Parameters are a flat dict of arrays keyed like microgpt's (`wte`, `wpe`,
 `lm_head`, `layer0.attn_wq`, ...), each `[out, in]`, so `x @ W.T` is the
 seed's `linear(x, W)`. Every function is pure: weights in, arrays out.
 
@@ -14,7 +14,7 @@ F 4*n_embd, V vocabulary, S key positions.
 One `block` is the layer for both ways of running the model: `forward` (a
 whole sequence, keys and values of the sequence itself) and `forward_cached`
 (a few new positions whose keys and values go into a preallocated KVCache
-that the queries attend over: the seed's inference, one token at a time).
+that the queries attend over: microgpt's inference, one token at a time).
 """
 
 from dataclasses import dataclass
@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax.errors import UserError
+from microgpt_jax.config import ConfigError, field, positive, validate
+from microgpt_jax.text import bos_id
 
 INIT_STD = 0.08
 NORM_EPS = 1e-5
@@ -33,24 +34,24 @@ NORM_EPS = 1e-5
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The model's shape. Defaults are the seed's (vocab_size comes from the data)."""
+    """The model's shape. Defaults are microgpt's (vocab_size comes from the data)."""
 
-    vocab_size: int = 27
-    n_embd: int = 16
-    n_head: int = 4
-    n_layer: int = 1
-    block_size: int = 16
+    vocab_size: int = field(27, "tokens in the vocabulary (set from the data)", check=positive)
+    n_embd: int = field(16, "embedding width", check=positive)
+    n_head: int = field(4, "attention heads (must divide n_embd)", check=positive)
+    n_layer: int = field(1, "transformer layers", check=positive)
+    block_size: int = field(16, "most positions the model sees at once", check=positive)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_embd", "n_head", "n_layer", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        validate(self)
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                "change one so that n_embd / n_head is a whole head size"
+            raise ConfigError(
+                "n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head}); change one so that n_embd / n_head is a whole head size"
             )
+
+    @property
+    def bos(self) -> int:
+        return bos_id(self.vocab_size)
 
     @property
     def head_dim(self) -> int:
@@ -80,7 +81,7 @@ def init_params(cfg: GPTConfig, key, dtype=jnp.float32) -> dict:
     return {name: INIT_STD * jax.random.normal(k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
 
 
-def init_params_compat(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
+def init_params_reference(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
     """The scalar engine's initialisation: rng.gauss(0, 0.08) in the spec's order.
 
     Given the same `random.Random` state, this gives the very weights the
@@ -101,7 +102,7 @@ QUERY_BLOCK = 64  # queries per attention block: a block needs the keys up to it
 
 @jax.custom_jvp
 def softmax(z):
-    """Softmax over the last axis as the seed computes it: exp(z - max) * (1 / sum), the max a constant."""
+    """Softmax over the last axis as microgpt computes it: exp(z - max) * (1 / sum), the max a constant."""
     e = jnp.exp(z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True)))
     return e * (1 / jnp.sum(e, axis=-1, keepdims=True))
 
@@ -129,7 +130,7 @@ def attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, query_block=None):
     of them at T = 128).
     """
     T, S, K = q_BHTK.shape[2], k_BHSK.shape[2], q_BHTK.shape[3]
-    scale = np.asarray(1 / np.sqrt(K), q_BHTK.dtype)  # the seed's "/ sqrt(head_dim)" is a multiply by its inverse
+    scale = np.asarray(1 / np.sqrt(K), q_BHTK.dtype)  # microgpt's "/ sqrt(head_dim)" is a multiply by its inverse
     step = query_block or T
     out_BHTK = []
     for t0 in range(0, T, step):
@@ -198,7 +199,7 @@ def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
     (mask_BTS is [B, T, T]). With one, the T new keys and values are first
     written into layer i of the cache at positions start..start+T-1 and the
     queries attend over all block_size cached positions (mask_BTS is
-    [B, T, block_size]): the seed's "append k and v, then attend over the cache".
+    [B, T, block_size]): microgpt's "append k and v, then attend over the cache".
     """
     p = f"layer{i}."
     D = x_BTD.shape[-1]
@@ -219,7 +220,7 @@ def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=No
     """Logits [B, T, V] for every position of every row, all at once.
 
     Without positions and segments each row is one document starting at
-    position 0, and this equals running the seed's token-by-token model over
+    position 0, and this equals running microgpt's token-by-token model over
     the row with its KV cache.
     """
     B, T = tokens_BT.shape

@@ -4,29 +4,10 @@ matplotlib is an optional extra (`pip install 'microgpt-jax[plot]'`);
 training writes RUN_DIR/loss.png when it is installed.
 """
 
-import json
 from pathlib import Path
 
 from microgpt_jax.errors import UserError
-
-METRICS = "metrics.jsonl"
-
-
-def read_metrics(run_dir) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl in step order; where a resumed run logged a step twice, the later record."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        raise UserError(f"{path} not found; pass a run directory written by `microgpt-jax train --out DIR`")
-    by_step = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path} line {number} is not a metrics record; was it written by microgpt-jax train?") from None
-    return [by_step[s] for s in sorted(by_step)]
+from microgpt_jax.metrics import read_metrics
 
 
 def plot_runs(run_dirs, out_path):
@@ -38,6 +19,11 @@ def plot_runs(run_dirs, out_path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib; install it with: pip install 'microgpt-jax[plot]'") from None
+    out_path = Path(out_path)
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out_path.suffix.lstrip(".").lower() not in formats:
+        raise UserError(f"cannot write a plot as {out_path.name}: name the file with one of .{', .'.join(sorted(formats))}")
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (run_dir, records) in enumerate(runs):
@@ -52,6 +38,10 @@ def plot_runs(run_dirs, out_path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return Path(out_path)
+    try:
+        fig.savefig(out_path, dpi=120)
+    except OSError as e:
+        raise UserError(f"could not write {out_path} ({e.strerror or e}); pass a writable path") from None
+    finally:
+        plt.close(fig)
+    return out_path

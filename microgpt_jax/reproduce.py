@@ -1,4 +1,4 @@
-"""The seed's exact experiment on the JAX engine (spec sections 1-5).
+"""microgpt's exact experiment on the JAX engine (spec sections 1-5).
 
 Same seed, same shuffle, the scalar engine's initial weights, batch 1 in
 spec order, float64, then 20 samples drawn from the same Python `random`
@@ -8,9 +8,10 @@ stream. It prints what `python -m reference` prints, line for line.
 import jax
 import jax.numpy as jnp
 
-from microgpt_jax.data import TrainData, Vocab, spec_docs
-from microgpt_jax.model import GPTConfig, init_params_compat, param_shapes
-from microgpt_jax.sample import sample_compat
+from microgpt_jax.data import DataConfig, DocumentSource
+from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.model import GPTConfig, init_params_reference, param_shapes
+from microgpt_jax.sample import sample_reference
 from microgpt_jax.train import Trainer, TrainConfig, run_steps
 
 NUM_SAMPLES, TEMPERATURE = 20, 0.5
@@ -18,24 +19,24 @@ NUM_SAMPLES, TEMPERATURE = 20, 0.5
 
 def reproduce(data_path, steps=1000, print=print):
     jax.config.update("jax_enable_x64", True)  # the scalar engine computes in Python floats
-    docs, rng = spec_docs(data_path)
+    docs, rng = reference_docs(data_path)
     vocab = Vocab.from_docs(docs)
     print(f"num docs: {len(docs)}")
     print(f"vocab size: {vocab.size}")
     cfg = GPTConfig(vocab_size=vocab.size)
-    params = jax.tree.map(jnp.asarray, init_params_compat(cfg, rng))
+    params = jax.tree.map(jnp.asarray, init_params_reference(cfg, rng))
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
 
-    tcfg = TrainConfig(steps=steps, dtype="float64", layout="padded", val_fraction=0.0)
+    tcfg = TrainConfig(steps=steps, dtype="float64")
     trainer = Trainer(cfg, tcfg)
-    opt_state = trainer.init(params)
-    data = TrainData(tcfg, cfg.block_size, [vocab.encode(d) for d in docs], [])  # step s: docs[s % len(docs)]
-    # one compiled call for the whole run: the seed's 1000 steps are one loop on the device
-    for chunk in run_steps(trainer, params, opt_state, data, 0, steps, chunk=steps):
-        params = chunk.params
+    dcfg = DataConfig(layout="padded", val_fraction=0.0)
+    data = DocumentSource([vocab.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
+    # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
+    for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
+        params = chunk.state.params
         for s, loss in enumerate(chunk.losses, chunk.start):
             print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
 
     print("\n--- inference (new, hallucinated names) ---")
-    for i, s in enumerate(sample_compat(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):
+    for i, s in enumerate(sample_reference(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):
         print(f"sample {i + 1:2d}: {vocab.decode(s.ids)}")

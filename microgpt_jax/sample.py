@@ -1,4 +1,4 @@
-"""Sampling from a trained model: the seed's inference, compiled.
+"""Sampling from a trained model: microgpt's inference, compiled.
 
 There is one generation loop, `_generate`: prefill the prompt into a KV cache,
 then one `decode_step` per position inside a `lax.while_loop`, for a batch of
@@ -8,11 +8,11 @@ into it:
 - `sample`: uniforms from jax.random, with temperature (0 = greedy), top-k and top-p.
   Row i of the whole run draws with its own key fold_in(key, i), so the
   samples do not depend on the batch size they were generated in.
-- `sample_compat`: the seed's `random.choices(range(vocab_size),
+- `sample_reference`: microgpt's `random.choices(range(vocab_size),
   weights=probs)` on the caller's Python `random` stream (spec section 5),
   one sample after another. The uniforms `random.choices` would consume are
   drawn up front and the stream is then advanced by exactly the number of
-  draws used, so the same weights and the same stream give the seed's very
+  draws used, so the same weights and the same stream give microgpt's very
   samples.
 
 Each sample comes with its log-probability under the model itself
@@ -127,7 +127,7 @@ def choices_index(probs_V, u):
     return jnp.minimum(jnp.sum(cum_V <= u * cum_V[-1]), probs_V.shape[0] - 1)
 
 
-def seed_probs(logits_V, temperature):
+def reference_probs(logits_V, temperature):
     """softmax(logits / T) in the scalar engine's order (model.softmax: exp(z - max) * (1 / sum))."""
     return softmax(logits_V / temperature)
 
@@ -142,7 +142,7 @@ def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw):
     drawn tokens [B, block_size - P + 1] (BOS after a row's end), each row's
     log-probability [B] and the number of loop steps (draws) taken.
     """
-    P, bos = prompt_P.shape[0], cfg.vocab_size - 1
+    P, bos = prompt_P.shape[0], cfg.bos
     prompt_BP = jnp.broadcast_to(prompt_P, (batch_size, P))
     cache = init_cache(cfg, batch_size, params["wte"].dtype)
     if P > 1:  # all but the last prompt token in one pass; the loop feeds the last one
@@ -175,7 +175,7 @@ def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw):
 
 
 def _with_bos(cfg: GPTConfig, prompt):
-    return jnp.asarray([cfg.vocab_size - 1, *prompt], jnp.int32)
+    return jnp.asarray([cfg.bos, *prompt], jnp.int32)
 
 
 def _cut(out_NW, logp_N, bos) -> list[Sample]:
@@ -232,7 +232,7 @@ def sample(
 
 
 @partial(jax.jit, static_argnames=("cfg", "num_samples"))
-def _sample_compat(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_samples):
+def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_samples):
     """Samples one after another through the generation loop (batch 1), each draw taking the next uniform."""
     W = cfg.block_size - prompt_P.shape[0] + 1
 
@@ -240,7 +240,7 @@ def _sample_compat(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_
         used, out_NW, logp_N = carry
 
         def draw(logits_1V, step):
-            return choices_index(seed_probs(logits_1V[0], temperature), uniforms[used + step])[None]
+            return choices_index(reference_probs(logits_1V[0], temperature), uniforms[used + step])[None]
 
         out_1W, logp_1, n = _generate(params, prompt_P, cfg, 1, draw)
         return used + n, out_NW.at[i].set(out_1W[0]), logp_N.at[i].set(logp_1[0])
@@ -249,22 +249,22 @@ def _sample_compat(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_
     return jax.lax.fori_loop(0, num_samples, one, init)
 
 
-def sample_compat(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
-    """num_samples samples drawn as the seed draws them from rng, a `random.Random` left where the seed leaves it."""
+def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
+    """num_samples samples drawn as microgpt draws them from rng, a `random.Random` left where microgpt leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(
-            f"the seed's sampling (--reference-compat) divides by the temperature: use one > 0, got {temperature}"
+            f"microgpt's sampling (--reference) divides by the temperature: use one > 0, got {temperature}"
         )
     if not jax.config.jax_enable_x64:
-        raise RuntimeError("sample_compat draws exactly as the seed's Python floats do: enable jax_enable_x64 first")
+        raise RuntimeError("sample_reference draws exactly as microgpt's Python floats do: enable jax_enable_x64 first")
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)
     W = cfg.block_size - len(prompt)
     state = rng.getstate()
     uniforms = np.array([rng.random() for _ in range(num_samples * W)])
-    used, out_NW, logp_N = _sample_compat(
+    used, out_NW, logp_N = _sample_reference(
         params, _with_bos(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
     )
     rng.setstate(state)
-    for _ in range(int(used)):  # leave rng exactly where the seed's draws would
+    for _ in range(int(used)):  # leave rng exactly where microgpt's draws would
         rng.random()
     return _cut(out_NW, logp_N, cfg.vocab_size - 1)

@@ -1,19 +1,18 @@
 """Training: the optimizer, the jitted step, the jitted loop of many steps, and `fit`.
 
-The step is the seed's: loss, gradients of every weight, one Adam update
+The step is microgpt's: loss, gradients of every weight, one Adam update
 with a learning rate that decays linearly to zero over the run (after an
-optional linear warmup). `fit` runs a whole training run: compiled chunks
-of steps, the next chunk's batches built on the host while the current one
-runs, validation loss, progress and RUN_DIR/metrics.jsonl.
+optional linear warmup). It takes and returns a `TrainState`. `fit` runs a
+whole training run: compiled chunks of steps, the next chunk's batches
+built on the host while the current one runs, and after each chunk the
+hooks that are due (hooks.py: metrics, progress, evaluation, checkpoints,
+signals, the NaN policy, the plot).
 """
 
-import json
-import os
-import sys
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -22,53 +21,56 @@ import numpy as np
 import optax
 
 from microgpt_jax import parallel
-from microgpt_jax.data import LAYOUTS, MODES, Batch
+from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig, loss_fn
+from microgpt_jax.layout import Batch
+from microgpt_jax.model import GPTConfig, init_params, loss_fn, param_shapes
 
 DTYPES = ("float32", "float64", "bfloat16")
-# TrainConfig fields a resumed run may change: they decide what is logged and
-# evaluated, never a number of the training itself.
-RESUME_FREE = ("log_every", "eval_every", "eval_size")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. Defaults are the seed's (spec section 4), plus a validation split."""
+    """How to train. Defaults are microgpt's (spec section 4)."""
 
-    steps: int = 1000
-    batch_size: int = 1
-    lr: float = 0.01
-    warmup: int = 0
-    beta1: float = 0.85
-    beta2: float = 0.99
-    eps: float = 1e-8
-    seed: int = 42
-    dtype: str = "float32"
-    mode: str = "docs"
-    layout: str = "packed"
-    val_fraction: float = 0.1
-    eval_every: int = 100
-    eval_size: int = 1024
-    log_every: int = 10
+    steps: int = field(1000, "optimizer steps in the run", check=positive)
+    batch_size: int = field(1, "documents (or windows) per step", check=positive)
+    lr: float = field(0.01, "peak learning rate", check=positive)
+    warmup: int = field(0, "steps of linear warmup before the linear decay to 0", check=non_negative)
+    beta1: float = field(0.85, "Adam's first-moment decay", check=fraction)
+    beta2: float = field(0.99, "Adam's second-moment decay", check=fraction)
+    eps: float = field(1e-8, "Adam's epsilon", check=positive)
+    seed: int = field(42, "random seed: initial weights, data order")
+    dtype: str = field("float32", "compute dtype (bfloat16 keeps float32 weights)", choices=DTYPES)
+    eval_every: int = field(100, "validation loss every N steps", check=positive, resumable=True)
+    log_every: int = field(10, "a metrics record every N steps", check=positive, resumable=True)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_size", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
-        for name, allowed in (("dtype", DTYPES), ("mode", MODES), ("layout", LAYOUTS)):
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not 0 <= self.warmup < self.steps:
-            raise UserError(f"warmup must be at least 0 and below steps ({self.steps}), got {self.warmup}")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        validate(self)
+        if self.warmup >= self.steps:
+            raise ConfigError("warmup", f"must be below steps ({self.steps}), got {self.warmup}")
 
     @property
     def param_dtype(self):
         """Weights and Adam moments: float32 under bfloat16 compute, else the compute dtype."""
         return jnp.dtype("float32" if self.dtype == "bfloat16" else self.dtype)
+
+
+def set_precision(dtype: str, allow_cpu_bfloat16=False):
+    """The one place that decides JAX's precision for a dtype: float64 needs x64 on; bfloat16 wants a GPU."""
+    if dtype == "float64" or dtype == np.float64:
+        jax.config.update("jax_enable_x64", True)
+    elif dtype == "bfloat16" and not allow_cpu_bfloat16 and jax.default_backend() == "cpu":
+        # refused rather than warned: on the CPU bfloat16 is no faster than float32, only less precise
+        raise ConfigError("dtype", "bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use float32")
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes: what the step takes and returns, the loop carries and a checkpoint stores."""
+
+    params: dict
+    opt_state: tuple
+    step: jax.Array  # steps done, int32
 
 
 def make_schedule(tcfg: TrainConfig):
@@ -97,27 +99,26 @@ def _loss(params, batch, cfg, dtype):
     return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg)
 
 
-def _step(params, opt_state, batch, cfg, optimizer, dtype):
-    loss, grads = jax.value_and_grad(_loss)(params, batch, cfg, dtype)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+def _step(state: TrainState, batch, cfg, optimizer, dtype):
+    loss, grads = jax.value_and_grad(_loss)(state.params, batch, cfg, dtype)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
 
-def _steps(params, opt_state, batches, num_steps, cfg, optimizer, dtype):
+def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype):
     """The first num_steps entries of the leading (step) axis of batches, one step each: losses [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
-    ends at an eval) runs the same compiled loop and skips the rest.
+    ends where a hook is due) runs the same compiled loop and skips the rest.
     """
 
     def body(i, carry):
-        params, opt_state, losses = carry
-        batch = jax.tree.map(lambda a: a[i], batches)
-        params, opt_state, loss = _step(params, opt_state, batch, cfg, optimizer, dtype)
-        return params, opt_state, losses.at[i].set(loss)
+        state, losses = carry
+        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), cfg, optimizer, dtype)
+        return state, losses.at[i].set(loss)
 
     losses = jnp.zeros(batches.tokens.shape[0], jnp.promote_types(dtype, jnp.float32))
-    return jax.lax.fori_loop(0, num_steps, body, (params, opt_state, losses))
+    return jax.lax.fori_loop(0, num_steps, body, (state, losses))
 
 
 def _evaluate(params, batches, cfg, dtype):
@@ -128,11 +129,10 @@ def _evaluate(params, batches, cfg, dtype):
 class Trainer:
     """The compiled step, loop and evaluation for one model config and one optimizer.
 
-    `step(params, opt_state, batch)` does one update; `steps(params,
-    opt_state, batches, num_steps)` does one per leading entry of batches
-    (the first num_steps) in one compiled call. Both donate params and
-    opt_state: the caller must use the returned ones. With a mesh (see
-    parallel.py) params and the optimizer state are replicated on its
+    `step(state, batch)` does one update; `steps(state, batches, num_steps)`
+    does one per leading entry of batches (the first num_steps) in one
+    compiled call. Both donate the state: the caller must use the returned
+    one. With a mesh (see parallel.py) the state is replicated on its
     devices and the batch rows split over its `data` axis; XLA adds the
     all-reduce of the gradients. The arrays passed in must be placed that
     way: `replicate` and `put` do it.
@@ -145,8 +145,8 @@ class Trainer:
         dtype = jnp.dtype(tcfg.dtype)
         fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype)
         # (batch row axis of each argument, or None for a replicated one) -> in/out shardings
-        self.step = jax.jit(partial(_step, **fixed), donate_argnums=(0, 1), **self._shardings((None, None, 0)))
-        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=(0, 1), **self._shardings((None, None, 1, None)))
+        self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
+        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
         self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=dtype), **self._shardings((None, 1)))
         self._init = jax.jit(self.optimizer.init, **self._shardings((None,)))
         self._compiled = {}
@@ -175,169 +175,165 @@ class Trainer:
         mine = parallel.local_rows(rows)
         return parallel.put_batch(Batch(*(a[:, mine] for a in batches)), self.mesh, rows, batch_axis=1)
 
-    def compiled_steps(self, params, opt_state, batches):
+    def compiled_steps(self, state, batches):
         """`steps` compiled ahead of time for these argument shapes, once per Trainer: (executable, seconds spent now).
 
         Calling the executable never traces or compiles again; arguments of
         another shape are an error instead of a silent recompilation.
         """
-        leaves, tree = jax.tree.flatten((params, opt_state, batches))
+        leaves, tree = jax.tree.flatten((state, batches))
         key = (tree, tuple((a.shape, str(a.dtype)) for a in leaves))
         if key in self._compiled:
             return self._compiled[key], 0.0
         clock = time.perf_counter()
-        self._compiled[key] = self.steps.lower(params, opt_state, batches, 0).compile()
+        self._compiled[key] = self.steps.lower(state, batches, 0).compile()
         return self._compiled[key], time.perf_counter() - clock
 
-    def init(self, params):
-        """The optimizer state for params (moments at zero, step count 0), placed like params."""
-        return self._init(params)
+    def init(self, params) -> TrainState:
+        """The state before step 0 for params (Adam's moments at zero), placed like params."""
+        return TrainState(params, self._init(params), self.replicate(jnp.zeros((), jnp.int32)))
+
+
+def init_state(cfg: GPTConfig, tcfg: TrainConfig, trainer: "Trainer") -> TrainState:
+    """A new run's state: weights drawn from tcfg.seed in the weights' dtype, the optimizer at zero."""
+    return trainer.init(trainer.replicate(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype)))
+
+
+def abstract_state(cfg: GPTConfig, tcfg: TrainConfig) -> TrainState:
+    """Shapes and dtypes of a run's state, nothing allocated: what a checkpoint is read into."""
+    params = {name: jax.ShapeDtypeStruct(shape, tcfg.param_dtype) for name, shape in param_shapes(cfg).items()}
+    return TrainState(params, jax.eval_shape(make_optimizer(tcfg).init, params), jax.ShapeDtypeStruct((), jnp.int32))
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+MAX_CHUNK = 1000  # steps per compiled call when no hook asks for less
 
 
 def chunk_ends(start, stop, length, every=()):
-    """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop."""
+    """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop (lazily)."""
     step = start
     while step < stop:
-        end = min([stop, step + length] + [(step // k + 1) * k for k in every])
-        yield end
-        step = end
+        step = min([stop, step + length] + [(step // k + 1) * k for k in every])
+        yield step
 
 
 class Chunk(NamedTuple):
-    params: dict
-    opt_state: tuple
+    state: TrainState
     start: int  # the first step of the chunk (0-based)
     losses: np.ndarray  # one per step
     tokens: int  # trained (non-padding) positions in the chunk
     compile_s: float  # seconds spent compiling before this chunk (the first one only)
 
 
-def run_steps(trainer: Trainer, params, opt_state, data, start, stop, chunk=100, every=()):
-    """Train steps [start, stop) of data, in compiled chunks of at most `chunk` steps; yield a Chunk after each.
+def run_steps(trainer: Trainer, state: TrainState, data, stop, length, every=()):
+    """Train from the state's step to `stop`, in compiled chunks of at most `length` steps; yield a Chunk after each.
 
     Every chunk runs one executable, compiled once before the first (the
-    batches are always `chunk` steps long; a shorter chunk skips the tail).
+    batches are always `length` steps long; a shorter chunk skips the tail).
     While a chunk runs, the next chunk's batches are built on the host and
     sent to the device, so the step never waits for its data.
     """
-    length = min(chunk, stop - start)
-    bounds = list(chunk_ends(start, stop, length, every))
-    firsts = [start] + bounds[:-1]
+    first = int(state.step)
+    length = max(1, min(length, stop - first))
 
     def prepare(first, end):
         batches = data.batches(first, end - first, length)
         return trainer.put(batches), int(np.count_nonzero(batches.weights))
 
-    batches, tokens = prepare(firsts[0], bounds[0])
-    compiled, compile_s = trainer.compiled_steps(params, opt_state, batches)
-    for i, (first, end) in enumerate(zip(firsts, bounds)):
-        params, opt_state, losses = compiled(params, opt_state, batches, end - first)  # runs asynchronously
-        if i + 1 < len(bounds):
-            batches, next_tokens = prepare(firsts[i + 1], bounds[i + 1])
-        yield Chunk(params, opt_state, first, np.asarray(losses)[: end - first], tokens, compile_s if i == 0 else 0.0)
-        tokens = next_tokens if i + 1 < len(bounds) else 0
+    ends = chunk_ends(first, stop, length, every)
+    end = next(ends, None)
+    if end is None:
+        return
+    batches, tokens = prepare(first, end)
+    compiled, compile_s = trainer.compiled_steps(state, batches)
+    while end is not None:
+        state, losses = compiled(state, batches, end - first)  # runs asynchronously
+        following = next(ends, None)
+        if following is not None:
+            next_batches, next_tokens = prepare(end, following)
+        yield Chunk(state, first, np.asarray(losses)[: end - first], tokens, compile_s)
+        if following is not None:
+            batches, tokens = next_batches, next_tokens
+        first, end, compile_s = end, following, 0.0
 
 
-class Progress:
-    """A tqdm bar on a terminal (step, loss, validation loss, tokens/s, ETA); plain lines otherwise."""
+class Stopped(UserError):
+    """Training stopped early; the message says where things stand. Exit 128 + signal number for a signal."""
 
-    def __init__(self, total, initial=0, bar=None, file=None):
-        self.total, self.start = total, initial
-        self.file, self.bar = file or sys.stdout, None
-        if bar if bar is not None else sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.file = sys.stderr
-            self.bar = tqdm(total=total, initial=initial, unit="step", file=self.file, dynamic_ncols=True)
-
-    def update(self, record, steps_done):
-        """Show one metrics record; steps_done is how many steps it covers."""
-        val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {record['loss']:.4f}{val} | {record['tokens_per_s']:,.0f} tok/s", refresh=False)
-            self.bar.update(steps_done)
-            return
-        step, elapsed = record["step"], record["elapsed"]
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        print(
-            f"step {step:{len(str(self.total))}d} / {self.total} | loss {record['loss']:.4f}{val} | "
-            f"{record['tokens_per_s']:,.0f} tok/s | {elapsed:.1f}s elapsed | eta {eta:.0f}s",
-            file=self.file,
-            flush=True,
-        )
-
-    def note(self, text):
-        (self.bar.write if self.bar is not None else partial(print, file=self.file, flush=True))(text)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    def __init__(self, message, exit_code=1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-def open_metrics(path: Path, start: int):
-    """RUN_DIR/metrics.jsonl for appending, without the records of steps after `start` (trained again on a resume)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
+class Info:
+    """What a hook sees after a chunk: the state, this chunk's losses, and what happened since any earlier step."""
+
+    def __init__(self, chunk: Chunk, last_step: int, history: list, elapsed: float):
+        self.state, self.losses, self.compile_s, self.elapsed = chunk.state, chunk.losses, chunk.compile_s, elapsed
+        self.step = chunk.start + len(chunk.losses)  # steps done
+        self.last_step = last_step  # where the run ends
+        self.stopping, self.stop_code = None, 1  # a signal's name and exit code once one asks the run to stop here
+        self.notes = []  # what hooks did that the stop message should say (a checkpoint saved)
+        self.val_loss = None  # set by the evaluation hook when it ran here
+        self.record = None  # the metrics record, set by the Record hook when it ran here
+        self._history = history  # (first step, losses, tokens, seconds) of recent chunks
+
+    @property
+    def final(self) -> bool:
+        """The run ends after this chunk: its last step, or a stop. Hooks with a cadence run here too."""
+        return self.step == self.last_step or self.stopping is not None
+
+    def since(self, step):
+        """(mean loss, trained tokens, training seconds) of the steps after `step` (None: since fit began)."""
+        chunks = [c for c in self._history if step is None or c[0] >= step]
+        losses = np.concatenate([c[1] for c in chunks])
+        return float(np.mean(losses)), sum(c[2] for c in chunks), sum(c[3] for c in chunks)
 
 
-def fit(trainer: Trainer, params, opt_state, data, run_dir=None, start=0, progress=None, keeper=None):
-    """Train from step `start` to tcfg.steps; returns (params, opt_state, the last metrics record).
+def _cadences(hook):
+    every = getattr(hook, "every", None)
+    return () if every is None else (every,) if isinstance(every, int) else tuple(every)
 
-    After each compiled chunk (log_every steps, or fewer where an eval is
-    due) one metrics record: step (steps done), loss (the mean over the
-    chunk's steps), val_loss (at multiples of eval_every and at the end),
-    lr (of the chunk's last step), tokens_per_s (trained positions, padding
-    not counted, per second of that chunk), elapsed (seconds since fit
-    began, compilation included). Records go to the progress display and,
-    with a run_dir, are appended to RUN_DIR/metrics.jsonl. In a
-    multi-process run every process trains, only process 0 shows progress
-    and writes metrics.
+
+def _due(hook, info) -> bool:
+    cadences = _cadences(hook)
+    return not cadences or info.final or any(info.step % k == 0 for k in cadences)
+
+
+def fit(trainer: Trainer, state: TrainState, data, hooks=()) -> TrainState:
+    """Train from state.step to tcfg.steps; after each compiled chunk, call the hooks that are due.
+
+    A hook is a callable taking an `Info`, with an `every` attribute: None
+    (after every chunk), N or a tuple of Ns (after the chunk ending at each
+    multiple, and after the last one). Chunks end exactly where some hook
+    is due, so none is ever skipped. Hooks run in order; one that is a
+    context manager is entered before the first step and exited at the
+    end, however it ends. A hook stops the run by raising, or, for a stop
+    that should still save, by setting info.stopping: the loop then raises
+    Stopped after the remaining hooks have run.
     """
-    tcfg = trainer.tcfg
-    main = parallel.is_main_process()
-    if progress is None:
-        progress = Progress(tcfg.steps, start) if main else Progress(tcfg.steps, start, bar=False, file=open(os.devnull, "w"))
-    eval_set = data.eval_set()
-    eval_set = None if eval_set is None else trainer.put(eval_set)
-    metrics = open_metrics(Path(run_dir) / "metrics.jsonl", start) if run_dir and main else None
-    every = (tcfg.log_every, tcfg.eval_every) + ((keeper.save_every,) if keeper else ())
-    record = {}
-    began = last = time.perf_counter()
-    try:
-        for chunk in run_steps(trainer, params, opt_state, data, start, tcfg.steps, chunk=tcfg.log_every, every=every):
-            # --- after each compiled chunk: everything the host does between chunks is here ---
-            params, opt_state = chunk.params, chunk.opt_state
-            if chunk.compile_s:
-                progress.note(f"compiled the training step in {chunk.compile_s:.1f}s")
-            if np.isfinite(chunk.losses).all():  # a NaN/inf chunk is the keeper's to report, not a record
-                now = time.perf_counter()
-                step = chunk.start + len(chunk.losses)
-                seconds = max(now - last - chunk.compile_s, 1e-9)
-                record = {
-                    "step": step,
-                    "loss": float(np.mean(chunk.losses)),
-                    "lr": float(trainer.lr(step - 1)),
-                    "tokens_per_s": chunk.tokens / seconds,
-                    "elapsed": now - began,
-                }
-                if eval_set is not None and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-                    record["val_loss"] = float(trainer.evaluate(params, eval_set))
-                last = time.perf_counter()  # eval time is not counted as training time
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                progress.update(record, len(chunk.losses))
-            if keeper:
-                keeper.end_chunk(chunk.start, chunk.losses, params, opt_state)  # saves; stops on a signal or NaN/inf
-                last = time.perf_counter()  # nor is saving
-    finally:
-        progress.close()
-        if metrics:
-            metrics.close()
-    return params, opt_state, record
+    cadences = sorted({k for hook in hooks for k in _cadences(hook)})
+    history, window = [], max(cadences, default=1)
+    with contextlib.ExitStack() as stack:
+        for hook in hooks:
+            if hasattr(hook, "__enter__"):
+                stack.enter_context(hook)
+        began = last = time.perf_counter()
+        for chunk in run_steps(trainer, state, data, trainer.tcfg.steps, min([MAX_CHUNK, *cadences]), cadences):
+            state = chunk.state
+            seconds = max(time.perf_counter() - last - chunk.compile_s, 1e-9)
+            history = [c for c in history if c[0] + len(c[1]) > chunk.start - window]
+            history.append((chunk.start, chunk.losses, chunk.tokens, seconds))
+            info = Info(chunk, trainer.tcfg.steps, history, time.perf_counter() - began)
+            for hook in hooks:
+                if _due(hook, info):
+                    hook(info)
+            if info.stopping:
+                done = "; ".join(info.notes) or "nothing saved"
+                raise Stopped(f"{info.stopping} at step {info.step}: {done}", exit_code=info.stop_code)
+            last = time.perf_counter()  # time spent in hooks (evaluation, saving) is not training time
+    return state
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

@@ -1,4 +1,4 @@
-"""`python -m reference`: the seed's whole run on the scalar engine (spec sections 1-5)."""
+"""`python -m reference`: microgpt's whole run on the scalar engine (spec sections 1-5)."""
 
 import random
 

@@ -453,7 +453,7 @@ class _Mermaid:
         self.roles.setdefault(role, []).append(node_id)
 
     def data(self, node_id, label):
-        """Input or target data: the seed's cylinder, unstyled."""
+        """Input or target data: microgpt's cylinder, unstyled."""
         self.lines.append(f'    {node_id}[("{label}")]')
 
     @contextmanager

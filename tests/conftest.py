@@ -32,7 +32,7 @@ def shakespeare_path():
     return SHAKESPEARE
 
 
-def spec_batches(encoded_docs, start_step, num_steps, batch_size, block_size):
+def reference_batches(encoded_docs, start_step, num_steps, batch_size, block_size):
     """Padded batches of steps [start_step, start_step + num_steps), stacked: step s trains
     documents (s * batch_size + i) % len(docs), the spec's order at batch 1 (TrainData's docs mode)."""
     from microgpt_jax.data import TrainData

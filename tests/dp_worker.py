@@ -18,7 +18,7 @@ from microgpt_jax import parallel  # noqa: E402
 from microgpt_jax.data import Vocab  # noqa: E402
 from microgpt_jax.model import GPTConfig, init_params  # noqa: E402
 from microgpt_jax.train import Trainer, TrainConfig  # noqa: E402
-from tests.conftest import spec_batches  # noqa: E402
+from tests.conftest import reference_batches  # noqa: E402
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn", "abigail"]
 
@@ -31,7 +31,7 @@ def train(num_devices, steps=10, batch_size=8):
     trainer = Trainer(cfg, tcfg, mesh)
     params = trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64))
     opt_state = trainer.init(params)
-    batches = trainer.put(spec_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
+    batches = trainer.put(reference_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
     params, opt_state, losses = trainer.steps(params, opt_state, batches, steps)
     shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}
     return np.asarray(losses), jax.tree.map(np.asarray, params), shards

@@ -23,15 +23,15 @@ from microgpt_jax.check import (
     jax_grads,
     run_check,
 )
-from microgpt_jax.data import Vocab, spec_docs
-from microgpt_jax.model import GPTConfig, forward, init_params_compat
+from microgpt_jax.data import Vocab, reference_docs
+from microgpt_jax.model import GPTConfig, forward, init_params_reference
 
 assert (ATOL, RTOL, PARAM_ATOL) == (1e-12, 1e-10, 1e-10)  # the tolerances, never looser
 
 
 @pytest.fixture(scope="module")
 def names(names_path):
-    docs, rng = spec_docs(names_path)
+    docs, rng = reference_docs(names_path)
     return docs, Vocab.from_docs(docs), rng
 
 
@@ -40,19 +40,19 @@ def assert_rows_pass(rows):
     assert not failed, failed
 
 
-def test_compat_init_draws_the_scalar_engines_weights():
+def test_reference_init_draws_the_scalar_engines_weights():
     cfg = GPTConfig(vocab_size=7, n_embd=8, n_head=2, n_layer=2, block_size=5)
-    ours = init_params_compat(cfg, random.Random(3))
+    ours = init_params_reference(cfg, random.Random(3))
     theirs = from_reference_state(reference.init_state(cfg, random.Random(3)))
     assert list(ours) == list(theirs)  # same keys, same (creation) order
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k])
 
 
-def test_compat_init_leaves_the_stream_where_the_scalar_engine_does():
+def test_reference_init_leaves_the_stream_where_the_scalar_engine_does():
     cfg = GPTConfig()
     a, b = random.Random(5), random.Random(5)
-    init_params_compat(cfg, a)
+    init_params_reference(cfg, a)
     reference.init_state(cfg, b)
     assert a.random() == b.random()
 
@@ -61,7 +61,7 @@ def test_compat_init_leaves_the_stream_where_the_scalar_engine_does():
 def test_default_config_gradients_over_five_names(names, doc_index):
     docs, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size)
-    params = init_params_compat(cfg, random.Random(doc_index))
+    params = init_params_reference(cfg, random.Random(doc_index))
     tokens = vocab.encode(docs[doc_index])
     assert_rows_pass([check_logits(params, cfg, tokens)] + check_grads(params, cfg, tokens))
 
@@ -69,7 +69,7 @@ def test_default_config_gradients_over_five_names(names, doc_index):
 def test_two_layer_two_head_config(names):
     docs, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=8)
-    params = init_params_compat(cfg, random.Random(11))
+    params = init_params_reference(cfg, random.Random(11))
     assert_rows_pass(run_check(cfg, params, vocab.encode(docs[7]), steps=3))
 
 
@@ -77,7 +77,7 @@ def test_document_longer_than_block_size_is_cut(names):
     _, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
     doc = "abcdefghijklmnopqrstuvwxyz"  # 28 tokens with the two BOS: only 8 positions trained
-    params = init_params_compat(cfg, random.Random(12))
+    params = init_params_reference(cfg, random.Random(12))
     rows = run_check(cfg, params, vocab.encode(doc), steps=2)
     assert_rows_pass(rows)
     # the cut is the spec's: the whole document trains exactly as its first block_size + 1 tokens
@@ -90,7 +90,7 @@ def test_document_longer_than_block_size_is_cut(names):
 def test_twenty_training_steps_in_spec_order(names):
     docs, vocab, rng = names
     cfg = GPTConfig(vocab_size=vocab.size)
-    params = init_params_compat(cfg, random.Random(42))
+    params = init_params_reference(cfg, random.Random(42))
     encoded = [vocab.encode(d) for d in docs[:20]]
     rows = check_training(params, cfg, encoded, steps=20)
     assert_rows_pass(rows)
@@ -103,7 +103,7 @@ def test_check_catches_a_real_difference(names, monkeypatch):
 
     docs, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size)
-    params = init_params_compat(cfg, random.Random(1))
+    params = init_params_reference(cfg, random.Random(1))
 
     def rmsnorm_other_eps(x):
         scale = (sum(xi * xi for xi in x) / len(x) + 1e-4) ** -0.5
@@ -117,7 +117,7 @@ def test_check_catches_a_real_difference(names, monkeypatch):
 def test_vectorized_forward_of_a_batch_equals_each_row_alone(names):
     docs, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size)
-    params = {k: jnp.asarray(v) for k, v in init_params_compat(cfg, random.Random(2)).items()}
+    params = {k: jnp.asarray(v) for k, v in init_params_reference(cfg, random.Random(2)).items()}
     rows = [vocab.encode(d)[: cfg.block_size] for d in docs[:3]]
     T = max(len(r) for r in rows)
     batch = jnp.asarray([r + [vocab.bos] * (T - len(r)) for r in rows])

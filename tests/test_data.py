@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import microgpt_jax.data as data
-from microgpt_jax.data import Vocab, load_docs, padded_batch, spec_docs
+from microgpt_jax.data import Vocab, load_docs, padded_batch, reference_docs
 from microgpt_jax.errors import UserError
-from tests.conftest import spec_batches
+from tests.conftest import reference_batches
 
 
 def test_docs_follow_the_spec(tmp_path):
@@ -22,7 +22,7 @@ def test_docs_follow_the_spec(tmp_path):
 
 def test_names_dataset_and_vocabulary(names_path):
     assert hashlib.sha256(names_path.read_bytes()).hexdigest() == data.NAMES_SHA256
-    docs, rng = spec_docs(names_path)
+    docs, rng = reference_docs(names_path)
     expected = load_docs(names_path)
     random.Random(42).shuffle(expected)
     assert docs == expected and len(docs) == 32033
@@ -68,7 +68,7 @@ def test_padded_batch_weights_average_per_document_then_over_documents():
 
 def test_docs_mode_batches_take_docs_in_order():
     encoded = [[9, i, 9] for i in range(5)]
-    b = spec_batches(encoded, start_step=3, num_steps=2, batch_size=2, block_size=3)
+    b = reference_batches(encoded, start_step=3, num_steps=2, batch_size=2, block_size=3)
     assert b.tokens.shape == (2, 2, 3)
     # step 3 trains docs 6 % 5 and 7 % 5, step 4 docs 8 % 5 and 9 % 5
     np.testing.assert_array_equal(b.tokens[:, :, 1], [[1, 2], [3, 4]])

@@ -13,7 +13,7 @@ import reference
 from reference import graph
 from reference.engine import Value
 
-SEED_CFG = reference.Config(vocab_size=27)  # the seed's shape
+SEED_CFG = reference.Config(vocab_size=27)  # microgpt's shape
 SMALL_CFG = reference.Config(vocab_size=7, n_embd=8, n_head=2, n_layer=1, block_size=6)
 DEEP_CFG = reference.Config(vocab_size=7, n_embd=8, n_head=2, n_layer=2, block_size=6)
 

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 import reference
-from microgpt_jax.data import Batch, Vocab, spec_docs
+from microgpt_jax.data import Batch, Vocab, reference_docs
 from microgpt_jax.train import TrainConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +50,11 @@ def test_quickstart_runs(names_path, monkeypatch):
 def test_computation_graph_runs(names_path, monkeypatch):
     book = execute(NOTEBOOKS / "02_computation_graph.ipynb", names_path, monkeypatch)
     diagrams = [d for d in outputs(book, "text/markdown") if d.startswith("```mermaid")]
-    assert len(diagrams) == 4  # the seed's four diagrams, redrawn
+    assert len(diagrams) == 4  # microgpt's four diagrams, redrawn
     assert all("classDef" in d for d in diagrams)
     assert "classDef kv_cache fill:#ff9" in diagrams[2] and "classDef optimizer fill:#add8e6" in diagrams[3]
     text = "".join(outputs(book, "stream"))
-    for line in seed_lines(names_path, STEPS):  # the scalar steps it measures are the seed's very steps
+    for line in seed_lines(names_path, STEPS):  # the scalar steps it measures are microgpt's very steps
         assert line in text
     # the train step donates every leaf of params and of the optimizer state, and reuses each one
     params = {k: jnp.zeros(s) for k, s in reference.param_shapes(reference.Config(vocab_size=27))}
@@ -64,8 +64,8 @@ def test_computation_graph_runs(names_path, monkeypatch):
 
 
 def seed_lines(names_path, steps):
-    """The seed's first training lines (of its 1000-step run), from the scalar engine."""
-    docs, rng = spec_docs(names_path)
+    """microgpt's first training lines (of its 1000-step run), from the scalar engine."""
+    docs, rng = reference_docs(names_path)
     vocab = Vocab.from_docs(docs)
     cfg = reference.Config(vocab_size=vocab.size)
     state = reference.init_state(cfg, rng)

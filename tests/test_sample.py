@@ -27,15 +27,15 @@ from microgpt_jax.model import (
     forward_cached,
     init_cache,
     init_params,
-    init_params_compat,
+    init_params_reference,
 )
-from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_compat, sample_rows
+from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_reference, sample_rows
 from microgpt_jax.train import TrainConfig, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = Vocab("abcdefghijklmnopqrstuvwxyz")
 BOS = VOCAB.bos
-CFG = GPTConfig(vocab_size=VOCAB.size)  # the seed's model
+CFG = GPTConfig(vocab_size=VOCAB.size)  # microgpt's model
 PROMPT = (10, 0)  # "ka"
 ROWS = jnp.arange(16)  # the sampler tests share one compiled shape
 
@@ -78,7 +78,7 @@ def test_cached_decode_equals_full_forward(n_layer, prompt_len):
 def test_decode_step_equals_scalar_engine():
     """Identical weights: the scalar engine's token-by-token logits are the JAX decode step's."""
     cfg = GPTConfig(vocab_size=VOCAB.size, n_layer=2, block_size=8)
-    params = init_params_compat(cfg, random.Random(3))
+    params = init_params_reference(cfg, random.Random(3))
     tokens = [BOS, 3, 7, 0, 12, BOS, 5, 4]
     want = [[v.data for v in row] for row in reference.sequence_logits(to_reference_state(params), cfg, tokens)]
     params, cache, got = jax.tree.map(jnp.asarray, params), init_cache(cfg, 1, jnp.float64), []
@@ -212,11 +212,11 @@ def test_draws_follow_the_kept_distribution():
     assert freq[[2, 3, 4]].sum() == 0
 
 
-# --- the seed's draws ---
+# --- microgpt's draws ---
 
 
 def scalar_samples(params, cfg, rng, n, temperature, prompt):
-    """The seed's inference loop (spec section 5), continuing a prompt, on the scalar engine."""
+    """microgpt's inference loop (spec section 5), continuing a prompt, on the scalar engine."""
     state, out = to_reference_state(params), []
     for _ in range(n):
         keys, values = [[] for _ in range(cfg.n_layer)], [[] for _ in range(cfg.n_layer)]
@@ -235,12 +235,12 @@ def scalar_samples(params, cfg, rng, n, temperature, prompt):
 
 
 @pytest.mark.parametrize("prompt", [(), PROMPT])
-def test_compat_draws_the_scalar_engines_samples(prompt):
+def test_reference_draws_the_scalar_engines_samples(prompt):
     params = random_params(CFG, scale=3.0)
     rng_ref, rng_jax = random.Random(5), random.Random(5)
     want = scalar_samples(params, CFG, rng_ref, 6, 0.5, prompt)
-    assert [s.ids for s in sample_compat(params, CFG, rng_jax, 6, 0.5, prompt)] == want
-    assert rng_jax.getstate() == rng_ref.getstate()  # the stream goes on exactly where the seed's does
+    assert [s.ids for s in sample_reference(params, CFG, rng_jax, 6, 0.5, prompt)] == want
+    assert rng_jax.getstate() == rng_ref.getstate()  # the stream goes on exactly where microgpt's does
 
 
 # --- the command line ---
@@ -273,14 +273,14 @@ def test_cli_prompt_json(tmp_path):
     assert len({r["sample"] for r in rows}) > 1
 
 
-def test_cli_plain_output_and_reference_compat(run_dir, capsys):
+def test_cli_plain_output_and_reference(run_dir, capsys):
     cli.main(["sample", run_dir, "--prompt", "ka", "--num-samples", "6", "--seed", "3", "--batch-size", "16"])
     plain = capsys.readouterr().out.splitlines()
     params = random_params(CFG, seed=1, scale=3.0)  # the run's weights
     want = sample(params, CFG, 6, prompt=PROMPT, temperature=0.5, seed=3, batch_size=16)
     assert plain == ["ka" + VOCAB.decode(s.ids) for s in want]
 
-    cli.main(["sample", run_dir, "--reference-compat", "--num-samples", "6", "--seed", "11"])
+    cli.main(["sample", run_dir, "--reference", "--num-samples", "6", "--seed", "11"])
     want = scalar_samples(params, CFG, random.Random(11), 6, 0.5, ())
     assert capsys.readouterr().out.splitlines() == [VOCAB.decode(ids) for ids in want]
 
@@ -296,8 +296,8 @@ def test_cli_plain_output_and_reference_compat(run_dir, capsys):
         (["--top-k", "0"], "--top-k must be at least 1"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--top-p", "1.01"], "--top-p must be in (0, 1]"),
-        (["--reference-compat", "--top-p", "0.5"], "--top-p cannot be used with --reference-compat"),
-        (["--reference-compat", "--temperature", "0"], "use one > 0"),
+        (["--reference", "--top-p", "0.5"], "--top-p cannot be used with --reference"),
+        (["--reference", "--temperature", "0"], "use one > 0"),
     ],
 )
 def test_cli_bad_input(run_dir, capsys, args, message):

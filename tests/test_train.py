@@ -12,9 +12,9 @@ import reference
 from microgpt_jax.check import ATOL, RTOL, from_reference_state, to_reference_state
 from microgpt_jax.data import Vocab, padded_batch
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig, init_params, init_params_compat, loss_fn, param_shapes
+from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
 from microgpt_jax.train import Trainer, TrainConfig, make_optimizer
-from tests.conftest import spec_batches
+from tests.conftest import reference_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
 VOCAB = Vocab.from_docs(DOCS)
@@ -49,7 +49,7 @@ def test_init_params_shapes_and_scale():
 
 
 def test_batch_loss_and_grads_are_the_mean_over_documents_of_the_scalar_engine():
-    params = init_params_compat(CFG, random.Random(0))
+    params = init_params_reference(CFG, random.Random(0))
     docs = [ENCODED[0], ENCODED[3], ENCODED[6]]  # different lengths; charlotte is cut at block_size
     ref_losses, ref_grads = [], []
     for tokens in docs:
@@ -69,7 +69,7 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     tcfg = TrainConfig(steps=6, batch_size=2, dtype="float64")
     trainer = Trainer(CFG, tcfg)
     params0 = init_params(CFG, jax.random.key(1), jnp.float64)
-    batches = spec_batches(ENCODED, 0, 6, 2, CFG.block_size)
+    batches = reference_batches(ENCODED, 0, 6, 2, CFG.block_size)
 
     p, s = jax.tree.map(jnp.copy, params0), trainer.init(params0)
     step_losses = []
@@ -106,7 +106,7 @@ def test_float32_training_stays_float32_and_learns():
     trainer = Trainer(CFG, tcfg)
     params = init_params(CFG, jax.random.key(3), jnp.float32)
     opt_state = trainer.init(params)
-    batches = as_jax(spec_batches(ENCODED, 0, 40, 4, CFG.block_size))
+    batches = as_jax(reference_batches(ENCODED, 0, 40, 4, CFG.block_size))
     params, opt_state, losses = trainer.steps(params, opt_state, batches, 40)
     assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in params.values())
     assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5

@@ -101,12 +101,12 @@ def test_attention_in_query_blocks_matches_the_scalar_engine():
     import random
 
     from microgpt_jax.check import run_check
-    from microgpt_jax.model import QUERY_BLOCK, init_params_compat
+    from microgpt_jax.model import QUERY_BLOCK, init_params_reference
 
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz")
     cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
-    rows = run_check(cfg, init_params_compat(cfg, random.Random(3)), vocab.encode(vocab.chars * 3))
-    assert len(rows) == 2 + len(init_params_compat(cfg, random.Random(3)))
+    rows = run_check(cfg, init_params_reference(cfg, random.Random(3)), vocab.encode(vocab.chars * 3))
+    assert len(rows) == 2 + len(init_params_reference(cfg, random.Random(3)))
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 

@@ -1,0 +1,81 @@
+"""Config classes: frozen dataclasses whose fields say their own help, choices and checks.
+
+Each field is written once, with `field(default, help, ...)`. From that one
+place come the command-line flag (cli.py), the run.json entry and its
+validation on open (rundir.py), and the error a bad value gets: a
+`ConfigError` naming the field, which the CLI words as a flag and run.json
+as a key.
+"""
+
+import dataclasses
+import math
+
+from microgpt_jax.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value is wrong: `field` names it, `problem` says what is wrong ("must be positive, got 0")."""
+
+    def __init__(self, field, problem):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def field(default, help, *, check=None, choices=None, resumable=False):
+    """A config field. check(value) returns None or what is wrong; resumable: may differ on a resumed run."""
+    metadata = {"help": help, "check": check, "choices": choices, "resumable": resumable}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def positive(value):
+    return None if value > 0 else "must be positive"
+
+
+def non_negative(value):
+    return None if value >= 0 else "must be at least 0"
+
+
+def fraction(value):
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _type_problem(kind, value):
+    if kind is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    return None if isinstance(value, kind) else f"must be a {kind.__name__}"
+
+
+def validate(cfg):
+    """Every field's type, choices and check; the first problem raises ConfigError naming the field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = _type_problem(type(f.default), value)
+        if problem is None and f.metadata.get("choices") and value not in f.metadata["choices"]:
+            problem = f"must be one of {', '.join(f.metadata['choices'])}"
+        if problem is None and f.metadata.get("check"):
+            problem = f.metadata["check"](value)
+        if problem:
+            raise ConfigError(f.name, f"{problem}, got {value!r}")
+
+
+def from_dict(cls, values: dict):
+    """cls from a dict (a run.json table): unknown and missing keys are ConfigErrors too."""
+    if not isinstance(values, dict):
+        raise ConfigError("", f"must be a table of {cls.__name__} fields, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(key, f"is not a {cls.__name__} field (fields: {', '.join(sorted(names))})")
+    for name in names - set(values):
+        raise ConfigError(name, "is missing")
+    return cls(**values)
+
+
+def resumable_fields(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}

@@ -1,0 +1,231 @@
+"""A run directory: run.json (create, open, validate), the lock, and where the rest lives.
+
+    RUN_DIR/
+      run.json          the configs (model, train, data, checkpoint tables), the vocabulary,
+                        the data file (absolute path and sha256)
+      checkpoints/      the checkpoint store (checkpoint.py)
+      damaged/          checkpoints that failed their check, moved aside on resume
+      metrics.jsonl     one record per line, appended (metrics.py)
+      loss.png          the loss curves
+      .lock             held by the process training the run (its pid inside)
+
+run.json is validated on open by the same config classes as the flags: a
+wrong value is refused naming the table and field, before anything is read
+or moved.
+"""
+
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from microgpt_jax import parallel
+from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore, file_sha256
+from microgpt_jax.config import ConfigError, from_dict, resumable_fields
+from microgpt_jax.data import DataConfig
+from microgpt_jax.errors import UserError
+from microgpt_jax.model import GPTConfig
+from microgpt_jax.text import Vocab
+from microgpt_jax.train import TrainConfig
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+FORMAT = "microgpt-jax run"
+VERSION = 2
+TABLES = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)  # whole or absent
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunDir:
+    """An open run directory: its configs (by table name), vocabulary and data file."""
+
+    def __init__(self, path, configs: dict, vocab: Vocab, data_path, data_sha256):
+        self.path, self.configs, self.vocab = Path(path), configs, vocab
+        self.data_path, self.data_sha256 = Path(data_path), data_sha256
+        self._lock = None
+
+    cfg = property(lambda self: self.configs["model"])
+    tcfg = property(lambda self: self.configs["train"])
+    dcfg = property(lambda self: self.configs["data"])
+    ccfg = property(lambda self: self.configs["checkpoint"])
+    run_file = property(lambda self: self.path / RUN_FILE)
+
+    @property
+    def store(self) -> CheckpointStore:
+        return CheckpointStore(self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged")
+
+    # -- create and open ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path, configs: dict, vocab: Vocab, data_path) -> "RunDir":
+        """A new run directory, locked. Refuses a path that holds anything, above all an existing run.
+
+        In a multi-process run every process checks, then process 0 writes.
+        """
+        path = Path(path)
+        if (path / RUN_FILE).exists():
+            raise UserError(f"{path} is an existing run; continue it with `microgpt-jax train --resume {path}`, or pass a new directory")
+        if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
+            raise UserError(f"{path} already exists and is not empty; pass a new directory so nothing is overwritten")
+        data_path = Path(data_path).resolve()
+        run = cls(path, configs, vocab, data_path, file_sha256(data_path))
+        parallel.barrier("run-create-checked")  # no process checks a directory process 0 has begun writing
+        if parallel.is_main_process():
+            made = not path.exists()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                run.lock()
+                _atomic_write(path / RUN_FILE, json.dumps(run.to_json(), indent=2) + "\n")
+            except OSError as e:
+                run.unlock()
+                if made:  # leave nothing half-made that would block the same command afterwards
+                    (path / LOCK_FILE).unlink(missing_ok=True)
+                    path.rmdir() if path.is_dir() and not any(path.iterdir()) else None
+                raise UserError(f"could not create the run directory {path} ({e.strerror or e}); pass a writable path") from None
+        parallel.barrier("run-created")
+        return run
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            **{table: dataclasses.asdict(self.configs[table]) for table in TABLES},
+            "vocab": self.vocab.chars,
+            "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
+        }
+
+    @classmethod
+    def open(cls, path) -> "RunDir":
+        path = Path(path)
+        run_file = path / RUN_FILE
+        if not run_file.is_file():
+            raise UserError(f"{path} is not a run directory (no {RUN_FILE}); pass one written by `microgpt-jax train --out DIR`")
+        try:
+            meta = json.loads(run_file.read_text())
+        except OSError as e:
+            raise UserError(f"could not read {run_file} ({e.strerror or e})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{run_file} is damaged ({e}); restore it from a copy, or start a new run with --out") from None
+        return cls.from_json(path, meta)
+
+    @classmethod
+    def from_json(cls, path, meta) -> "RunDir":
+        run_file = Path(path) / RUN_FILE
+
+        def bad(key, problem):
+            return UserError(f"{run_file}: {key} {problem}; correct it (or restore run.json from a copy)")
+
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise bad("format", f"is not {FORMAT!r}")
+        if meta.get("version") != VERSION:
+            raise bad("version", f"is {meta.get('version')!r}; this microgpt-jax reads run directories of version {VERSION}")
+        configs = {}
+        for table, config_class in TABLES.items():
+            try:
+                configs[table] = from_dict(config_class, meta.get(table))
+            except ConfigError as e:
+                raise bad(f"{table}.{e.field}".rstrip("."), e.problem) from None
+        vocab, data = meta.get("vocab"), meta.get("data_file")
+        if not isinstance(vocab, str) or len(set(vocab)) != len(vocab) or "".join(sorted(vocab)) != vocab:
+            raise bad("vocab", "must be a string of distinct characters in sorted order")
+        if len(vocab) + 1 != configs["model"].vocab_size:
+            raise bad("vocab", f"has {len(vocab)} characters (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
+            raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
+        return cls(path, configs, Vocab(vocab), data["path"], data["sha256"])
+
+    # -- one process at a time --------------------------------------------------------------
+
+    def lock(self) -> "RunDir":
+        """Hold RUN_DIR/.lock until unlock() or the process ends; refuse if another process holds it."""
+        if not parallel.is_main_process() or self._lock is not None:
+            return self  # process 0 holds it for the whole multi-process run
+        path = self.path / LOCK_FILE
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise UserError(f"could not open {path} ({e.strerror or e}); the run directory must be writable") from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(f"{self.path} is in use by another microgpt-jax process (pid {holder}); wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+        return self
+
+    def unlock(self):
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    # -- checks before a resume ----------------------------------------------------------
+
+    def resumed_configs(self, given: dict) -> dict:
+        """The run's configs with the given {table: {field: value}} applied: only resumable fields may differ."""
+        configs = {}
+        for table, config in self.configs.items():
+            changes = given.get(table, {})
+            for name, value in changes.items():
+                if name not in resumable_fields(type(config)) and getattr(config, name) != value:
+                    raise ConfigError(name, f"{value!r} differs from the run's {getattr(config, name)!r} ({self.run_file})")
+            configs[table] = dataclasses.replace(config, **changes)
+        return configs
+
+    def check_data(self, data_path):
+        """The data must be the very file the run was trained on: its order and vocabulary decide every step."""
+        data_path = Path(data_path)
+        if not data_path.is_file():
+            raise UserError(f"the run's data file {data_path} is missing; pass a copy of it")
+        if file_sha256(data_path) != self.data_sha256:
+            raise UserError(
+                f"data file {data_path} differs from the one the run was trained on ({self.data_path}, "
+                f"sha256 {self.data_sha256[:12]}...); pass that file"
+            )
+
+
+def load_run(run_dir):
+    """(RunDir, params of its latest good checkpoint): what `sample` and `export` read."""
+    run = RunDir.open(run_dir)
+    return run, run.store.restore(with_opt_state=False).params
+
+
+def export_safetensors(run_dir, out_path) -> int:
+    """The latest good params as safetensors (spec keys), vocabulary and configs in the metadata: the step."""
+    from safetensors.numpy import save_file
+
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise UserError(f"{out_path} already exists; pass a new file name so nothing is overwritten")
+    if not out_path.parent.is_dir():
+        raise UserError(f"directory {out_path.parent} does not exist; create it or pass another path")
+    run = RunDir.open(run_dir)
+    checkpoint = run.store.restore(with_opt_state=False)
+    meta = run.to_json()
+    metadata = {"format": "microgpt-jax", "vocab": run.vocab.chars, "step": str(checkpoint.step)}
+    metadata |= {table: json.dumps(meta[table]) for table in TABLES}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.params.items()}, str(tmp), metadata=metadata)
+        tmp.replace(out_path)  # atomic: OUT is whole or absent
+    except OSError as e:
+        raise UserError(f"could not write {out_path} ({e.strerror or e}); nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return checkpoint.step

@@ -1,0 +1,108 @@
+"""One training run put together: devices, data, the trainer, its state and its hooks.
+
+`cli.cmd_train` opens or creates the run directory and calls these; a
+notebook or a script can call them the same way.
+"""
+
+import dataclasses
+import os
+
+import jax
+
+from microgpt_jax import memory, parallel
+from microgpt_jax.data import load_train_data
+from microgpt_jax.errors import UserError
+from microgpt_jax.hooks import (
+    Checkpoints,
+    Evaluate,
+    NonFinite,
+    Plot,
+    Progress,
+    Record,
+    ShowProgress,
+    Signals,
+    WriteMetrics,
+)
+from microgpt_jax.metrics import MetricsFile
+from microgpt_jax.model import param_shapes
+from microgpt_jax.train import MAX_CHUNK, Trainer, TrainState, init_state
+
+
+class Session:
+    """configs ({table: config}) and a data file -> the mesh, the data source, the trainer."""
+
+    def __init__(self, configs: dict, data_path, devices=None):
+        cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
+        self.mesh = parallel.make_mesh(devices)
+        parallel.check_batch(tcfg.batch_size, self.mesh)
+        chunk = min(MAX_CHUNK, tcfg.log_every, tcfg.eval_every, ccfg.save_every, tcfg.steps)
+        fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
+        memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
+        self.vocab, self.data = load_train_data(
+            data_path, dcfg, tcfg.batch_size, cfg.block_size, tcfg.seed, row_multiple=self.mesh.devices.size
+        )
+        cfg = dataclasses.replace(cfg, vocab_size=self.vocab.size)
+        memory.check_fits(cfg, **fits)  # again with the data's vocabulary
+        self.configs = {**configs, "model": cfg}
+        self.trainer = Trainer(cfg, tcfg, self.mesh)
+
+    def describe(self) -> str:
+        cfg = self.configs["model"]
+        return "\n".join([
+            self.data.describe(),
+            f"vocab size: {self.vocab.size}",
+            f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
+            f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
+        ])
+
+    def initial_state(self) -> TrainState:
+        return init_state(self.configs["model"], self.configs["train"], self.trainer)
+
+    def resumed_state(self, run) -> TrainState | None:
+        """The latest good checkpoint of run, placed on the mesh (None: none saved yet).
+
+        Damaged checkpoints are moved aside, half-written ones deleted, and
+        the checkpoint's data position must be where this data puts its
+        step. Every process continues from the same checkpoint.
+        """
+        if run.vocab != self.vocab:
+            raise UserError(f"the data's vocabulary differs from the run's ({run.run_file}); pass the run's data file")
+        store = run.store
+        store.remove_partial()
+        parallel.barrier("resume-cleaned")
+        if not store.steps():
+            return None
+        main = parallel.is_main_process()
+        checkpoint = store.restore(move_damaged=main, warn=None if main else (lambda message: None))
+        steps = parallel.gather_int(checkpoint.step)  # also waits for process 0's moving aside
+        if len(set(steps)) > 1:
+            raise UserError(
+                f"the processes found different latest good checkpoints (steps {steps}) in {store.directory}; "
+                "every process must see the same run directory (a shared file system)"
+            )
+        if checkpoint.data_position != self.data.position(checkpoint.step):
+            raise UserError(
+                f"checkpoint {checkpoint.step} was at data position {checkpoint.data_position}, but this data order puts "
+                f"step {checkpoint.step} at {self.data.position(checkpoint.step)}; resume with the run's data and version"
+            )
+        return self.trainer.replicate(checkpoint.state)
+
+    def hooks(self, state: TrainState, run=None, peer_timeout=60.0) -> list:
+        """The hooks of a run, in order: stop on NaN, signals, evaluation, metrics, progress, checkpoints, plot."""
+        tcfg, main = self.configs["train"], parallel.is_main_process()
+        logged = (tcfg.log_every, tcfg.eval_every)
+        start = int(state.step)
+        hooks = [NonFinite(run.store.latest if run else (lambda: "no checkpoint was saved")), Signals(peer_timeout)]
+        eval_set = self.data.eval_set()
+        if eval_set is not None:
+            hooks.append(Evaluate(self.trainer, eval_set, tcfg.eval_every))
+        hooks.append(Record(self.trainer.lr, logged))
+        if run and main:
+            hooks.append(WriteMetrics(MetricsFile(run.path, resumed_at=start if start else None), logged))
+        progress = Progress(tcfg.steps, start) if main else Progress(tcfg.steps, start, bar=False, file=open(os.devnull, "w"))
+        hooks.append(ShowProgress(progress, logged))
+        if run:
+            hooks.append(Checkpoints(run.store, run.ccfg.save_every, self.data.position, run.path))
+            if main:
+                hooks.append(Plot(run.path))
+        return hooks
