@@ -5,6 +5,7 @@ fields, so a new field is a new flag with no code here.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -78,27 +79,29 @@ def cmd_train(args):
 
     if args.resume and args.out:
         raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
-    run = RunDir.open(args.resume).lock() if args.resume else None
-    configs = run.resumed_configs(given_configs(args)) if run else configs_from_args(args)
-    data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
-    if run:
-        run.check_data(data_path)
-    set_precision(configs["train"].dtype)
-    session = Session(configs, data_path, args.devices)
-    print(session.describe())
-    run = RunDir.create(args.out, session.configs, session.vocab, data_path) if args.out else run
-    state = run and args.resume and session.resumed_state(run)
-    if args.resume:
-        print(f"resuming {run.path} at step {int(state.step) if state else 0}")
-    if state and int(state.step) == configs["train"].steps:
-        return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
-    if not run:
-        print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
-    state = state or session.initial_state()
-    try:
-        fit(session.trainer, state, session.data, session.hooks(state, run, args.peer_timeout))
-    except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
-        raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {run.store.latest() if run else 'nothing was saved'}") from None
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        run = held.enter_context(RunDir.open(args.resume).lock()) if args.resume else None
+        configs = run.resumed_configs(given_configs(args)) if run else configs_from_args(args)
+        data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
+        if run:
+            run.check_data(data_path)
+        set_precision(configs["train"].dtype)
+        session = Session(configs, data_path, args.devices)
+        print(session.describe())
+        run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, data_path)) if args.out else run
+        state = run and args.resume and session.resumed_state(run)
+        if args.resume:
+            print(f"resuming {run.path} at step {int(state.step) if state else 0}")
+        if state and int(state.step) == configs["train"].steps:
+            return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
+        if not run:
+            print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
+        state = state or session.initial_state()
+        try:
+            fit(session.trainer, state, session.data, session.hooks(state, run, args.peer_timeout))
+        except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
+            latest = run.store.latest() if run else "nothing was saved"
+            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {latest}") from None
     if run:
         print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
 

@@ -170,6 +170,12 @@ class RunDir:
         self._lock = f
         return self
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unlock()
+
     def unlock(self):
         if self._lock is not None:
             self._lock.close()  # closing the file releases the lock
@@ -184,7 +190,11 @@ class RunDir:
             changes = given.get(table, {})
             for name, value in changes.items():
                 if name not in resumable_fields(type(config)) and getattr(config, name) != value:
-                    raise ConfigError(name, f"{value!r} differs from the run's {getattr(config, name)!r} ({self.run_file})")
+                    raise ConfigError(
+                        name,
+                        f"{value!r} differs from the run's {getattr(config, name)!r} ({self.run_file}); "
+                        "drop it to resume the run as it was, or start a new run",
+                    )
             configs[table] = dataclasses.replace(config, **changes)
         return configs
 

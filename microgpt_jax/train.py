@@ -320,7 +320,7 @@ def fit(trainer: Trainer, state: TrainState, data, hooks=()) -> TrainState:
             if hasattr(hook, "__enter__"):
                 stack.enter_context(hook)
         began = last = time.perf_counter()
-        for chunk in run_steps(trainer, state, data, trainer.tcfg.steps, min([MAX_CHUNK, *cadences]), cadences):
+        for chunk in run_steps(trainer, state, data, stop=trainer.tcfg.steps, length=min([MAX_CHUNK, *cadences]), every=cadences):
             state = chunk.state
             seconds = max(time.perf_counter() - last - chunk.compile_s, 1e-9)
             history = [c for c in history if c[0] + len(c[1]) > chunk.start - window]

@@ -18,7 +18,7 @@ from microgpt_jax import parallel  # noqa: E402
 from microgpt_jax.data import Vocab  # noqa: E402
 from microgpt_jax.model import GPTConfig, init_params  # noqa: E402
 from microgpt_jax.train import Trainer, TrainConfig  # noqa: E402
-from tests.conftest import reference_batches  # noqa: E402
+from tests.helpers import reference_batches  # noqa: E402
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn", "abigail"]
 

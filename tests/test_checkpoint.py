@@ -21,12 +21,11 @@ import jax
 import numpy as np
 import pytest
 
-from microgpt_jax import checkpoint, cli, train
-from microgpt_jax.checkpoint import Run, load_run
+from microgpt_jax import checkpoint, cli, hooks, train
 from microgpt_jax.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n-embd", "8", "--n-head", "2", "--n-layer", "1", "--block-size", "8"]
+from microgpt_jax.model import GPTConfig, param_shapes
+from microgpt_jax.rundir import RunDir, load_run
+from tests.helpers import ROOT, TINY
 
 
 TRAINERS = {}
@@ -51,7 +50,7 @@ class Spy:
     def __call__(self, run_steps):
         def spied(*args, **kwargs):
             if self.chunk:
-                kwargs["chunk"] = self.chunk
+                kwargs["length"] = self.chunk
             for chunk in run_steps(*args, **kwargs):
                 self.losses.update({chunk.start + i: loss for i, loss in enumerate(chunk.losses)})
                 if self.before:
@@ -74,11 +73,8 @@ def spy(monkeypatch):
 
 def final_state(run_dir):
     """(step, params, opt_state leaves) of a run's latest checkpoint, as numpy."""
-    run = Run.open(run_dir)
-    trainer = train.Trainer(run.cfg, run.tcfg)
-    like = trainer.init({k: np.zeros(s, run.tcfg.dtype) for k, s in checkpoint.param_shapes(run.cfg).items()})
-    ck = run.restore(like)
-    return ck.step, ck.params, jax.tree.leaves(ck.opt_state)
+    ck = RunDir.open(run_dir).store.restore()
+    return ck.step, ck.params, jax.tree.leaves(ck.state.opt_state)
 
 
 def assert_same_state(a, b):
@@ -116,7 +112,7 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, spy, capsys, batch)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     hint = f"resume with `microgpt-jax train --resume {tmp_path / 'cut'}`"
     assert str(stopped.value) == f"SIGTERM at step 6: saved checkpoint 6; {hint}"
-    assert Run.open(tmp_path / "cut").steps() == [4, 6]
+    assert RunDir.open(tmp_path / "cut").store.steps() == [4, 6]
     first_part = spy.array(6)
 
     spy.losses, spy.before = {}, None
@@ -126,7 +122,7 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, spy, capsys, batch)
     resumed = np.concatenate([first_part, [spy.losses[s] for s in range(6, steps)]])
     assert np.array_equal(resumed, whole)  # every loss, bit for bit
     assert_same_state(final_state(tmp_path / "cut"), final_state(tmp_path / "whole"))
-    assert Run.open(tmp_path / "cut").steps() == [6, 8, 12]  # --keep 3
+    assert RunDir.open(tmp_path / "cut").store.steps() == [6, 8, 12]  # --keep 3
 
 
 def test_chunks_end_on_save_steps_wherever_the_run_starts():
@@ -167,7 +163,7 @@ import time
 import microgpt_jax.train as t
 run_steps = t.run_steps
 def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
-    for out in run_steps(*args, **{**kwargs, "chunk": 1}):
+    for out in run_steps(*args, **{**kwargs, "length": 1}):
         time.sleep(0.3)
         yield out
 t.run_steps = slow
@@ -178,7 +174,7 @@ entry()
 
 def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):
     """Ctrl-C to a real training process (SIGTERM takes the same path, in-process, above)."""
-    flags = [*TINY, *RESUME_FLAGS[3]]  # 12 steps, saves at 4, 8, 12
+    flags = [*TINY, *RESUME_FLAGS[3], "--log-every", "1"]  # 12 steps, saves at 4, 8, 12, a line per step
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -199,7 +195,7 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):
     assert "Traceback" not in err
     hint = f"resume with `microgpt-jax train --resume {run_dir}`"
     assert err.splitlines()[-1] == f"error: SIGINT at step {last}: saved checkpoint {last}; {hint}"
-    assert Run.open(run_dir).steps() == sorted({s for s in (4, 8) if s < last} | {last})
+    assert RunDir.open(run_dir).store.steps() == sorted({s for s in (4, 8) if s < last} | {last})
 
     spy.chunk = 2  # (not the subprocess's chunk length: chunking changes no bit)
     cli.main(["train", "--resume", str(run_dir)])
@@ -220,49 +216,53 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, spy, capsys):
     run_dir = tmp_path / "run"
     with pytest.raises(UserError) as stopped:  # weights ~1e17 after step 1, NaN in step 2
-        train_cli("--steps", "20", "--lr", "1e17", "--save-every", "1", "--out", str(run_dir))
+        train_cli("--steps", "20", "--lr", "1e17", "--save-every", "1", "--log-every", "1", "--out", str(run_dir))
     assert str(stopped.value) == (
         f"loss is nan at step 2: training stopped there and saved nothing after it; the latest checkpoint is "
-        f"step 1 in {run_dir} (lower --lr or change the config, and start a new run with --out)"
+        f"step 1 in {run_dir / 'checkpoints'} ({hooks.ADVICE})"
     )
     assert stopped.value.exit_code == 1
     assert sorted(spy.losses) == [0, 1]  # it stopped there: no step 3
-    assert Run.open(run_dir).steps() == [1]
+    assert RunDir.open(run_dir).store.steps() == [1]
     ck = final_state(run_dir)
-    assert ck[0] == 1 and checkpoint.all_finite((ck[1], ck[2]))
+    assert ck[0] == 1 and all(np.isfinite(x).all() for x in [*ck[1].values(), *ck[2]])
     printed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert printed == ["1"]  # step 2's NaN is not a record (no line, no metrics): the message names it
 
 
-def make_keeper(tmp_path, save_every=4):
-    run = Run.create(tmp_path / "run", checkpoint.GPTConfig(), train.TrainConfig(steps=8), checkpoint.Vocab("ab"),
-                     Path(os.environ["MICROGPT_JAX_DATA"]))
-    return run, checkpoint.Keeper(run, 8, save_every, data_position=lambda step: step)
+def hook_chain(tmp_path, save_every=4):
+    """The NaN policy and the checkpoint hook over a store, as the loop calls them: (store, end_chunk)."""
+    store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8))
+    chain = [hooks.NonFinite(store.latest), hooks.Checkpoints(store, save_every, lambda step: step, tmp_path)]
+
+    def end_chunk(first, losses, params, opt_state):
+        state = train.TrainState(params, opt_state, np.int32(first + len(losses)))
+        info = train.Info(train.Chunk(state, first, np.asarray(losses), 0, 0.0), 8, [], 0.0)
+        for hook in chain:
+            if train._due(hook, info):
+                hook(info)
+
+    return store, end_chunk
 
 
 def test_a_nan_mid_chunk_keeps_nothing_of_the_chunk(tmp_path):
-    run, keeper = make_keeper(tmp_path)
+    store, end_chunk = hook_chain(tmp_path)
     params, opt_state = {"w": np.ones(2)}, {"m": np.zeros(2)}
-    keeper.end_chunk(0, np.array([3.0, 2.0, 1.0, 1.0]), params, opt_state)
+    end_chunk(0, [3.0, 2.0, 1.0, 1.0], params, opt_state)
     with pytest.raises(UserError, match=r"^loss is inf at step 6: .* the latest checkpoint is step 4"):
-        keeper.end_chunk(4, np.array([1.0, np.inf, 1.0, 1.0]), params, opt_state)
-    assert run.steps() == [4]
+        end_chunk(4, [1.0, np.inf, 1.0, 1.0], params, opt_state)
+    assert store.steps() == [4]
 
 
 def test_weights_that_overflow_with_a_finite_loss_are_never_saved(tmp_path):
     """A finite loss computed from good weights, whose update overflowed them (--lr 1e19 does this at step 2)."""
-    run, keeper = make_keeper(tmp_path, save_every=2)
-    keeper.end_chunk(0, np.array([3.0, 2.0]), {"w": np.ones(2)}, {"m": np.zeros(2)})
+    store, end_chunk = hook_chain(tmp_path, save_every=2)
+    end_chunk(0, [3.0, 2.0], {"w": np.ones(2)}, {"m": np.zeros(2)})
     with pytest.raises(UserError, match=r"^weights are NaN or infinite after step 4 \(its loss was finite\).* step 2"):
-        keeper.end_chunk(2, np.array([1.0, 1.0]), {"w": np.array([1.0, np.nan])}, {"m": np.zeros(2)})
+        end_chunk(2, [1.0, 1.0], {"w": np.array([1.0, np.nan])}, {"m": np.zeros(2)})
     with pytest.raises(UserError, match=r"^weights are NaN or infinite after step 4"):
-        keeper.end_chunk(2, np.array([1.0, 1.0]), {"w": np.ones(2)}, {"m": np.array([np.inf, 0.0])})
-    assert run.steps() == [2]
-
-
-def test_first_nonfinite():
-    assert checkpoint.first_nonfinite(np.array([1.0, 2.0])) is None
-    assert checkpoint.first_nonfinite(np.array([1.0, np.inf, np.nan])) == 1
+        end_chunk(2, [1.0, 1.0], {"w": np.ones(2)}, {"m": np.array([np.inf, 0.0])})
+    assert store.steps() == [2]
 
 
 # -- damaged checkpoints ------------------------------------------------------------------
@@ -294,12 +294,12 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, finished_
     else:
         victim.unlink()
     capsys.readouterr()
-    _, _, _, params = load_run(run_dir)  # what sample reads: step 4, with a warning, nothing moved
+    _, params = load_run(run_dir)  # what sample reads: step 4, with a warning, nothing moved
     err = capsys.readouterr().err
     assert err.startswith(f"warning: checkpoint {run_dir / 'checkpoints' / '6'} is damaged (")
     assert len(err.splitlines()) == 2 and "using checkpoint 4, the latest good one" in err
-    assert all(np.array_equal(params[k], Run.open(finished_run).read(4).params[k]) for k in params)
-    assert Run.open(run_dir).steps() == [2, 4, 6]
+    assert all(np.array_equal(params[k], RunDir.open(finished_run).store.read(4).params[k]) for k in params)
+    assert RunDir.open(run_dir).store.steps() == [2, 4, 6]
 
 
 def test_resume_moves_a_damaged_checkpoint_aside_and_retrains_it_exactly(tmp_path, finished_run, capsys):
@@ -320,12 +320,12 @@ def test_arrays_are_checked_against_their_sha256(tmp_path, finished_run, capsys)
     accepted on its arrays' sha256s alone, and refused when an array differs from what was saved."""
     run_dir = copy_run(finished_run, tmp_path / "run")
     (run_dir / "checkpoints" / "6" / checkpoint.MANIFEST).unlink()
-    assert Run.open(run_dir).restore().step == 6
+    assert RunDir.open(run_dir).store.restore().step == 6
     meta_file = run_dir / "checkpoints" / "6" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["sha256"]["params"]["['wte']"] = "0" * 64  # as if wte had silently changed since
     meta_file.write_text(json.dumps(meta))
-    assert Run.open(run_dir).restore().step == 4
+    assert RunDir.open(run_dir).store.restore().step == 4
     assert "params['wte'] does not match the sha256 recorded when it was saved" in capsys.readouterr().err
 
 
@@ -333,7 +333,7 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path, finished_run):
     run_dir = copy_run(finished_run, tmp_path / "run")
     for step in (2, 4, 6):
         (run_dir / "checkpoints" / str(step) / "meta" / "metadata").write_text("{")
-    with pytest.raises(UserError, match=r"every checkpoint of .* is damaged \(steps 6, 4, 2\)"):
+    with pytest.raises(UserError, match=r"every checkpoint in .* is damaged \(steps 6, 4, 2\)"):
         cli.main(["train", "--resume", str(run_dir)])
     assert sorted(p.name for p in (run_dir / "damaged").iterdir()) == ["2", "4", "6"]  # kept, not deleted
 
@@ -370,9 +370,9 @@ def test_disk_error_while_saving_keeps_the_previous_checkpoint(tmp_path, spy, di
     assert capsys.readouterr().err == ""  # orbax's threads said nothing: the error is the one line
     disk_full(False)
     spy.before = None
-    run = Run.open(run_dir)
-    assert [p.name for p in run.checkpoint_dir.iterdir()] == ["2"]  # no half-written step left behind
-    assert np.array_equal(run.restore().params["wte"], Run.open(finished_run).read(2).params["wte"])
+    run = RunDir.open(run_dir)
+    assert [p.name for p in run.store.directory.iterdir()] == ["2"]  # no half-written step left behind
+    assert np.array_equal(run.store.restore().params["wte"], RunDir.open(finished_run).store.read(2).params["wte"])
     # and the run resumes to the same end as one that never failed
     cli.main(["train", "--resume", str(run_dir)])
     assert_same_state(final_state(run_dir), final_state(finished_run))
@@ -397,9 +397,9 @@ def test_out_on_an_existing_run_is_refused(tmp_path, finished_run):
 
 @pytest.mark.parametrize(
     "flags, field",
-    [(["--n-embd", "16"], "--n-embd 16 does not match the run's n_embd = 8"),
-     (["--lr", "0.02"], "--lr 0.02 does not match the run's lr = 0.01"),
-     (["--steps", "6", "--n-layer", "2"], "--n-layer 2 does not match the run's n_layer = 1")],
+    [(["--n-embd", "16"], "--n-embd 16 differs from the run's 8"),
+     (["--lr", "0.02"], "--lr 0.02 differs from the run's 0.01"),
+     (["--steps", "6", "--n-layer", "2"], "--n-layer 2 differs from the run's 1")],
 )
 def test_resume_with_another_config_names_the_field(finished_run, flags, field):
     with pytest.raises(UserError, match=field):
@@ -427,9 +427,10 @@ def test_export_safetensors(tmp_path, finished_run, capsys):
 
     out = tmp_path / "model.safetensors"
     cli.main(["export", str(finished_run), str(out)])
-    cfg, tcfg, vocab, params = load_run(finished_run)
+    run, params = load_run(finished_run)
+    cfg, vocab = run.cfg, run.vocab
     loaded = load_file(str(out))
-    assert list(loaded) == sorted(checkpoint.param_shapes(cfg))
+    assert list(loaded) == sorted(param_shapes(cfg))
     assert all(np.array_equal(loaded[k], params[k]) and loaded[k].dtype == np.float32 for k in params)
     with safe_open(str(out), "np") as f:
         meta = f.metadata()

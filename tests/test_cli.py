@@ -8,7 +8,7 @@ import pytest
 
 from microgpt_jax.cli import main
 from microgpt_jax.errors import run_cli
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def cli(*args):

@@ -11,7 +11,7 @@ import pytest
 import microgpt_jax.data as data
 from microgpt_jax.data import Vocab, load_docs, padded_batch, reference_docs
 from microgpt_jax.errors import UserError
-from tests.conftest import reference_batches
+from tests.helpers import reference_batches
 
 
 def test_docs_follow_the_spec(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from microgpt_jax import cli
 from microgpt_jax.checkpoint import Run
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 ATOL, RTOL = 1e-12, 1e-10  # the tolerance, |many - one| <= ATOL + RTOL * |one|
 SMALL = "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 --save-every 5 --log-every 5 --eval-every 5 --eval-size 16 --dtype float64".split()

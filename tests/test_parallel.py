@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from microgpt_jax.errors import UserError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 ATOL = 1e-12  # |many - one| <= ATOL + 1e-10 * |one|, the tolerance
 

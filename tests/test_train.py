@@ -14,7 +14,7 @@ from microgpt_jax.data import Vocab, padded_batch
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
 from microgpt_jax.train import Trainer, TrainConfig, make_optimizer
-from tests.conftest import reference_batches
+from tests.helpers import reference_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
 VOCAB = Vocab.from_docs(DOCS)
