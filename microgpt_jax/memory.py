@@ -1,0 +1,205 @@
+"""Will a training run fit? An estimate of its memory, before anything is allocated.
+
+`estimate` counts, in bytes, what a run of the compiled chunk loop
+(train.Trainer.steps) holds at its peak: weights, Adam's state, gradients,
+one step's activations and the chunk's batches. It is integer arithmetic on
+Python ints (no arrays, no overflow at sizes of 1e9), so it answers at once
+even for a model that would need petabytes. It is meant as an upper bound
+of XLA's own figure (tests/test_memory.py compares it with the compiled
+loop's memory_analysis) within a small factor.
+
+`check_fits` compares it with `available_bytes` and raises a UserError of
+one sentence when it does not fit. Sizes are printed in SI units (1 KB =
+1000 bytes).
+"""
+
+import os
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from microgpt_jax.errors import UserError
+from microgpt_jax.model import QUERY_BLOCK, GPTConfig
+
+BATCH_INT32_BYTES = 4 * 4  # per position: tokens, targets, positions, segments (int32); the weights are in param_dtype
+CHUNKS_IN_FLIGHT = 2  # run_steps sends the next chunk's batches while the current one runs
+FLATTEN_COPIES = 2  # optax.flatten ravels the gradients into one vector and the updates come out as one
+OPT_COUNT_BYTES = 8  # two int32 step counts: Adam's and the learning-rate schedule's
+
+
+class Estimate(NamedTuple):
+    """Bytes a training run needs, by what holds them. `total` is their sum.
+
+    On a CPU the device is the host: everything counts against the same
+    memory. On an accelerator `device` is what its memory must hold.
+    """
+
+    weights: int
+    optimizer: int
+    gradients: int
+    activations: int
+    batches: int  # on the device
+    host_batches: int
+
+    @property
+    def device(self) -> int:
+        return self.weights + self.optimizer + self.gradients + self.activations + self.batches
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host_batches
+
+    def describe(self, host=True) -> str:
+        """'weights 1.1 TB, optimizer state 2.2 TB, ...': the terms over 0 bytes, largest first."""
+        terms = [
+            ("weights", self.weights),
+            ("optimizer state", self.optimizer),
+            ("gradients", self.gradients),
+            ("activations", self.activations),
+            ("batches", self.batches + (self.host_batches if host else 0)),
+        ]
+        return ", ".join(f"{name} {format_bytes(n)}" for name, n in sorted(terms, key=lambda t: -t[1]) if n)
+
+
+UNITS = ("B", "KB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+
+
+def format_bytes(n) -> str:
+    """Bytes in SI units (1 KB = 1000 B), 3 significant digits: 999 B, 1.5 KB, 21.4 GB, 3.2 TB."""
+    value, unit = float(n), 0
+    while value >= 999.5 and unit < len(UNITS) - 1:  # 999.5 would print as 1000
+        value /= 1000
+        unit += 1
+    if unit == 0:
+        return f"{int(n)} B"
+    if value >= 1e5:  # beyond the largest unit
+        return f"{value:.2e} {UNITS[unit]}"
+    return f"{value:.3g} {UNITS[unit]}" if value < 100 else f"{value:.0f} {UNITS[unit]}"
+
+
+def num_params(cfg: GPTConfig) -> int:
+    """The number of weights: sum of out * in over model.param_shapes, in closed form (no dict of n_layer entries)."""
+    V, D, T, L = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer
+    # wte and lm_head [V, D], wpe [T, D]; per layer wq, wk, wv, wo [D, D], fc1 [4D, D], fc2 [D, 4D]
+    return 2 * V * D + T * D + L * (4 * D * D + 2 * 4 * D * D)
+
+
+def attention_scores(T: int) -> int:
+    """Scores per row and head over all query blocks: block [t0, t1) scores its queries against keys 0..t1-1."""
+    q = QUERY_BLOCK
+    full, rest = divmod(T, q)
+    return q * q * full * (full + 1) // 2 + rest * T
+
+
+def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype) -> Estimate:
+    """Bytes of a training run of cfg: `rows` batch rows of block_size, `chunk_steps` steps per compiled chunk.
+
+    dtype is the compute dtype, param_dtype that of the weights and Adam's
+    moments (train.TrainConfig.dtype and .param_dtype). Only Python ints.
+    """
+    c = np.dtype(dtype).itemsize  # compute: the weights' cast under bfloat16
+    p = np.dtype(param_dtype).itemsize  # weights, moments, gradients, batch weights
+    # activations: at least float32 (XLA on a CPU computes bfloat16 elementwise ops in float32;
+    # the loss's softmax is float32 anyway, model.loss_fn), so this overcounts bfloat16 elsewhere
+    a = max(c, 4)
+    P = num_params(cfg)
+    B, T, D, H, V, L = rows, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    BT = B * T
+    F = 4 * D
+    scores = B * H * attention_scores(T)  # attention scores of one layer, all query blocks
+
+    # the weights, in param_dtype (donated: the updated ones reuse their buffers)
+    weights = P * p
+    # Adam's two moments, the vectors optax.flatten makes of the gradients and updates, the step count
+    optimizer = (2 + FLATTEN_COPIES) * P * p + OPT_COUNT_BYTES
+    # d(loss)/d(weights) in param_dtype; under a cast compute dtype also the cast weights and their raw gradients
+    gradients = P * p + (2 * P * c if c != p else 0)
+
+    # saved for the backward pass, per layer: the residual input, its rmsnorm, q, k, v, the heads'
+    # output, the residual after attention and its rmsnorm (8 of [B, T, D]); fc1's output and its
+    # relu ([B, T, 4D] each); the masked scores and the probabilities of every query block; the
+    # blocks' masks (bools, counted as if broadcast over the heads)
+    per_layer = a * (8 * BT * D + 2 * BT * F + 2 * scores) + scores
+    # the embedding: both lookups, their sum and its rmsnorm (4 of [B, T, D])
+    embed = a * 4 * BT * D
+    # the attention mask [B, T, T] of bools, built once for all layers
+    mask = B * T * T
+    # the logits [B, T, V] and their gradient in the compute dtype; in float32 or wider the cast,
+    # log-softmax, the masked pick of the target and the gradient; the one-hot target mask (bools)
+    logits = BT * V * (2 * a + 4 * a + 1)
+    # the largest transient of one layer's backward pass: the gradients of the last (largest) query
+    # block's scores and probabilities and of its softmax, and those of the layer's [B, T, D] and
+    # [B, T, 4D] activations
+    last_block = B * H * min(T, QUERY_BLOCK) * T
+    transient = a * (3 * last_block + 8 * BT * D + 2 * BT * F)
+    # losses of the chunk's steps [chunk_steps], and the loss weights cast to float32 or wider [B, T]
+    small = chunk_steps * a + BT * a
+    activations = L * per_layer + embed + mask + max(logits, transient) + small
+
+    positions = chunk_steps * BT
+    # the chunk's batches on the device: the int32 fields and the weights in param_dtype, per chunk in flight
+    batches = CHUNKS_IN_FLIGHT * positions * (BATCH_INT32_BYTES + p)
+    # the same built on the host by data.TrainData.batches: the laid-out steps and their padded,
+    # stacked copy (int32 fields, float64 weights), and the weights cast for the device
+    host_batches = CHUNKS_IN_FLIGHT * positions * (2 * (BATCH_INT32_BYTES + 8) + p)
+    return Estimate(weights, optimizer, gradients, activations, batches, host_batches)
+
+
+def _host_available() -> int | None:
+    """The host's available memory: MemAvailable of /proc/meminfo, else free pages times the page size."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_bytes(device=None) -> int | None:
+    """Memory a run may still take on device (default: JAX's first device), in bytes; None if unknown.
+
+    On a CPU the host's available memory; on a GPU or TPU the device's
+    bytes_limit minus bytes_in_use (memory_stats()), if it reports them.
+    """
+    if device is None:
+        device = jax.devices()[0]
+    if device.platform == "cpu":
+        return _host_available()
+    try:
+        stats = device.memory_stats()
+    except (AttributeError, NotImplementedError, RuntimeError):  # a backend without it
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return None
+
+
+def check_fits(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, available=None, device=None) -> Estimate:
+    """Raise UserError (one sentence) if a run of cfg cannot fit in memory; else return the estimate.
+
+    available (bytes) defaults to available_bytes(device); device defaults
+    to JAX's first device. On a CPU everything counts, the host's batches
+    too (the host is the device); on an accelerator only what its memory holds.
+    """
+    est = estimate(cfg, rows, chunk_steps, dtype, param_dtype)
+    if device is None and available is None:
+        device = jax.devices()[0]
+    on_host = device is None or device.platform == "cpu"
+    if available is None:
+        available = available_bytes(device)
+        if available is None:
+            return est  # the device reports no figure to compare with: let the run try
+    need = est.total if on_host else est.device
+    if need > available:
+        where = "is available" if on_host else f"is free on {device.platform.upper()} {device.id}"
+        raise UserError(
+            f"this run needs about {format_bytes(need)} ({est.describe(host=on_host)}) "
+            f"but {format_bytes(available)} {where}; lower n_embd, n_layer, block_size or batch_size"
+        )
+    return est
