@@ -1,0 +1,51 @@
+"""What the tests share: paths, the CLI runners, one-line-error checks, microgpt's batches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MICROGPT_JAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+NAMES = SHARED_DATA / "names.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+TINY = ["--n-embd", "8", "--n-head", "2", "--n-layer", "1", "--block-size", "8"]
+
+
+def cli(*args, env=None, timeout=600, **kwargs):
+    """`python -m microgpt_jax ARGS` in a real process, as a user runs it: a CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "microgpt_jax", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def run_in_process(capsys, *args):
+    """The command line in this process (shared compiled programs): (exit code, captured output)."""
+    from microgpt_jax.cli import main
+    from microgpt_jax.errors import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [str(a) for a in args])
+    return e.value.code, capsys.readouterr()
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def reference_batches(encoded_docs, start_step, num_steps, batch_size, block_size):
+    """Padded batches of steps [start_step, start_step + num_steps), stacked: step s trains
+    documents (s * batch_size + i) % len(docs), microgpt's order at batch 1 (DocumentSource)."""
+    from microgpt_jax.data import DataConfig, DocumentSource
+
+    dcfg = DataConfig(layout="padded", val_fraction=0.0)
+    return DocumentSource(encoded_docs, [], dcfg, batch_size, block_size).batches(start_step, num_steps, num_steps)
