@@ -59,7 +59,7 @@ PATHS = {}  # "data" (names) and "text" (continuous text for the large case), fr
 
 
 def names_path():
-    from microgpt_jax.data import resolve_data_path
+    from microgpt_jax.text import resolve_data_path
 
     return resolve_data_path(PATHS.get("data"))
 
@@ -92,9 +92,9 @@ def steady_rate(trainer, params, data, chunk, chunks):
     """
     from microgpt_jax.train import run_steps
 
-    opt_state = trainer.init(params)
+    state = trainer.init(params)
     seconds, tokens = [], []
-    for i, c in enumerate(run_steps(trainer, params, opt_state, data, 0, chunk * chunks, chunk)):
+    for i, c in enumerate(run_steps(trainer, state, data, stop=chunk * chunks, length=chunk)):
         now = time.perf_counter()
         if i == 0:
             compile_s = c.compile_s
@@ -110,8 +110,8 @@ def steady_rate(trainer, params, data, chunk, chunks):
 def scalar_docs():
     """microgpt's model on the scalar engine, with its initial state and documents in spec order."""
     import reference
-    from microgpt_jax.data import Vocab, reference_docs
     from microgpt_jax.model import GPTConfig
+    from microgpt_jax.text import Vocab, reference_docs
 
     docs, rng = reference_docs(names_path())
     vocab = Vocab.from_docs(docs)
@@ -148,7 +148,7 @@ def reference_mode():
     """microgpt's training (batch 1, spec order, float64) on JAX against the scalar engine, same documents."""
     import jax
 
-    from microgpt_jax.data import TrainData
+    from microgpt_jax.data import DataConfig, DocumentSource
     from microgpt_jax.model import init_params_reference
     from microgpt_jax.train import Trainer, TrainConfig
 
@@ -159,9 +159,11 @@ def reference_mode():
         import random
 
         cfg, _, encoded = scalar_docs()
-        tcfg = TrainConfig(steps=4000, dtype="float64", layout="padded", val_fraction=0.0)
+        tcfg = TrainConfig(steps=4000, dtype="float64")
+        dcfg = DataConfig(layout="padded", val_fraction=0.0)
+        data = DocumentSource(encoded, [], dcfg, tcfg.batch_size, cfg.block_size)
         params = jax.tree.map(jax.numpy.asarray, init_params_reference(cfg, random.Random(42)))
-        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, TrainData(tcfg, cfg.block_size, encoded, []), 1000, 4)
+        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 1000, 4)
     finally:
         jax.config.update("jax_enable_x64", x64)
     return {
@@ -209,14 +211,14 @@ def packing():
     """Trained tokens per second at the default model, batch 256 names, padded against packed (float32)."""
     import jax
 
-    from microgpt_jax.data import load_train_data
+    from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
     from microgpt_jax.train import Trainer, TrainConfig
 
     out = {}
     for layout in ("padded", "packed"):
-        tcfg = TrainConfig(steps=220, batch_size=256, layout=layout)
-        vocab, data = load_train_data(names_path(), tcfg, 16)
+        tcfg = TrainConfig(steps=220, batch_size=256)
+        vocab, data = load_train_data(names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
         cfg = GPTConfig(vocab_size=vocab.size)
         params = init_params(cfg, jax.random.key(0))
         _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 20, 11)
@@ -242,12 +244,12 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
     """Tokens/s and MFU of stream-mode training on the text: MFU = flops_per_token * tokens/s over a measured matmul peak."""
     import jax
 
-    from microgpt_jax.data import load_train_data
+    from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
     from microgpt_jax.train import Trainer, TrainConfig, flops_per_token
 
-    tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, mode="stream", dtype=dtype)
-    vocab, data = load_train_data(text_path(), tcfg, cfg_kwargs["block_size"])
+    tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
+    vocab, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=vocab.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
     peak_before = matmul_peak(peak_n, dtype)
@@ -310,16 +312,17 @@ def scaling_worker(text):
     import jax
 
     from microgpt_jax import parallel
-    from microgpt_jax.data import load_train_data
+    from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
     from microgpt_jax.train import Trainer, TrainConfig
 
     jax.config.update("jax_enable_compilation_cache", False)
     mesh = parallel.make_mesh()
     chunk, chunks = 2, 4
-    tcfg = TrainConfig(steps=chunk * chunks, batch_size=64, mode="stream")
+    tcfg = TrainConfig(steps=chunk * chunks, batch_size=64)
     parallel.check_batch(tcfg.batch_size, mesh)
-    vocab, data = load_train_data(text, tcfg, 128, row_multiple=mesh.devices.size)
+    dcfg = DataConfig(mode="stream")
+    vocab, data = load_train_data(text, dcfg, tcfg.batch_size, 128, tcfg.seed, row_multiple=mesh.devices.size)
     cfg = GPTConfig(vocab_size=vocab.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
     trainer = Trainer(cfg, tcfg, mesh)
     params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))

@@ -1,6 +1,7 @@
 """User-facing errors: one line naming the problem and the fix, no traceback."""
 
 import argparse
+import os
 import sys
 
 
@@ -19,10 +20,15 @@ def run_cli(main, argv=None):
     """Run a command-line entry point: a UserError becomes one line on stderr and exit 2."""
     try:
         code = main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
     except UserError as e:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
+    except BrokenPipeError:
+        # the reader went away (`| head`): quiet the rest of the output, say so once
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fail("the output was closed early (a pipe into head?); stopped writing", code=141)
     raise SystemExit(code or 0)
 
 

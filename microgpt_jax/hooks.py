@@ -24,7 +24,7 @@ def _agree_on_stop(signum, timeout):
     return next((s for s in parallel.gather_int(signum) if s), 0)
 
 
-ADVICE = "lower the learning rate or change the config, and start a new run"
+ADVICE = "lower the learning rate or change the config, and start a new run with --out in a new directory"
 
 
 class NonFinite:

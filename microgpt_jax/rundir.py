@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +90,8 @@ class RunDir:
                 _atomic_write(path / RUN_FILE, json.dumps(run.to_json(), indent=2) + "\n")
             except OSError as e:
                 run.unlock()
-                if made:  # leave nothing half-made that would block the same command afterwards
-                    (path / LOCK_FILE).unlink(missing_ok=True)
-                    path.rmdir() if path.is_dir() and not any(path.iterdir()) else None
+                if made and path.is_dir():  # leave nothing half-made that would block the same command afterwards
+                    shutil.rmtree(path, ignore_errors=True)
                 raise UserError(f"could not create the run directory {path} ({e.strerror or e}); pass a writable path") from None
         parallel.barrier("run-created")
         return run
@@ -218,6 +218,7 @@ def load_run(run_dir):
 
 def export_safetensors(run_dir, out_path) -> int:
     """The latest good params as safetensors (spec keys), vocabulary and configs in the metadata: the step."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     out_path = Path(out_path)
@@ -234,8 +235,9 @@ def export_safetensors(run_dir, out_path) -> int:
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.params.items()}, str(tmp), metadata=metadata)
         tmp.replace(out_path)  # atomic: OUT is whole or absent
-    except OSError as e:
-        raise UserError(f"could not write {out_path} ({e.strerror or e}); nothing was written") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        reason = getattr(e, "strerror", None) or str(e).split(": ", 1)[-1]
+        raise UserError(f"could not write {out_path} ({reason}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
     return checkpoint.step

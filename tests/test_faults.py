@@ -1,0 +1,305 @@
+"""The run directory at its edges: edited run.json, locks, OS errors, torn metrics, bad paths, closed pipes.
+
+Each case is what a user does by accident; each must end in one line and a
+non-zero exit, with nothing already saved lost, moved or overwritten.
+"""
+
+import errno
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from microgpt_jax import checkpoint, cli, train
+from microgpt_jax.config import ConfigError
+from microgpt_jax.errors import UserError
+from microgpt_jax.metrics import read_metrics
+from microgpt_jax.rundir import RunDir, load_run
+from tests.helpers import ROOT, TINY, assert_one_line_error, cli as cli_process, run_in_process
+
+FLAGS = [*TINY, "--steps", "6", "--batch-size", "2", "--save-every", "2", "--log-every", "2", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 6-step run with checkpoints 2, 4, 6 (tests copy it)."""
+    run_dir = tmp_path_factory.mktemp("faults") / "run"
+    cli.main(["train", *FLAGS, "--out", str(run_dir)])
+    return run_dir
+
+
+def copy_of(run_dir, tmp_path):
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def snapshot(directory):
+    return {p: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def edit_run_json(run_dir, edit):
+    meta = json.loads((run_dir / "run.json").read_text())
+    edit(meta)
+    (run_dir / "run.json").write_text(json.dumps(meta))
+
+
+# -- an edited run.json ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "table, key, value, fragment",
+    [
+        ("checkpoint", "keep", 0, "checkpoint.keep must be positive, got 0"),
+        ("checkpoint", "save_every", -5, "checkpoint.save_every must be positive, got -5"),
+        ("model", "n_embd", "8", "model.n_embd must be an integer, got '8'"),
+        ("model", "block_size", 0, "model.block_size must be positive, got 0"),
+        ("train", "lr", None, "train.lr must be a number, got None"),
+        ("data", "mode", "lines", "data.mode must be one of docs, stream, got 'lines'"),
+        ("train", "lr_max", 1.0, "train.lr_max is not a TrainConfig field"),
+        ("model", "vocab_size", 30, "vocab has 26 characters (+ BOS), but model.vocab_size is 30"),
+    ],
+)
+@pytest.mark.parametrize("command", ["resume", "sample"])
+def test_an_edited_run_json_is_refused_naming_the_field(tmp_path, capsys, finished, table, key, value, fragment, command):
+    run_dir = copy_of(finished, tmp_path)
+    edit_run_json(run_dir, lambda meta: meta[table].__setitem__(key, value))
+    before = snapshot(run_dir)
+    args = ["train", "--resume", run_dir] if command == "resume" else ["sample", run_dir]
+    code, out = run_in_process(capsys, *args)
+    assert_one_line_error(code, out.err, f"{run_dir / 'run.json'}: {fragment}")
+    assert snapshot(run_dir) == before  # nothing deleted, moved or rewritten
+
+
+@pytest.mark.parametrize("key, value, fragment", [("n_head", 4, "n_head = 2"), ("n_layer", 3, "n_layer = 1")])
+def test_a_run_json_that_disagrees_with_the_checkpoints_moves_nothing(tmp_path, capsys, finished, key, value, fragment):
+    """One flipped field samples a different model or moves every good checkpoint aside: neither happens."""
+    run_dir = copy_of(finished, tmp_path)
+    edit_run_json(run_dir, lambda meta: meta["model"].__setitem__(key, value))
+    before = snapshot(run_dir)
+    for args in (["sample", run_dir], ["train", "--resume", run_dir], ["export", run_dir, tmp_path / "w.safetensors"]):
+        code, out = run_in_process(capsys, *args)
+        assert_one_line_error(code, out.err, f"checkpoint 6 was trained with {fragment}", "nothing was moved")
+    assert snapshot(run_dir) == before and not (run_dir / "damaged").exists()
+
+
+# -- damage is only evidence of damage ------------------------------------------------------
+
+
+def test_an_os_error_while_reading_is_not_damage(tmp_path, capsys, finished, monkeypatch):
+    run_dir = copy_of(finished, tmp_path)
+    before = snapshot(run_dir)
+
+    def too_many_files(path):
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    monkeypatch.setattr(checkpoint, "file_sha256", too_many_files)
+    code, out = run_in_process(capsys, "train", "--resume", run_dir)
+    assert_one_line_error(code, out.err, "could not read checkpoint 6", "Too many open files", "nothing was moved")
+    assert snapshot(run_dir) == before and not (run_dir / "damaged").exists()
+
+
+def test_a_checkpoint_removed_while_it_is_read_is_not_damage(tmp_path, capsys, finished, monkeypatch):
+    """`keep` of a training process removes the oldest step while `sample` reads it."""
+    run_dir = copy_of(finished, tmp_path)
+    real_read = checkpoint.CheckpointStore.read
+
+    def read_while_removed(self, step, with_opt_state=True):
+        if step == 6:
+            shutil.rmtree(self.directory / "6")
+            raise checkpoint.Damaged("meta/metadata is unreadable")
+        return real_read(self, step, with_opt_state)
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "read", read_while_removed)
+    run, params = load_run(run_dir)
+    assert "damaged" not in capsys.readouterr().err
+    assert run.store.steps() == [2, 4] and not (run_dir / "damaged").exists()
+
+
+def test_odd_step_directory_names_are_skipped_with_a_warning(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path)
+    for name in ("0400", "²", "notes"):
+        (run_dir / "checkpoints" / name).mkdir()
+    run, params = load_run(run_dir)
+    err = capsys.readouterr().err
+    assert run.store.restore().step == 6
+    assert all(f"skipping {run_dir / 'checkpoints' / name}" in err for name in ("0400", "²", "notes"))
+
+
+# -- one process at a time -------------------------------------------------------------------
+
+
+def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path, finished):
+    run_dir = copy_of(finished, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from microgpt_jax.rundir import RunDir; run = RunDir.open({str(run_dir)!r}).lock(); print('held', flush=True); input()"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run_dir)
+        out = cli_process("train", "--resume", run_dir, "--steps", "8")
+        assert_one_line_error(out.returncode, out.stderr, f"{run_dir} is in use by another microgpt-jax process (pid {holder.pid})")
+        out = cli_process("train", *FLAGS, "--out", run_dir)
+        assert_one_line_error(out.returncode, out.stderr, "is an existing run")
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with RunDir(empty, {}, None, ROOT, "").lock():  # a new run's directory, locked before run.json exists
+        out = cli_process("train", *FLAGS, "--out", empty)
+        assert_one_line_error(out.returncode, out.stderr, f"{empty} is in use by another microgpt-jax process")
+    assert [p.name for p in empty.iterdir()] == [".lock"]
+
+
+# -- metrics.jsonl: appended, never rewritten ---------------------------------------------------
+
+
+def test_metrics_are_appended_and_read_as_one_history(tmp_path, capsys, finished):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    shutil.rmtree(run_dir / "checkpoints" / "4")
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 8, "loss": 1.0')  # a torn last line (a kill mid-write)
+    before = metrics.read_bytes()
+    cli.main(["train", "--resume", str(run_dir)])
+    after = metrics.read_bytes()
+    assert after.startswith(before)  # appended: the history before the resume is still there, byte for byte
+    records = read_metrics(run_dir)
+    assert "is not a whole metrics record" in capsys.readouterr().err
+    assert [r["step"] for r in records] == [2, 4, 6]  # steps 4 and 6 trained again: their first records dropped
+    first = [json.loads(line) for line in before.splitlines()[:3]]
+    assert records[0] == first[0] and records[1:] != first[1:]
+    assert np.allclose([r["loss"] for r in records[1:]], [r["loss"] for r in first[1:]])  # the same steps, retrained
+
+
+# -- bad paths, full disks, closed pipes -----------------------------------------------------------
+
+
+def test_unwritable_paths_are_one_line_and_leave_nothing_behind(tmp_path, capsys, finished):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory")
+    for args, fragment in [
+        (["train", *FLAGS, "--out", a_file / "run"], "could not create the run directory"),
+        (["train", *FLAGS, "--out", "/proc/microgpt-run"], "could not create the run directory"),
+        (["export", finished, "/proc/w.safetensors"], "could not write /proc/w.safetensors"),
+        (["export", finished, a_file / "w.safetensors"], "does not exist"),
+        (["plot", finished, "--out", "/proc/loss.png"], "could not write /proc/loss.png"),
+        (["plot", finished, "--out", tmp_path / "loss.txt"], "cannot write a plot as loss.txt"),
+    ]:
+        code, out = run_in_process(capsys, *args)
+        assert_one_line_error(code, out.err, fragment)
+    assert not Path("/proc/microgpt-run").exists()
+    run_dir = tmp_path / "new"  # the same command, once the path is fine, is accepted
+    assert cli.main(["train", *FLAGS, "--steps", "2", "--out", str(run_dir)]) is None
+
+
+def test_a_full_disk_while_writing_metrics_loses_nothing(tmp_path, capsys, finished, monkeypatch):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    from microgpt_jax import metrics
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(metrics.MetricsFile, "write", full)
+    code, out = run_in_process(capsys, "train", "--resume", run_dir)
+    assert_one_line_error(code, out.err, "No space left on device", "the latest checkpoint is step 4")
+    assert RunDir.open(run_dir).store.steps() == [2, 4]
+
+
+def test_every_command_piped_into_head(tmp_path, finished):
+    for command in ([f"sample {finished} --num-samples 2000"], [f"check --steps 1"], ["--help"]):
+        script = f"{sys.executable} -m microgpt_jax {command[0]} | head -c 1 > /dev/null"
+        out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 1, out.stderr
+
+
+# -- values that cannot work -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
+        (["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
+        (["--eps", "0"], "--eps must be positive, got 0.0"),
+        (["--keep", "0"], "--keep must be positive, got 0"),
+        (["--save-every", "-5"], "--save-every must be positive, got -5"),
+        (["--n-embd", "100000", "--n-head", "4"], "this run needs about"),
+        (["--n-layer", "1000000"], "this run needs about"),
+        (["--block-size", "1000000000"], "this run needs about"),
+        (["--batch-size", "1000000000"], "this run needs about"),
+    ],
+)
+def test_values_that_cannot_work_are_one_line(capsys, tmp_path, flags, fragment):
+    clock = time.perf_counter()
+    code, out = run_in_process(capsys, "train", "--out", tmp_path / "run", *flags)
+    assert_one_line_error(code, out.err, fragment)
+    assert time.perf_counter() - clock < 30 and not (tmp_path / "run").exists()
+
+
+def test_a_run_without_out_says_nothing_is_saved(capsys):
+    cli.main(["train", *TINY, "--steps", "2"])
+    assert capsys.readouterr().out.count("nothing of this run will be saved") == 1
+
+
+def test_a_run_that_fails_before_any_checkpoint_names_a_step_that_is_accepted(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out = run_in_process(capsys, "train", *TINY, "--steps", "20", "--lr", "1e17", "--out", run_dir)
+    assert_one_line_error(code, out.err, "loss is nan", "no checkpoint was saved", "--out in a new directory")
+    code, _ = run_in_process(capsys, "train", *TINY, "--steps", "2", "--out", tmp_path / "new")  # what it says to do
+    assert code == 0
+
+
+def test_a_huge_step_count_is_not_materialised():
+    ends = train.chunk_ends(0, 10**12, 10, every=(4, 10))
+    assert list(itertools.islice(ends, 5)) == [4, 8, 10, 12, 16]
+
+
+def test_config_errors_name_the_field_not_a_flag():
+    with pytest.raises(ConfigError) as e:
+        train.TrainConfig(lr=float("inf"))
+    assert (e.value.field, str(e.value)) == ("lr", "lr must be a finite number, got inf")
+    with pytest.raises(UserError, match="^keep must be positive"):
+        checkpoint.CheckpointConfig(keep=0)
+
+
+def test_bfloat16_runs_save_read_and_resume_bitwise(tmp_path, names_path):
+    """The GPU's dtype through the library on the CPU (the CLI refuses it there, as a policy)."""
+    from microgpt_jax.checkpoint import CheckpointConfig
+    from microgpt_jax.data import DataConfig
+    from microgpt_jax.model import GPTConfig
+    from microgpt_jax.session import Session
+
+    train.set_precision("bfloat16", allow_cpu_bfloat16=True)
+    configs = {
+        "model": GPTConfig(n_embd=8, n_head=2, block_size=8),
+        "train": train.TrainConfig(steps=6, batch_size=2, dtype="bfloat16", log_every=2, eval_every=2),
+        "data": DataConfig(),
+        "checkpoint": CheckpointConfig(save_every=2),
+    }
+    session = Session(configs, names_path)
+    with RunDir.create(tmp_path / "run", session.configs, session.vocab, names_path) as run:
+        state = session.initial_state()
+        whole = train.fit(session.trainer, state, session.data, session.hooks(state, run))
+    assert run.store.steps() == [2, 4, 6]
+    read = run.store.read(6)
+    assert all(w.dtype == np.float32 for w in read.params.values())  # bfloat16 compute keeps float32 weights
+    assert all(np.array_equal(read.params[k], whole.params[k]) for k in read.params)
+    shutil.rmtree(run.store.directory / "6")
+    with RunDir.open(run.path).lock() as again:
+        state = session.resumed_state(again)
+        assert int(state.step) == 4
+        resumed = train.fit(session.trainer, state, session.data, session.hooks(state, again))
+    assert all(np.array_equal(resumed.params[k], whole.params[k]) for k in whole.params)
+    assert not (run.path / "damaged").exists()
