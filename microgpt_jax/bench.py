@@ -150,7 +150,7 @@ def reference_mode():
 
     from microgpt_jax.data import DataConfig, DocumentSource
     from microgpt_jax.model import init_params_reference
-    from microgpt_jax.train import Trainer, TrainConfig
+    from microgpt_jax.train import TrainConfig, Trainer
 
     scalar = scalar_rate()
     x64 = jax.config.jax_enable_x64
@@ -213,7 +213,7 @@ def packing():
 
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import Trainer, TrainConfig
+    from microgpt_jax.train import TrainConfig, Trainer
 
     out = {}
     for layout in ("padded", "packed"):
@@ -246,7 +246,7 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
 
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import Trainer, TrainConfig, flops_per_token
+    from microgpt_jax.train import TrainConfig, Trainer, flops_per_token
 
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
     vocab, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
@@ -314,7 +314,7 @@ def scaling_worker(text):
     from microgpt_jax import parallel
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import Trainer, TrainConfig
+    from microgpt_jax.train import TrainConfig, Trainer
 
     jax.config.update("jax_enable_compilation_cache", False)
     mesh = parallel.make_mesh()

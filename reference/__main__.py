@@ -2,7 +2,7 @@
 
 import random
 
-from microgpt_jax.data import load_docs, resolve_data_path
+from microgpt_jax.text import load_docs, resolve_data_path
 from microgpt_jax.errors import ArgumentParser, positive_int, run_cli
 from reference.gpt import Adam, Config, init_state, parameters, sample, train_step
 

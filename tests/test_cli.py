@@ -6,32 +6,7 @@ import sys
 
 import pytest
 
-from microgpt_jax.cli import main
-from microgpt_jax.errors import run_cli
-from tests.helpers import ROOT
-
-
-def cli(*args):
-    """Run `python -m microgpt_jax ARGS` as a user would."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, "-m", "microgpt_jax", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def run_in_process(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        run_cli(main, list(args))
-    return e.value.code, capsys.readouterr()
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
+from tests.helpers import ROOT, assert_one_line_error, cli, run_in_process
 
 
 @pytest.fixture
@@ -53,7 +28,7 @@ def test_missing_data_file_as_a_real_process(tmp_path):
 
 def test_bad_model_config_as_a_real_process():
     out = cli("train", "--n-embd", "10", "--n-head", "4")
-    assert_one_line_error(out.returncode, out.stderr, "n_embd (10) must be divisible by n_head (4)")
+    assert_one_line_error(out.returncode, out.stderr, "--n-embd (10) must be divisible by n_head (4)")
 
 
 @pytest.mark.parametrize(
@@ -69,17 +44,17 @@ def test_bad_data_files(capsys, bad_files, name, fragment, command):
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["train", "--steps", "0"], "steps must be a positive integer"),
-        (["train", "--steps", "-3"], "steps must be a positive integer"),
-        (["train", "--batch-size", "0"], "batch_size must be a positive integer"),
-        (["train", "--n-layer", "0"], "n_layer must be a positive integer"),
-        (["train", "--n-embd", "-16"], "n_embd must be a positive integer"),
-        (["train", "--block-size", "0"], "block_size must be a positive integer"),
-        (["train", "--n-head", "3"], "must be divisible by n_head (3)"),
+        (["train", "--steps", "0"], "--steps must be positive, got 0"),
+        (["train", "--steps", "-3"], "--steps must be positive, got -3"),
+        (["train", "--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["train", "--n-layer", "0"], "--n-layer must be positive, got 0"),
+        (["train", "--n-embd", "-16"], "--n-embd must be positive, got -16"),
+        (["train", "--block-size", "0"], "--block-size must be positive, got 0"),
+        (["train", "--n-head", "3"], "--n-embd (16) must be divisible by n_head (3)"),
         (["train", "--steps", "ten"], "invalid int value"),
-        (["check", "--n-head", "5"], "must be divisible by n_head (5)"),
-        (["check", "--steps", "0"], "must be a positive integer"),
-        (["reproduce", "--steps", "0"], "must be a positive integer"),
+        (["check", "--n-head", "5"], "--n-embd (16) must be divisible by n_head (5)"),
+        (["check", "--steps", "0"], "--steps: must be a positive integer, got 0"),
+        (["reproduce", "--steps", "0"], "--steps: must be a positive integer, got 0"),
         (["sample", "/nonexistent/run"], "is not a run directory"),
     ],
 )

@@ -23,8 +23,8 @@ from microgpt_jax.check import (
     jax_grads,
     run_check,
 )
-from microgpt_jax.data import Vocab, reference_docs
 from microgpt_jax.model import GPTConfig, forward, init_params_reference
+from microgpt_jax.text import Vocab, reference_docs
 
 assert (ATOL, RTOL, PARAM_ATOL) == (1e-12, 1e-10, 1e-10)  # the tolerances, never looser
 

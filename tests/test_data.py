@@ -8,9 +8,10 @@ import urllib.error
 import numpy as np
 import pytest
 
-import microgpt_jax.data as data
-from microgpt_jax.data import Vocab, load_docs, padded_batch, reference_docs
+import microgpt_jax.text as text
 from microgpt_jax.errors import UserError
+from microgpt_jax.layout import padded_batch
+from microgpt_jax.text import Vocab, load_docs, reference_docs
 from tests.helpers import reference_batches
 
 
@@ -21,7 +22,7 @@ def test_docs_follow_the_spec(tmp_path):
 
 
 def test_names_dataset_and_vocabulary(names_path):
-    assert hashlib.sha256(names_path.read_bytes()).hexdigest() == data.NAMES_SHA256
+    assert hashlib.sha256(names_path.read_bytes()).hexdigest() == text.NAMES_SHA256
     docs, rng = reference_docs(names_path)
     expected = load_docs(names_path)
     random.Random(42).shuffle(expected)
@@ -83,40 +84,40 @@ class FakeResponse(io.BytesIO):
 
 
 def test_default_dataset_downloads_verifies_and_caches(names_path, tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path / "cache"))
     calls = []
 
     def fake_urlopen(url, timeout):
         calls.append(url)
         return FakeResponse(names_path.read_bytes())
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
-    path = data.default_dataset()
+    monkeypatch.setattr(text.urllib.request, "urlopen", fake_urlopen)
+    path = text.default_dataset()
     assert path == tmp_path / "cache" / "names.txt" and path.read_bytes() == names_path.read_bytes()
-    assert data.default_dataset() == path and calls == [data.NAMES_URL]  # the second time from the cache
+    assert text.default_dataset() == path and calls == [text.NAMES_URL]  # the second time from the cache
 
 
 def test_a_corrupt_download_is_refused_and_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"not names\n"))
+    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(text.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"not names\n"))
     with pytest.raises(UserError, match="does not match its sha256.*--data"):
-        data.default_dataset()
+        text.default_dataset()
     assert not (tmp_path / "names.txt").exists()
 
 
 def test_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path))
 
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setattr(text.urllib.request, "urlopen", offline)
+    monkeypatch.delenv(text.DATA_ENV, raising=False)
     with pytest.raises(UserError, match="could not download.*--data PATH"):
-        data.resolve_data_path(None)
+        text.resolve_data_path(None)
 
 
 def test_data_env_and_flag_take_precedence(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env.txt"))
-    assert data.resolve_data_path(None) == tmp_path / "env.txt"
-    assert data.resolve_data_path(tmp_path / "flag.txt") == tmp_path / "flag.txt"
+    monkeypatch.setenv(text.DATA_ENV, str(tmp_path / "env.txt"))
+    assert text.resolve_data_path(None) == tmp_path / "env.txt"
+    assert text.resolve_data_path(tmp_path / "flag.txt") == tmp_path / "flag.txt"

@@ -398,24 +398,28 @@ def test_op_counts_counts_nested_programs_once():
 
 
 def test_the_train_step_donates_params_and_opt_state():
-    from microgpt_jax.data import padded_batch
     from microgpt_jax.graph import buffers
+    from microgpt_jax.layout import padded_batch
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import Trainer, TrainConfig
+    from microgpt_jax.train import TrainConfig, Trainer
 
     cfg = GPTConfig(vocab_size=7, n_embd=8, n_head=2, n_layer=1, block_size=6)
     trainer = Trainer(cfg, TrainConfig(steps=3, dtype="float64"))
     params = init_params(cfg, jax.random.key(0), jnp.float64)
-    opt_state = trainer.init(params)
+    state = trainer.init(params)  # TrainState(params, opt_state, step)
     batch = jax.tree.map(jnp.asarray, padded_batch([[6, 1, 2, 6]], cfg.block_size))
-    rows = buffers(trainer.step, params, opt_state, batch)
-    n_params, n_state = len(jax.tree.leaves(params)), len(jax.tree.leaves(opt_state))
-    assert len(rows) == n_params + n_state + 5
-    assert [r.donated for r in rows] == [True] * (n_params + n_state) + [False] * 5
-    assert [r.aliased_output for r in rows[: n_params + n_state]] == list(range(n_params + n_state))
-    assert all(r.aliased_output is None for r in rows[n_params + n_state :])
-    assert rows[0].path.startswith("[0]['") and rows[-1].path == "[2].weights"
-    assert rows[-1].aval == "float64[1,6]"
+    rows = buffers(trainer.step, state, batch)
+    n_params, n_opt = len(jax.tree.leaves(state.params)), len(jax.tree.leaves(state.opt_state))
+    n_state = n_params + n_opt + 1  # and the step counter
+    assert len(jax.tree.leaves(state)) == n_state
+    assert len(rows) == n_state + 5
+    assert [r.donated for r in rows] == [True] * n_state + [False] * 5
+    assert [r.aliased_output for r in rows[:n_state]] == list(range(n_state))
+    assert all(r.aliased_output is None for r in rows[n_state:])
+    assert all(r.path.startswith("[0].params['") for r in rows[:n_params])
+    assert all(r.path.startswith("[0].opt_state") for r in rows[n_params : n_params + n_opt])
+    assert rows[n_state - 1].path == "[0].step" and rows[n_state - 1].aval == "int32[]"
+    assert rows[-1].path == "[1].weights" and rows[-1].aval == "float64[1,6]"
 
     plain = buffers(jax.jit(lambda p: jax.tree.map(lambda w: 2 * w, p)), params)
     assert not any(r.donated or r.aliased_output is not None for r in plain)

@@ -1,7 +1,6 @@
 """The notebooks run top to bottom (a cell that raises fails the test) and are committed without outputs."""
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,11 @@ import pytest
 from nbclient import NotebookClient
 
 import reference
-from microgpt_jax.data import Batch, Vocab, reference_docs
-from microgpt_jax.train import TrainConfig, make_optimizer
+from microgpt_jax.layout import Batch
+from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 STEPS = 2  # MICROGPT_NB_STEPS for the test runs: enough to exercise every cell
 
@@ -56,9 +56,11 @@ def test_computation_graph_runs(names_path, monkeypatch):
     text = "".join(outputs(book, "stream"))
     for line in seed_lines(names_path, STEPS):  # the scalar steps it measures are microgpt's very steps
         assert line in text
-    # the train step donates every leaf of params and of the optimizer state, and reuses each one
+    # the train step donates every leaf of its TrainState (params, optimizer state, step), and reuses each one
     params = {k: jnp.zeros(s) for k, s in reference.param_shapes(reference.Config(vocab_size=27))}
-    donated = len(params) + len(jax.tree.leaves(make_optimizer(TrainConfig()).init(params)))
+    opt_state = make_optimizer(TrainConfig()).init(params)
+    donated = len(params) + len(jax.tree.leaves(opt_state)) + 1
+    assert donated == len(jax.tree.leaves(TrainState(params, opt_state, jnp.zeros((), jnp.int32))))
     batch_leaves = len(Batch._fields)
     assert f"{donated} of {donated + batch_leaves} input buffers donated, {donated} reused in place" in text
 

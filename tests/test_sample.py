@@ -1,10 +1,7 @@
 """Sampling: the KV-cache decode against the full forward and the scalar engine, the sampler, the CLI."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +14,8 @@ import reference
 import reference.gpt
 from microgpt_jax import bench, cli
 from microgpt_jax.check import compare, to_reference_state
-from microgpt_jax.checkpoint import Run, step_key
-from microgpt_jax.data import Vocab
-from microgpt_jax.errors import run_cli
+from microgpt_jax.checkpoint import CheckpointConfig
+from microgpt_jax.data import DataConfig
 from microgpt_jax.model import (
     GPTConfig,
     decode_step,
@@ -29,10 +25,12 @@ from microgpt_jax.model import (
     init_params,
     init_params_reference,
 )
+from microgpt_jax.rundir import RunDir
 from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_reference, sample_rows
-from microgpt_jax.train import TrainConfig, make_optimizer
+from microgpt_jax.text import Vocab
+from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = Vocab("abcdefghijklmnopqrstuvwxyz")
 BOS = VOCAB.bos
 CFG = GPTConfig(vocab_size=VOCAB.size)  # microgpt's model
@@ -252,8 +250,9 @@ def make_run(path, dtype):
     tcfg = TrainConfig(steps=1, dtype=np.dtype(dtype).name)
     data = path.parent / f"{path.name}-data.txt"
     data.write_text(VOCAB.chars + "\n")
-    run = Run.create(path, CFG, tcfg, VOCAB, data)
-    run.save(1, params, make_optimizer(tcfg).init(params), step_key(tcfg.seed, 1), data_position=0)
+    configs = {"model": CFG, "train": tcfg, "data": DataConfig(), "checkpoint": CheckpointConfig()}
+    with RunDir.create(path, configs, VOCAB, data) as run:
+        run.store.save(TrainState(params, make_optimizer(tcfg).init(params), np.int32(1)), data_position=0)
     return str(path)
 
 
@@ -264,9 +263,7 @@ def run_dir(tmp_path_factory):
 
 def test_cli_prompt_json(tmp_path):
     """End to end on a float32 run: one sample per line, each continuing the prompt, with its log-probability."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    argv = ["sample", make_run(tmp_path / "run", np.float32), "--prompt", "ka", "--num-samples", "6", "--json"]
-    out = subprocess.run([sys.executable, "-m", "microgpt_jax", *argv], env=env, capture_output=True, text=True)
+    out = helpers.cli("sample", make_run(tmp_path / "run", np.float32), "--prompt", "ka", "--num-samples", "6", "--json")
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 6 and all(r["sample"].startswith("ka") and r["logprob"] < 0 for r in rows)
@@ -301,15 +298,14 @@ def test_cli_plain_output_and_reference(run_dir, capsys):
     ],
 )
 def test_cli_bad_input(run_dir, capsys, args, message):
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(cli.main, ["sample", run_dir, *args])
-    err = capsys.readouterr()
-    assert exit_.value.code == 2 and err.out == ""
-    assert err.err.startswith("error: ") and err.err.count("\n") == 1 and message in err.err
+    code, err = helpers.run_in_process(capsys, "sample", run_dir, *args)
+    assert code == 2 and err.out == ""
+    helpers.assert_one_line_error(code, err.err, message)
+    assert err.err.count("\n") == 1
 
 
 def test_cli_not_a_run(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(cli.main, ["sample", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "is not a run directory" in err and err.count("\n") == 1
+    code, err = helpers.run_in_process(capsys, "sample", tmp_path)
+    assert code == 2
+    helpers.assert_one_line_error(code, err.err, "is not a run directory")
+    assert err.err.count("\n") == 1
