@@ -2,8 +2,8 @@
 
 Each hook is a callable taking the loop's `Info` with an `every` attribute
 (None: after every chunk; N or (N, M): at those multiples and at the end),
-registered in order with `fit(..., hooks)` (train.py). `training_hooks`
-assembles the usual list for a run.
+registered in order with `fit(..., hooks)` (train.py). `Session.hooks`
+(session.py) assembles the usual list for a run.
 """
 
 import os

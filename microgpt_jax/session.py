@@ -5,7 +5,6 @@ notebook or a script can call them the same way.
 """
 
 import dataclasses
-import os
 
 import jax
 
@@ -99,8 +98,7 @@ class Session:
         hooks.append(Record(self.trainer.lr, logged))
         if run and main:
             hooks.append(WriteMetrics(MetricsFile(run.path, resumed_at=start if start else None), logged))
-        progress = Progress(tcfg.steps, start) if main else Progress(tcfg.steps, start, bar=False, file=open(os.devnull, "w"))
-        hooks.append(ShowProgress(progress, logged))
+        hooks.append(ShowProgress(Progress(tcfg.steps, start, bar=None if main else False), logged))
         if run:
             hooks.append(Checkpoints(run.store, run.ccfg.save_every, self.data.position, run.path))
             if main:

@@ -15,9 +15,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from microgpt_jax import parallel  # noqa: E402
-from microgpt_jax.data import Vocab  # noqa: E402
 from microgpt_jax.model import GPTConfig, init_params  # noqa: E402
-from microgpt_jax.train import Trainer, TrainConfig  # noqa: E402
+from microgpt_jax.text import Vocab  # noqa: E402
+from microgpt_jax.train import TrainConfig, Trainer  # noqa: E402
 from tests.helpers import reference_batches  # noqa: E402
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia", "harper", "evelyn", "abigail"]
@@ -29,12 +29,12 @@ def train(num_devices, steps=10, batch_size=8):
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, dtype="float64")
     mesh = parallel.make_mesh(num_devices)
     trainer = Trainer(cfg, tcfg, mesh)
-    params = trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64))
-    opt_state = trainer.init(params)
+    state = trainer.init(trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64)))
     batches = trainer.put(reference_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
-    params, opt_state, losses = trainer.steps(params, opt_state, batches, steps)
+    state, losses = trainer.steps(state, batches, steps)
+    assert int(state.step) == steps
     shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}
-    return np.asarray(losses), jax.tree.map(np.asarray, params), shards
+    return np.asarray(losses), jax.tree.map(np.asarray, state.params), shards
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from microgpt_jax import cli
-from microgpt_jax.checkpoint import Run
-from tests.helpers import ROOT
+from microgpt_jax.metrics import read_metrics
+from microgpt_jax.rundir import RunDir
+from tests.helpers import ROOT, assert_one_line_error
 
 ATOL, RTOL = 1e-12, 1e-10  # the issue's tolerance, |many - one| <= ATOL + RTOL * |one|
 SMALL = "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 --save-every 5 --log-every 5 --eval-every 5 --eval-size 16 --dtype float64".split()
@@ -75,7 +76,8 @@ def train_two_processes(*args, while_running=None, returncode=0):
 
 
 def losses(run_dir):
-    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    """(step, loss, val_loss) of each metrics record, read as one history (a resumed run's retrained steps once)."""
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(run_dir, warn=pytest.fail)]
 
 
 def assert_close(got, want):
@@ -89,7 +91,7 @@ def assert_same_run(got_dir, want_dir, step=10):
     assert [s for s, _, _ in got] == [s for s, _, _ in want] == [5, 10]
     assert_close([l for _, l, _ in got], [l for _, l, _ in want])
     assert_close([v for _, _, v in got], [v for _, _, v in want])
-    got_params, want_params = Run.open(got_dir).read(step).params, Run.open(want_dir).read(step).params
+    got_params, want_params = RunDir.open(got_dir).store.read(step).params, RunDir.open(want_dir).store.read(step).params
     assert got_params.keys() == want_params.keys()
     for name in want_params:
         assert got_params[name].dtype == np.float64
@@ -130,26 +132,26 @@ def test_two_processes_equal_one_and_resume_across(tmp_path, capsys):
     assert_close([s["logprob"] for s in samples[1]], [s["logprob"] for s in samples[0]])
 
 
-def assert_one_line_error(code, out, err, text):
+def assert_usage_error(code, out, err, text):
+    """Exit 2 and one line, `error: ...` with text in it, no traceback."""
     assert code == 2, (out, err)
-    assert err.startswith("error: ") and text in err and "Traceback" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    assert_one_line_error(code, err, text)
 
 
 def test_batch_not_divisible_by_the_devices(tmp_path):
     out_dir = tmp_path / "run"
     code, out, err = train(*SMALL, "--batch-size", "6", "--out", str(out_dir), devices=4)
-    assert_one_line_error(code, out, err, "the global batch size 6 is not divisible by the 4 devices; use a multiple of 4")
+    assert_usage_error(code, out, err, "the global batch size 6 is not divisible by the 4 devices; use a multiple of 4")
     assert not out_dir.exists()  # nothing written
     code, out, err = train(*SMALL, "--devices", "3", "--out", str(out_dir), devices=4)
-    assert_one_line_error(code, out, err, "is not divisible by the 3 devices")
+    assert_usage_error(code, out, err, "is not divisible by the 3 devices")
 
 
 def test_unreachable_coordinator_and_bad_process_id(tmp_path):
     port = free_port()  # nobody listens there
     args = [*SMALL, "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     code, out, err = train(*args, "--process-id", "1", "--coordinator-timeout", "2")
-    assert_one_line_error(code, out, err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
+    assert_usage_error(code, out, err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
     code, out, err = train(*args, "--process-id", "2")
-    assert_one_line_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
+    assert_usage_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
     assert not (tmp_path / "run").exists()

@@ -10,10 +10,12 @@ import pytest
 
 import reference
 from microgpt_jax.check import ATOL, RTOL, from_reference_state, to_reference_state
-from microgpt_jax.data import Vocab, padded_batch
+from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
+from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
-from microgpt_jax.train import Trainer, TrainConfig, make_optimizer
+from microgpt_jax.text import Vocab
+from microgpt_jax.train import TrainConfig, Trainer, TrainState, make_optimizer
 from tests.helpers import reference_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
@@ -30,12 +32,15 @@ def test_config_validation():
     with pytest.raises(UserError, match="divisible"):
         GPTConfig(n_embd=10, n_head=4)
     for field in ("vocab_size", "n_embd", "n_head", "n_layer", "block_size"):
-        with pytest.raises(UserError, match=f"{field} must be a positive integer"):
+        with pytest.raises(ConfigError, match=f"^{field} must be positive, got 0$") as e:
             GPTConfig(**{field: 0})
-    with pytest.raises(UserError, match="steps must be a positive integer"):
+        assert isinstance(e.value, UserError) and e.value.field == field
+    with pytest.raises(ConfigError, match="^steps must be positive, got 0$") as e:
         TrainConfig(steps=0)
-    with pytest.raises(UserError, match="dtype"):
+    assert isinstance(e.value, UserError) and e.value.field == "steps"
+    with pytest.raises(ConfigError, match="dtype") as e:
         TrainConfig(dtype="float16")
+    assert isinstance(e.value, UserError) and e.value.field == "dtype"
 
 
 def test_init_params_shapes_and_scale():
@@ -71,44 +76,47 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     params0 = init_params(CFG, jax.random.key(1), jnp.float64)
     batches = reference_batches(ENCODED, 0, 6, 2, CFG.block_size)
 
-    p, s = jax.tree.map(jnp.copy, params0), trainer.init(params0)
+    s = trainer.init(jax.tree.map(jnp.copy, params0))  # the steps donate the state: each run gets its own copy
+    assert isinstance(s, TrainState) and int(s.step) == 0
     step_losses = []
     for i in range(6):
-        p, s, loss = trainer.step(p, s, as_jax(jax.tree.map(lambda b: b[i], batches)))
+        s, loss = trainer.step(s, as_jax(jax.tree.map(lambda b: b[i], batches)))
         step_losses.append(float(loss))
     assert trainer.step._cache_size() == 1  # six steps, one trace
+    assert int(s.step) == 6
 
-    q, t = jax.tree.map(jnp.copy, params0), trainer.init(params0)
+    t = trainer.init(jax.tree.map(jnp.copy, params0))
     scan_losses = []
     for start in (0, 3):  # two calls of 3 steps each: one trace
         chunk = as_jax(jax.tree.map(lambda b: b[start : start + 3], batches))
-        q, t, losses = trainer.steps(q, t, chunk, 3)
+        t, losses = trainer.steps(t, chunk, 3)
         scan_losses += [float(x) for x in losses]
     assert trainer.steps._cache_size() == 1
 
-    # identical, bit for bit: the scan body is the step
+    # identical, bit for bit: the scan body is the step (weights, Adam's moments and the step count)
     assert scan_losses == step_losses
-    chex.assert_trees_all_equal((q, t), (p, s))
+    chex.assert_trees_all_equal(t, s)
 
 
 def test_step_donates_params_and_optimizer_state():
     trainer = Trainer(CFG, TrainConfig(steps=2, dtype="float64"))
     params = init_params(CFG, jax.random.key(2), jnp.float64)
-    opt_state = trainer.init(params)
+    state = trainer.init(params)
     batch = as_jax(padded_batch([ENCODED[0]], CFG.block_size))
-    new_params, _, _ = trainer.step(params, opt_state, batch)
+    new_state, _ = trainer.step(state, batch)
     assert all(p.is_deleted() for p in jax.tree.leaves(params))
-    assert not any(p.is_deleted() for p in jax.tree.leaves(new_params))
+    assert all(p.is_deleted() for p in jax.tree.leaves(state.opt_state))
+    assert not any(p.is_deleted() for p in jax.tree.leaves(new_state))
 
 
 def test_float32_training_stays_float32_and_learns():
     tcfg = TrainConfig(steps=40, batch_size=4, dtype="float32")
     trainer = Trainer(CFG, tcfg)
-    params = init_params(CFG, jax.random.key(3), jnp.float32)
-    opt_state = trainer.init(params)
-    batches = as_jax(reference_batches(ENCODED, 0, 40, 4, CFG.block_size))
-    params, opt_state, losses = trainer.steps(params, opt_state, batches, 40)
-    assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in params.values())
+    state = trainer.init(init_params(CFG, jax.random.key(3), jnp.float32))
+    batches = trainer.put(reference_batches(ENCODED, 0, 40, 4, CFG.block_size))
+    state, losses = trainer.steps(state, batches, 40)
+    assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in state.params.values())
+    assert int(state.step) == 40
     assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5
 
 

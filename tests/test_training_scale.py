@@ -2,9 +2,8 @@
 
 import json
 import os
-import sys
 import subprocess
-from pathlib import Path
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,22 +12,15 @@ import pytest
 
 from microgpt_jax import train as train_module
 from microgpt_jax.check import ATOL, PARAM_ATOL, RTOL
-from microgpt_jax.data import (
-    Batch,
-    TrainData,
-    Vocab,
-    load_docs,
-    load_train_data,
-    pack,
-    packed_batch,
-    padded_batch,
-    split,
-)
+from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, load_train_data, split
 from microgpt_jax.errors import UserError
+from microgpt_jax.hooks import Evaluate, NonFinite, Progress, Record, ShowProgress, WriteMetrics
+from microgpt_jax.layout import Batch, pack, packed_batch, padded_batch
+from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
-from microgpt_jax.train import Progress, Trainer, TrainConfig, chunk_ends, fit, make_schedule, run_steps
-
-ROOT = Path(__file__).resolve().parents[1]
+from microgpt_jax.text import Vocab, load_docs
+from microgpt_jax.train import TrainConfig, Trainer, chunk_ends, fit, make_schedule, run_steps
+from tests.helpers import ROOT
 
 
 def assert_close(got, want, atol=ATOL, rtol=RTOL):
@@ -117,21 +109,22 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
     cfg = GPTConfig(vocab_size=vocab.size)
     results = []
     for layout in ("packed", "padded"):
-        tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64", layout=layout)
+        tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64")
         trainer = Trainer(cfg, tcfg)
-        params = init_params(cfg, jax.random.key(0), jnp.float64)
-        opt_state = trainer.init(params)
-        data = TrainData(tcfg, cfg.block_size, enc, [])
+        state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float64))
+        data = DocumentSource(enc, [], DataConfig(layout=layout, val_fraction=0.0), tcfg.batch_size, cfg.block_size)
         built, built_by_yield, batches = [], [], data.batches
         data.batches = lambda start, n, length: built.append(start) or batches(start, n, length)
-        losses = []
-        for chunk in run_steps(trainer, params, opt_state, data, 0, 7, chunk=3):
+        losses, starts = [], []
+        for chunk in run_steps(trainer, state, data, 7, 3):
             built_by_yield.append(list(built))
-            params, opt_state = chunk.params, chunk.opt_state
+            state = chunk.state
+            starts.append(chunk.start)
             losses.extend(chunk.losses)
         # each chunk's batches are built while the chunk before it runs, before its results are waited for
         assert built_by_yield == [[0, 3], [0, 3, 6], [0, 3, 6]]
-        results.append((np.array(losses), params))
+        assert starts == [0, 3, 6] and int(state.step) == 7
+        results.append((np.array(losses), state.params))
         if layout == "packed":
             assert data.rows < 24
     (loss_a, p_a), (loss_b, p_b) = results
@@ -141,16 +134,15 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
         assert_close(p_a[k], p_b[k], atol=PARAM_ATOL, rtol=0)
 
     # and the chunked loop equals the one-step function called 7 times
-    tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64", layout="padded")
+    tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64")
     trainer = Trainer(cfg, tcfg)
-    params = init_params(cfg, jax.random.key(0), jnp.float64)
-    opt_state = trainer.init(params)
-    data = TrainData(tcfg, cfg.block_size, enc, [])
+    state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float64))
+    data = DocumentSource(enc, [], DataConfig(layout="padded", val_fraction=0.0), tcfg.batch_size, cfg.block_size)
     for s in range(7):
-        params, opt_state, loss = trainer.step(params, opt_state, jax.tree.map(jnp.asarray, data.batch(s)))
+        state, loss = trainer.step(state, jax.tree.map(jnp.asarray, data.batch(s)))
         assert_close(loss, loss_b[s])
-    for k in params:
-        assert_close(params[k], p_b[k], atol=PARAM_ATOL, rtol=0)
+    for k in state.params:
+        assert_close(state.params[k], p_b[k], atol=PARAM_ATOL, rtol=0)
 
 
 # --- batches are a pure function of the step ---
@@ -159,11 +151,11 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
 def test_batch_is_a_pure_function_of_the_step(names_docs, shakespeare_path):
     docs, vocab = names_docs
     enc = [vocab.encode(d) for d in docs[:1000]]
-    for tcfg, train in (
-        (TrainConfig(batch_size=16), enc),
-        (TrainConfig(batch_size=4, mode="stream"), np.arange(500) % 7),
+    for make in (
+        lambda: DocumentSource(enc, [], DataConfig(), 16, 16),
+        lambda: StreamSource(np.arange(500) % 7, [], DataConfig(mode="stream"), 4, 16, seed=42),
     ):
-        a, b = TrainData(tcfg, 16, train, []), TrainData(tcfg, 16, train, [])
+        a, b = make(), make()
         later = a.batch(9)
         _ = [a.batch(s) for s in range(5)]  # whatever was asked before
         for x, y, z in zip(later, b.batch(9), a.batches(8, 2, 4)):
@@ -177,14 +169,14 @@ def test_batch_is_a_pure_function_of_the_step(names_docs, shakespeare_path):
 def test_docs_mode_at_batch_1_is_the_spec_order(names_docs):
     docs, vocab = names_docs
     enc = [vocab.encode(d) for d in docs[:50]]
-    data = TrainData(TrainConfig(layout="padded"), 16, enc, [])
+    data = DocumentSource(enc, [], DataConfig(layout="padded"), 1, 16)
     for s in (0, 1, 49, 50, 123):
         np.testing.assert_array_equal(data.batch(s).tokens, padded_batch([enc[s % 50]], 16).tokens)
 
 
 def test_stream_windows(shakespeare_path):
-    tcfg = TrainConfig(batch_size=8, mode="stream")
-    vocab, data = load_train_data(shakespeare_path, tcfg, 32)
+    vocab, data = load_train_data(shakespeare_path, DataConfig(mode="stream"), 8, 32, seed=42)
+    assert isinstance(data, StreamSource)
     text = shakespeare_path.read_text()
     b = data.batch(3)
     assert b.tokens.shape == (8, 32)
@@ -200,8 +192,9 @@ def test_stream_windows(shakespeare_path):
 
 
 def test_split_is_deterministic_and_refuses_an_empty_side(names_path):
-    tcfg = TrainConfig()
-    (_, a), (_, b) = load_train_data(names_path, tcfg, 16), load_train_data(names_path, tcfg, 16)
+    dcfg = DataConfig()
+    (_, a), (_, b) = load_train_data(names_path, dcfg, 1, 16, 42), load_train_data(names_path, dcfg, 1, 16, 42)
+    assert isinstance(a, DocumentSource)
     assert len(a.val) == 32033 // 10 and a.val == b.val and len(a.n) == 32033 - 32033 // 10
     train, val = split(list(range(20)), 0.1, "documents")
     assert val == [18, 19] and train == list(range(18))
@@ -227,19 +220,42 @@ def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_
     monkeypatch.setattr(train_module, "_evaluate", counting("evaluate", train_module._evaluate))
     docs, vocab = names_docs
     enc = [vocab.encode(d) for d in docs[:400]]
-    # 23 steps in chunks of 5: 5, 5, 5 (eval at 15), ... 3: short chunks, and four evals
-    tcfg = TrainConfig(steps=23, batch_size=4, log_every=5, eval_every=6, eval_size=40)
+    # 23 steps in chunks of at most 5, ending at every multiple of 5 and of 6: short chunks, and four evals
+    tcfg = TrainConfig(steps=23, batch_size=4, log_every=5, eval_every=6)
     cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
     trainer = Trainer(cfg, tcfg)
-    params = init_params(cfg, jax.random.key(0), jnp.float32)
-    data = TrainData(tcfg, cfg.block_size, enc[:300], enc[300:])
-    progress = Progress(tcfg.steps, bar=False)
-    params, opt_state, last = fit(trainer, params, trainer.init(params), data, run_dir=tmp_path, progress=progress)
+    state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float32))
+    data = DocumentSource(enc[:300], enc[300:], DataConfig(eval_size=40), tcfg.batch_size, cfg.block_size)
+    logged = (tcfg.log_every, tcfg.eval_every)
+    chunks, seen = [], []
+
+    def watch(info):  # after every chunk, after the hooks above it
+        chunks.append((info.step, info.losses))
+        if info.record:
+            seen.append(info.record)
+
+    watch.every = None
+    hooks = [
+        NonFinite(),
+        Evaluate(trainer, data.eval_set(), tcfg.eval_every),
+        Record(trainer.lr, logged),
+        WriteMetrics(MetricsFile(tmp_path), logged),
+        ShowProgress(Progress(tcfg.steps, bar=False), logged),
+        watch,
+    ]
+    state = fit(trainer, state, data, hooks)
+    assert int(state.step) == 23
+    assert [step for step, _ in chunks] == [5, 6, 10, 12, 15, 18, 20, 23]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 6, 10, 12, 15, 18, 20, 23]
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12, 18, 23]
     assert traces == {"step": 1, "evaluate": 1}
-    assert last == records[-1] and np.isfinite(last["val_loss"])
+    assert seen == records and np.isfinite(records[-1]["val_loss"])
+    # each record's loss is the mean over the steps since the record before it
+    losses = np.concatenate([chunk_losses for _, chunk_losses in chunks])
+    assert len(losses) == 23 and np.all(np.isfinite(losses))
+    for previous, record in zip([0] + [r["step"] for r in records], records):
+        assert record["loss"] == pytest.approx(float(np.mean(losses[previous : record["step"]])), rel=1e-12)
     assert records[-1]["lr"] == pytest.approx(0.01 * (1 - 22 / 23), rel=1e-6)
 
 
@@ -264,11 +280,11 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
     batch = padded_batch([vocab.encode(d) for d in docs[:4]], 16)
     batch = jax.tree.map(jnp.asarray, batch._replace(weights=batch.weights.astype(np.float32)))
-    opt_state = trainer.init(params)
-    jaxpr = str(jax.make_jaxpr(trainer.step)(params, opt_state, batch))
+    state = trainer.init(params)
+    jaxpr = str(jax.make_jaxpr(trainer.step)(state, batch))
     assert "bf16[4,16,16]" in jaxpr  # activations in bfloat16
-    new, new_opt_state, loss = jax.eval_shape(trainer.step, params, opt_state, batch)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new, new_opt_state)) if p.ndim)  # weights and moments
+    new, loss = jax.eval_shape(trainer.step, state, batch)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new.params, new.opt_state)) if p.ndim)  # weights and moments
     assert loss.dtype == jnp.float32  # the softmax and the loss in float32
 
 
@@ -311,13 +327,13 @@ def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, s
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--batch-size", "0"], "batch_size must be a positive integer"),
-        (["--block-size", "0"], "block_size must be a positive integer"),
-        (["--eval-every", "-5"], "eval_every must be a positive integer"),
+        (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+        (["--block-size", "0"], "--block-size must be positive, got 0"),
+        (["--eval-every", "-5"], "--eval-every must be positive, got -5"),
         (["--mode", "stream", "--block-size", "64", "--data", "tiny.txt"], "fewer than block_size + 1 = 65"),
         (["--val-fraction", "0.1", "--data", "three.txt"], "leaves no document for validation"),
         (["--dtype", "bfloat16"], "bfloat16 is for GPUs"),
-        (["--layout", "ragged"], "layout must be one of packed, padded"),
+        (["--layout", "ragged"], ("--layout: invalid choice: 'ragged'", "packed", "padded")),
     ],
 )
 def test_train_bad_input_is_one_line(tmp_path, args, message):
@@ -327,7 +343,9 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "three.txt").write_text("ann\nbob\ncid\n")
     r = run_cli("train", "--steps", "2", *args, "--out", "run", cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    for fragment in (message,) if isinstance(message, str) else message:
+        assert fragment in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
 
