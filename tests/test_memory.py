@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from microgpt_jax import memory
-from microgpt_jax.data import Batch
+from microgpt_jax.layout import Batch
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, init_params, param_shapes
 from microgpt_jax.train import TrainConfig, Trainer
@@ -104,11 +104,8 @@ def test_weights_and_optimizer_are_exact(cfg, dtype):
     assert est.optimizer == (2 + memory.FLATTEN_COPIES) * count * p.itemsize + memory.OPT_COUNT_BYTES
 
     # ... and what the run's arrays take: their shapes and dtypes, traced without computing them
-    def run_state(key):
-        params = init_params(cfg, key, p)
-        return params, Trainer(cfg, tcfg).init(params)
-
-    params, opt_state = jax.eval_shape(run_state, jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda key: Trainer(cfg, tcfg).init(init_params(cfg, key, p)), jax.random.PRNGKey(0))
+    params, opt_state = state.params, state.opt_state
     nbytes = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
     assert est.weights == nbytes(params)
     assert est.optimizer == nbytes(opt_state) + memory.FLATTEN_COPIES * count * p.itemsize
@@ -119,10 +116,10 @@ def xla_bytes(cfg, rows, chunk, dtype):
     tcfg = TrainConfig(dtype=dtype)
     trainer = Trainer(cfg, tcfg)
     params = init_params(cfg, jax.random.PRNGKey(0), tcfg.param_dtype)
-    opt_state = trainer.init(params)
+    state = trainer.init(params)
     zeros = np.zeros((chunk, rows, cfg.block_size), np.int32)
     batches = trainer.put(Batch(zeros, zeros, zeros, zeros, np.zeros(zeros.shape)))
-    m = trainer.steps.lower(params, opt_state, batches, 0).compile().memory_analysis()
+    m = trainer.steps.lower(state, batches, 0).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
