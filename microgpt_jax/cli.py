@@ -69,7 +69,7 @@ def cmd_train(args):
     from microgpt_jax import parallel
 
     # before anything touches a JAX backend: join the other processes, if any
-    parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout, args.peer_timeout)
     if not parallel.is_main_process():
         sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
     from microgpt_jax.rundir import RunDir
@@ -100,8 +100,8 @@ def cmd_train(args):
         try:
             fit(session.trainer, state, session.data, session.hooks(state, run, args.peer_timeout))
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
-            latest = run.store.latest() if run else "nothing was saved"
-            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {latest}") from None
+            where = run.resume_hint() if run else "nothing was saved"
+            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None
     if run:
         print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
 

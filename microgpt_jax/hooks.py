@@ -18,12 +18,6 @@ import numpy as np
 from microgpt_jax import parallel
 from microgpt_jax.train import Stopped
 
-def _agree_on_stop(signum, timeout):
-    if jax.process_count() == 1:
-        return signum
-    return next((s for s in parallel.gather_int(signum) if s), 0)
-
-
 ADVICE = "lower the learning rate or change the config, and start a new run with --out in a new directory"
 
 
@@ -50,24 +44,29 @@ class Signals:
 
     The handler only sets a flag. After each chunk every process calls one
     collective that tells all of them whether any got a signal, so a
-    multi-process run stops at the same step everywhere.
+    multi-process run stops at the same step everywhere; a peer that dies
+    ends the others within peer_timeout seconds, with `where()` (the latest
+    checkpoint and how to resume) in their one line.
     """
 
     every = None
 
-    def __init__(self, peer_timeout=60.0):
-        self.signum, self.peer_timeout, self._previous = 0, peer_timeout, {}
+    def __init__(self, peer_timeout=60.0, where=lambda: "no checkpoint was saved"):
+        self.signum, self.peer_timeout, self.where, self._previous = 0, peer_timeout, where, {}
+        self._peers = parallel.watch_peers(peer_timeout, where)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._on_signal)
+        self._peers.__enter__()
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        return self._peers.__exit__(*exc)
 
     def _on_signal(self, signum, frame):
         if self.signum:
@@ -76,7 +75,10 @@ class Signals:
         os.write(2, f"\n{signal.Signals(signum).name}: finishing the current steps, then saving (send it again to quit without saving)\n".encode())
 
     def __call__(self, info):
-        signum = _agree_on_stop(self.signum, self.peer_timeout)
+        try:
+            signum = parallel.agree_on_stop(self.signum, self.peer_timeout)
+        except parallel.PeerLost as e:
+            raise parallel.PeerLost(f"{e}; {self.where()}") from None
         if signum:
             info.stopping, info.stop_code = signal.Signals(signum).name, 128 + signum
 

@@ -62,6 +62,13 @@ class RunDir:
     ccfg = property(lambda self: self.configs["checkpoint"])
     run_file = property(lambda self: self.path / RUN_FILE)
 
+    def resume_hint(self) -> str:
+        """Where the run stands and how to go on: for the message of a run that stopped."""
+        steps = self.store.steps()
+        if not steps:
+            return f"no checkpoint was saved in {self.path}"
+        return f"the latest checkpoint is step {steps[-1]}; resume with `microgpt-jax train --resume {self.path}`"
+
     @property
     def store(self) -> CheckpointStore:
         return CheckpointStore(self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged")

@@ -91,7 +91,8 @@ class Session:
         tcfg, main = self.configs["train"], parallel.is_main_process()
         logged = (tcfg.log_every, tcfg.eval_every)
         start = int(state.step)
-        hooks = [NonFinite(run.store.latest if run else (lambda: "no checkpoint was saved")), Signals(peer_timeout)]
+        where = run.resume_hint if run else (lambda: "no checkpoint was saved")
+        hooks = [NonFinite(run.store.latest if run else where), Signals(peer_timeout, where)]
         eval_set = self.data.eval_set()
         if eval_set is not None:
             hooks.append(Evaluate(self.trainer, eval_set, tcfg.eval_every))

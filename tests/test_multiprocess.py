@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,15 +49,30 @@ def train(*args, devices=None):
     return out.returncode, out.stdout, out.stderr
 
 
-def train_two_processes(*args, while_running=None, returncode=0):
+SLOW = """
+import time
+import microgpt_jax.train as t
+run_steps = t.run_steps
+def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
+    for out in run_steps(*args, **{**kwargs, "length": 1}):
+        time.sleep(0.3)
+        yield out
+t.run_steps = slow
+from microgpt_jax.cli import entry
+entry()
+"""
+
+
+def train_two_processes(*args, while_running=None, returncode=0, slow=False):
     """Two processes with 2 virtual devices each, process 0 the coordinator: [(stdout, stderr)] by process id.
 
-    while_running(procs) is called once both are started.
+    while_running(procs) is called once both are started; slow: one step per chunk, 0.3 s each.
     """
     port = free_port()
+    program = ["-c", SLOW] if slow else ["-m", "microgpt_jax"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "microgpt_jax", "train", *args,
+            [sys.executable, *program, "train", *args,
              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--coordinator-timeout", "30"],
             cwd=ROOT, env=env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -70,8 +87,9 @@ def train_two_processes(*args, while_running=None, returncode=0):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == returncode, err[-3000:]
+    codes = returncode if isinstance(returncode, list) else [returncode] * 2
+    for p, code, (_, err) in zip(procs, codes, outs):
+        assert p.returncode == code, err[-3000:]
     return outs
 
 
@@ -155,3 +173,58 @@ def test_unreachable_coordinator_and_bad_process_id(tmp_path):
     code, out, err = train(*args, "--process-id", "2")
     assert_usage_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
     assert not (tmp_path / "run").exists()
+
+
+def wait_for_step(proc):
+    """Read process 0's output until its first progress line."""
+    line = proc.stdout.readline()
+    while not line.startswith("step"):
+        assert line, proc.stderr.read()
+        line = proc.stdout.readline()
+
+
+@pytest.mark.parametrize("victims", [[0], [1], [0, 1]])
+def test_a_signal_to_one_or_all_processes_stops_all_at_the_same_step(tmp_path, victims):
+    """The handler only sets a flag; after each chunk the processes agree: all save the same step and exit 143."""
+    for attempt in range(5 if len(victims) == 2 else 3):  # 5 runs signalling all, 6 signalling one
+        run_dir = tmp_path / f"run{attempt}"
+
+        def term(procs):
+            wait_for_step(procs[0])
+            for victim in victims:
+                procs[victim].send_signal(signal.SIGTERM)
+
+        (_, err0), (_, err1) = train_two_processes(
+            *SMALL, "--log-every", "1", "--steps", "30", "--out", str(run_dir), slow=True, while_running=term,
+            returncode=128 + signal.SIGTERM,
+        )
+        step = int(err0.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
+        assert err0.strip().splitlines()[-1] == (
+            f"error: SIGTERM at step {step}: saved checkpoint {step}; resume with `microgpt-jax train --resume {run_dir}`"
+        )
+        assert err1.strip().splitlines()[-1] == err0.strip().splitlines()[-1]  # the same step on both
+        assert step < 30 and step in RunDir.open(run_dir).store.steps()
+        assert "Traceback" not in err0 + err1
+
+
+def test_a_dead_peer_ends_the_other_with_one_line_naming_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    died = {}
+
+    def kill(procs):
+        wait_for_step(procs[0])
+        time.sleep(2)  # past the save at step 5
+        procs[1].kill()
+        died["at"] = time.monotonic()
+
+    (_, err0), _ = train_two_processes(
+        *SMALL, "--log-every", "1", "--steps", "60", "--peer-timeout", "3", "--out", str(run_dir), slow=True,
+        while_running=kill, returncode=[1, -signal.SIGKILL],
+    )
+    assert time.monotonic() - died["at"] < 3 + 10
+    lines = err0.strip().splitlines()
+    assert len([line for line in lines if line.startswith("error:")]) == 1 and lines[-1].startswith("error: "), err0
+    saved = RunDir.open(run_dir).store.steps()
+    assert f"the latest checkpoint is step {saved[-1]}; resume with `microgpt-jax train --resume {run_dir}`" in lines[-1]
+    for trace in ("Traceback", "F0000", "Check failure", "*** ", "SIGABRT"):
+        assert trace not in err0

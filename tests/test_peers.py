@@ -15,7 +15,7 @@ import pytest
 
 from microgpt_jax import parallel
 from microgpt_jax.errors import run_cli
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_multiprocess import env, free_port
 
 T = 3  # the peer timeout of these runs, in seconds
