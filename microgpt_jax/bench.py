@@ -93,7 +93,7 @@ def steady_rate(trainer, params, data, chunk, chunks):
     from microgpt_jax.train import run_steps
 
     state = trainer.init(params)
-    seconds, tokens = [], []
+    seconds, tokens, clock = [], [], time.perf_counter()
     for i, c in enumerate(run_steps(trainer, state, data, stop=chunk * chunks, length=chunk)):
         now = time.perf_counter()
         if i == 0:
@@ -299,7 +299,12 @@ def scaling():
     for n in (1, 2, 4):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-        command = [sys.executable, "-c", "import sys; from microgpt_jax.bench import scaling_worker; scaling_worker(sys.argv[1])", str(text_path())]
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from microgpt_jax.bench import scaling_worker; scaling_worker(sys.argv[1])",
+            str(text_path()),
+        ]
         result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         out |= {f"scaling_{n}dev_steps_per_s": result["steps_per_s"], f"scaling_{n}dev_compile_s": result["compile_s"]}
     for n in (2, 4):

@@ -14,7 +14,7 @@ import numpy as np
 import reference
 from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, forward, loss_fn
-from microgpt_jax.train import Trainer, TrainConfig
+from microgpt_jax.train import TrainConfig, Trainer
 
 # |jax - ref| <= ATOL + RTOL * |ref|, element by element.
 ATOL, RTOL = 1e-12, 1e-10
@@ -29,10 +29,7 @@ def require_x64():
 
 def to_reference_state(params) -> dict:
     """JAX params -> the scalar engine's state dict (fresh Value leaves)."""
-    return {
-        name: [[reference.Value(float(x)) for x in row] for row in np.asarray(w, np.float64)]
-        for name, w in params.items()
-    }
+    return {name: [[reference.Value(float(x)) for x in row] for row in np.asarray(w, np.float64)] for name, w in params.items()}
 
 
 def from_reference_state(state, attr="data") -> dict:
@@ -93,9 +90,7 @@ def check_training(params, cfg, docs_tokens, steps) -> list[Row]:
     """`steps` Adam steps at batch 1 in spec order on both engines: losses, then final weights."""
     state = to_reference_state(params)
     adam = reference.Adam(reference.parameters(state), steps)
-    ref_losses = [
-        reference.train_step(state, cfg, adam, s, docs_tokens[s % len(docs_tokens)]) for s in range(steps)
-    ]
+    ref_losses = [reference.train_step(state, cfg, adam, s, docs_tokens[s % len(docs_tokens)]) for s in range(steps)]
     trainer = Trainer(cfg, TrainConfig(steps=steps, dtype="float64"))
     train_state = trainer.init(jax.tree.map(jnp.asarray, params))
     jax_losses = []

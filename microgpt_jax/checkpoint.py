@@ -242,8 +242,10 @@ class CheckpointStore:
                 _write_manifest(self.directory / str(step))
         except OSError as e:  # the checkpoint is whole: its arrays' sha256s still vouch for it
             (self.directory / str(step) / (MANIFEST + ".tmp")).unlink(missing_ok=True)
-            print(f"warning: could not write {MANIFEST} of checkpoint {step} ({_reason(e)}); "
-                  "it will be checked by its arrays alone", file=sys.stderr)
+            print(
+                f"warning: could not write {MANIFEST} of checkpoint {step} ({_reason(e)}); it will be checked by its arrays alone",
+                file=sys.stderr,
+            )
         parallel.barrier(f"saved-{step}")
 
     def _meta(self, step) -> dict:

@@ -46,7 +46,12 @@ def add_config_flags(parser, tables):
                 continue
             choices = f.metadata.get("choices")
             group.add_argument(
-                flag(f.name), dest=f.name, action=GivenFlag, type=type(f.default), default=f.default, choices=choices,
+                flag(f.name),
+                dest=f.name,
+                action=GivenFlag,
+                type=type(f.default),
+                default=f.default,
+                choices=choices,
                 help=f"{f.metadata['help']} (default {f.default})",
             )
 
@@ -210,7 +215,10 @@ def build_parser():
         "--coordinator-timeout", type=positive_int, default=60, metavar="SECONDS", help="give up joining after this long (default 60)"
     )
     group.add_argument(
-        "--peer-timeout", type=positive_int, default=60, metavar="SECONDS",
+        "--peer-timeout",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
         help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default 60)",
     )
     p.set_defaults(func=cmd_train)
@@ -228,9 +236,7 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P")
     p.add_argument("--prompt", default="", help="every sample continues this text (e.g. ka)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)")
     p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability")
     p.add_argument(
         "--reference",
@@ -245,9 +251,7 @@ def build_parser():
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
-    p.add_argument(
-        "run_dir", nargs="?", default=None, help="check a trained run's weights (default: microgpt's initial weights)"
-    )
+    p.add_argument("run_dir", nargs="?", default=None, help="check a trained run's weights (default: microgpt's initial weights)")
     add_config_flags(p, ["model"])
     p.add_argument("--doc", default=None, help="the document to check on (default: the first after the shuffle)")
     p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1")

@@ -117,7 +117,9 @@ class DocumentSource(Source):
             if rows.min() < 0 and not self._warned:
                 self._warned = True
                 left_out = np.sum(rows < 0)
-                warnings.warn(f"steps {start}-{start + num_steps - 1}: {left_out} documents did not fit in {R} packed rows and were left out")
+                warnings.warn(
+                    f"steps {start}-{start + num_steps - 1}: {left_out} documents did not fit in {R} packed rows and were left out", stacklevel=2
+                )
         found = fill(self.flat, self.starts[idx], n, rows, offsets, num_steps * R, T, np.repeat(np.arange(num_steps), B))
         return self._stacked(found, num_steps, length)
 
@@ -137,8 +139,7 @@ class StreamSource(Source):
         for ids, side, fix in ((train, "training", "use a longer text"), (val, "validation", "raise val_fraction")):
             if (side == "training" or len(ids)) and len(ids) < block_size + 1:
                 raise UserError(
-                    f"the {side} text has {len(ids)} characters, fewer than block_size + 1 = {block_size + 1}; "
-                    f"{fix} or lower block_size"
+                    f"the {side} text has {len(ids)} characters, fewer than block_size + 1 = {block_size + 1}; {fix} or lower block_size"
                 )
         self.text, self.val_text = train, val
         self.batch_size, self.block_size, self.seed, self.eval_size = batch_size, block_size, seed, dcfg.eval_size

@@ -72,7 +72,10 @@ class Signals:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: finishing the current steps, then saving (send it again to quit without saving)\n".encode())
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name}: finishing the current steps, then saving (send it again to quit without saving)\n".encode(),
+        )
 
     def __call__(self, info):
         try:
@@ -101,8 +104,13 @@ class Record:
 
     def __call__(self, info):
         loss, tokens, seconds = info.since(self.last)
-        info.record = {"step": info.step, "loss": loss, "lr": float(self.lr(info.step - 1)),
-                       "tokens_per_s": tokens / seconds, "elapsed": info.elapsed}
+        info.record = {
+            "step": info.step,
+            "loss": loss,
+            "lr": float(self.lr(info.step - 1)),
+            "tokens_per_s": tokens / seconds,
+            "elapsed": info.elapsed,
+        }
         if info.val_loss is not None:
             info.record["val_loss"] = info.val_loss
         self.last = info.step
@@ -161,7 +169,6 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-
 
 
 class ShowProgress:

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+
 class Batch(NamedTuple):
     """Rows of tokens with everything the loss needs; every array is [..., B, T].
 

@@ -46,7 +46,8 @@ class GPTConfig:
         validate(self)
         if self.n_embd % self.n_head:
             raise ConfigError(
-                "n_embd", f"({self.n_embd}) must be divisible by n_head ({self.n_head}); change one so that n_embd / n_head is a whole head size"
+                "n_embd",
+                f"({self.n_embd}) must be divisible by n_head ({self.n_head}); change one so that n_embd / n_head is a whole head size",
             )
 
     @property

@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from microgpt_jax.errors import UserError
 
@@ -78,7 +78,10 @@ def initialize(coordinator=None, num_processes=None, process_id=None, timeout=60
         distributed._jax = _NoService(real)
     try:
         jax.distributed.initialize(
-            coordinator, num_processes, process_id, initialization_timeout=timeout,
+            coordinator,
+            num_processes,
+            process_id,
+            initialization_timeout=timeout,
             heartbeat_timeout_seconds=heartbeat,
         )
     finally:
@@ -149,8 +152,7 @@ def check_batch(batch_size, mesh: Mesh):
     n = mesh.devices.size
     if batch_size % n:
         raise UserError(
-            f"the global batch size {batch_size} is not divisible by the {n} devices; "
-            f"use a multiple of {n} (or --devices to use fewer)"
+            f"the global batch size {batch_size} is not divisible by the {n} devices; use a multiple of {n} (or --devices to use fewer)"
         )
 
 
@@ -173,9 +175,7 @@ def local_rows(batch_size):
 def put_replicated(tree, mesh: Mesh):
     """Host values -> global arrays with a full copy on every device of every process."""
     sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]), tree
-    )
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=np.asarray(x): x[idx]), tree)
 
 
 def put_batch(local_tree, mesh: Mesh, batch_size, batch_axis=0):
@@ -257,7 +257,11 @@ def _start_service(coordinator, port, num_processes, heartbeat, linger):
     bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS", f"[::]:{port}")
     helper = subprocess.Popen(
         [sys.executable, "-c", _SERVICE, bind, str(num_processes), str(heartbeat), str(linger)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     ready, _, _ = select.select([helper.stdout], [], [], 60)
     line = helper.stdout.readline().strip() if ready else ""

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from microgpt_jax.data import DataConfig, DocumentSource
-from microgpt_jax.text import Vocab, reference_docs
 from microgpt_jax.model import GPTConfig, init_params_reference, param_shapes
 from microgpt_jax.sample import sample_reference
-from microgpt_jax.train import Trainer, TrainConfig, run_steps
+from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.train import TrainConfig, Trainer, run_steps
 
 NUM_SAMPLES, TEMPERATURE = 20, 0.5
 

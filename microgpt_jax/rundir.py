@@ -169,7 +169,9 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise UserError(f"{self.path} is in use by another microgpt-jax process (pid {holder}); wait for it to finish or stop it") from None
+            raise UserError(
+                f"{self.path} is in use by another microgpt-jax process (pid {holder}); wait for it to finish or stop it"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

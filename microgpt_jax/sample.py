@@ -51,9 +51,7 @@ def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
     """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
     unknown = sorted(set(text) - set(vocab.chars))
     if unknown:
-        raise UserError(
-            f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}"
-        )
+        raise UserError(f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
     if len(text) >= cfg.block_size:
         raise UserError(
             f"--prompt is {len(text)} characters but the model's block_size is {cfg.block_size}; "
@@ -252,9 +250,7 @@ def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, n
 def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
     """num_samples samples drawn as microgpt draws them from rng, a `random.Random` left where microgpt leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):
-        raise UserError(
-            f"microgpt's sampling (--reference) divides by the temperature: use one > 0, got {temperature}"
-        )
+        raise UserError(f"microgpt's sampling (--reference) divides by the temperature: use one > 0, got {temperature}")
     if not jax.config.jax_enable_x64:
         raise RuntimeError("sample_reference draws exactly as microgpt's Python floats do: enable jax_enable_x64 first")
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)

@@ -47,12 +47,14 @@ class Session:
 
     def describe(self) -> str:
         cfg = self.configs["model"]
-        return "\n".join([
-            self.data.describe(),
-            f"vocab size: {self.vocab.size}",
-            f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
-            f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
-        ])
+        return "\n".join(
+            [
+                self.data.describe(),
+                f"vocab size: {self.vocab.size}",
+                f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
+                f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
+            ]
+        )
 
     def initial_state(self) -> TrainState:
         return init_state(self.configs["model"], self.configs["train"], self.trainer)

@@ -348,4 +348,3 @@ def flops_per_token(cfg: GPTConfig) -> float:
     """
     n_matmul = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
-

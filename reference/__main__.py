@@ -2,8 +2,8 @@
 
 import random
 
-from microgpt_jax.text import load_docs, resolve_data_path
 from microgpt_jax.errors import ArgumentParser, positive_int, run_cli
+from microgpt_jax.text import load_docs, resolve_data_path
 from reference.gpt import Adam, Config, init_state, parameters, sample, train_step
 
 SEED, NUM_SAMPLES = 42, 20

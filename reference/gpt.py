@@ -45,10 +45,7 @@ def param_shapes(cfg):
 
 def init_state(cfg, rng, std=0.08):
     """Every weight drawn with rng.gauss(0, std), matrix by matrix, row by row."""
-    return {
-        name: [[Value(rng.gauss(0, std)) for _ in range(n_in)] for _ in range(n_out)]
-        for name, (n_out, n_in) in param_shapes(cfg)
-    }
+    return {name: [[Value(rng.gauss(0, std)) for _ in range(n_in)] for _ in range(n_out)] for name, (n_out, n_in) in param_shapes(cfg)}
 
 
 def parameters(state):

@@ -390,13 +390,11 @@ def trace_inference(state, cfg, tokens) -> InferenceTrace:
     graph alive too: `held_by_cache` counts it.
     """
     keys, values = empty_cache(cfg)
-    trace = InferenceTrace(
-        passes=[], predictions=[], cache_nodes=[], held_by_cache=[], other_alive=[], kept=[], tracker=None
-    )
+    trace = InferenceTrace(passes=[], predictions=[], cache_nodes=[], held_by_cache=[], other_alive=[], kept=[], tracker=None)
     with tracking() as tracker:
         for pos, token in enumerate(tokens):
             logits, tp = token_pass(state, cfg, token, pos, keys, values)
-            trace.predictions.append(max(range(len(logits)), key=lambda i: logits[i].data))
+            trace.predictions.append(max(range(len(logits)), key=lambda i, row=logits: row[i].data))
             del logits  # predicted: everything not reachable from the cache goes now
             tracker.mark(f"token {pos}")
             entries = [x for cache in (keys, values) for layer in cache for vec in layer for x in vec]
@@ -486,7 +484,7 @@ def stage_label(stage):
     if "." not in stage:
         return stage
     layer, name = stage.split(".")
-    return f"{name} (layer {layer[len('layer'):]})"
+    return f"{name} (layer {layer[len('layer') :]})"
 
 
 def components_mermaid(state, tp: TokenPass):

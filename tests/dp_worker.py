@@ -43,10 +43,14 @@ if __name__ == "__main__":
     one_losses, one_params, _ = train(1)
     many_losses, many_params, shards = train(n)
     rel = lambda a, b: float(np.max(np.abs(a - b) - 1e-10 * np.abs(b)))  # noqa: E731
-    print(json.dumps({
-        "devices_used": sorted(shards),
-        "loss_excess": rel(many_losses, one_losses),
-        "param_excess": max(rel(many_params[k], one_params[k]) for k in one_params),
-        "losses_differ_somewhere": bool(np.any(many_losses != one_losses)),
-        "losses": many_losses.tolist(),
-    }))
+    print(
+        json.dumps(
+            {
+                "devices_used": sorted(shards),
+                "loss_excess": rel(many_losses, one_losses),
+                "param_excess": max(rel(many_params[k], one_params[k]) for k in one_params),
+                "losses_differ_somewhere": bool(np.any(many_losses != one_losses)),
+                "losses": many_losses.tolist(),
+            }
+        )
+    )

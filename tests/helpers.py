@@ -18,8 +18,13 @@ def cli(*args, env=None, timeout=600, **kwargs):
     """`python -m microgpt_jax ARGS` in a real process, as a user runs it: a CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "microgpt_jax", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=timeout, **kwargs,
+        [sys.executable, "-m", "microgpt_jax", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
     )
 
 

@@ -27,7 +27,6 @@ from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.rundir import RunDir, load_run
 from tests.helpers import ROOT, TINY
 
-
 TRAINERS = {}
 
 
@@ -94,8 +93,10 @@ def train_cli(*argv):
 # -- exact resume -----------------------------------------------------------------------
 
 
-RESUME_FLAGS = {1: ["--steps", "12", "--batch-size", "1", "--save-every", "4"],  # float32
-                3: ["--steps", "12", "--batch-size", "3", "--save-every", "4", "--dtype", "float64"]}
+RESUME_FLAGS = {
+    1: ["--steps", "12", "--batch-size", "1", "--save-every", "4"],  # float32
+    3: ["--steps", "12", "--batch-size", "3", "--save-every", "4", "--dtype", "float64"],
+}
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -179,7 +180,10 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_TRAIN, "train", *flags, "--out", str(run_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     lines = [proc.stdout.readline()]
     while not lines[-1].startswith("step"):
@@ -205,9 +209,7 @@ def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):
     assert_same_state(final_state(run_dir), final_state(tmp_path / "whole"))
     # what the interrupted process printed (4 decimals) is what the uninterrupted run computed
     # (one line per step there: one step per chunk; each line is "step S / 12 | loss L | ...")
-    assert [line.split(" | ")[:2] for line in printed] == [
-        [f"step {s + 1:2d} / 12", f"loss {spy.losses[s]:.4f}"] for s in range(last)
-    ]
+    assert [line.split(" | ")[:2] for line in printed] == [[f"step {s + 1:2d} / 12", f"loss {spy.losses[s]:.4f}"] for s in range(last)]
 
 
 # -- non-finite loss --------------------------------------------------------------------
@@ -397,9 +399,11 @@ def test_out_on_an_existing_run_is_refused(tmp_path, finished_run):
 
 @pytest.mark.parametrize(
     "flags, field",
-    [(["--n-embd", "16"], "--n-embd 16 differs from the run's 8"),
-     (["--lr", "0.02"], "--lr 0.02 differs from the run's 0.01"),
-     (["--steps", "6", "--n-layer", "2"], "--n-layer 2 differs from the run's 1")],
+    [
+        (["--n-embd", "16"], "--n-embd 16 differs from the run's 8"),
+        (["--lr", "0.02"], "--lr 0.02 differs from the run's 0.01"),
+        (["--steps", "6", "--n-layer", "2"], "--n-layer 2 differs from the run's 1"),
+    ],
 )
 def test_resume_with_another_config_names_the_field(finished_run, flags, field):
     with pytest.raises(UserError, match=field):
@@ -412,8 +416,11 @@ def test_resume_with_other_data_is_refused(tmp_path, finished_run, shakespeare_p
 
 
 def test_not_a_run(tmp_path):
-    for command in (["sample", str(tmp_path)], ["export", str(tmp_path), str(tmp_path / "x.safetensors")],
-                    ["train", "--resume", str(tmp_path)]):
+    for command in (
+        ["sample", str(tmp_path)],
+        ["export", str(tmp_path), str(tmp_path / "x.safetensors")],
+        ["train", "--resume", str(tmp_path)],
+    ):
         with pytest.raises(UserError, match=r"is not a run directory"):
             cli.main(command)
 

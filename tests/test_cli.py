@@ -67,9 +67,7 @@ def test_the_scalar_engines_command_checks_its_input_too(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for args, fragment in [(["--data", str(tmp_path / "empty.txt")], "data file is empty"), (["--steps", "0"], "positive")]:
-        out = subprocess.run(
-            [sys.executable, "-m", "reference", *args], cwd=ROOT, env=env, capture_output=True, text=True
-        )
+        out = subprocess.run([sys.executable, "-m", "reference", *args], cwd=ROOT, env=env, capture_output=True, text=True)
         assert_one_line_error(out.returncode, out.stderr, fragment)
 
 

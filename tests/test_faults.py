@@ -21,7 +21,8 @@ from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.rundir import RunDir, load_run
-from tests.helpers import ROOT, TINY, assert_one_line_error, cli as cli_process, run_in_process
+from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
+from tests.helpers import cli as cli_process
 
 FLAGS = [*TINY, "--steps", "6", "--batch-size", "2", "--save-every", "2", "--log-every", "2", "--eval-every", "2"]
 
@@ -136,8 +137,15 @@ def test_odd_step_directory_names_are_skipped_with_a_warning(tmp_path, capsys, f
 def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path, finished):
     run_dir = copy_of(finished, tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from microgpt_jax.rundir import RunDir; run = RunDir.open({str(run_dir)!r}).lock(); print('held', flush=True); input()"],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"from microgpt_jax.rundir import RunDir; run = RunDir.open({str(run_dir)!r}).lock(); print('held', flush=True); input()",
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -215,7 +223,7 @@ def test_a_full_disk_while_writing_metrics_loses_nothing(tmp_path, capsys, finis
 
 
 def test_every_command_piped_into_head(tmp_path, finished):
-    for command in ([f"sample {finished} --num-samples 2000"], [f"check --steps 1"], ["--help"]):
+    for command in ([f"sample {finished} --num-samples 2000"], ["check --steps 1"], ["--help"]):
         script = f"{sys.executable} -m microgpt_jax {command[0]} | head -c 1 > /dev/null"
         out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 1, out.stderr

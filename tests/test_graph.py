@@ -116,7 +116,7 @@ def test_token_pass_depth_is_the_longest_path():
     keys, values = graph.empty_cache(cfg)
     logits, tp = graph.token_pass(state, cfg, 0, 0, keys, values)
 
-    def longest(v, memo={}):
+    def longest(v, memo={}):  # noqa: B006 (one memo across the recursion)
         if id(v) not in memo:
             memo[id(v)] = 1 + max((longest(c) for c in v._children), default=-1)
         return memo[id(v)]
@@ -176,9 +176,7 @@ def test_no_temporary_outlives_a_training_step():
 
     with graph.tracking() as tracker:
         kept = reference.loss(state, cfg, tokens)  # a graph that is still referenced stays alive
-    assert tracker.alive == graph.graph_stats(kept, state).by_role["temporary"] + graph.graph_stats(
-        kept, state
-    ).by_role["constant"]
+    assert tracker.alive == graph.graph_stats(kept, state).by_role["temporary"] + graph.graph_stats(kept, state).by_role["constant"]
     del kept
     assert tracker.alive == 0
 

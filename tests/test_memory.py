@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from microgpt_jax import memory
-from microgpt_jax.layout import Batch
 from microgpt_jax.errors import UserError
+from microgpt_jax.layout import Batch
 from microgpt_jax.model import GPTConfig, init_params, param_shapes
 from microgpt_jax.train import TrainConfig, Trainer
 
@@ -155,9 +155,7 @@ def test_estimate_grows_with_every_size():
 def test_attention_scores_match_the_query_blocks():
     for T in (1, 5, 63, 64, 65, 128, 200, 1000):
         blocks = range(0, T, memory.QUERY_BLOCK)
-        assert memory.attention_scores(T) == sum(
-            (min(T, t0 + memory.QUERY_BLOCK) - t0) * min(T, t0 + memory.QUERY_BLOCK) for t0 in blocks
-        )
+        assert memory.attention_scores(T) == sum((min(T, t0 + memory.QUERY_BLOCK) - t0) * min(T, t0 + memory.QUERY_BLOCK) for t0 in blocks)
 
 
 def test_format_bytes():

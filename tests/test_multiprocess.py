@@ -7,8 +7,8 @@ a timeout and killed, with the other processes of its run, on failure.
 import json
 import os
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +22,10 @@ from microgpt_jax.rundir import RunDir
 from tests.helpers import ROOT, assert_one_line_error
 
 ATOL, RTOL = 1e-12, 1e-10  # the tolerance, |many - one| <= ATOL + RTOL * |one|
-SMALL = "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 --save-every 5 --log-every 5 --eval-every 5 --eval-size 16 --dtype float64".split()
+SMALL = (
+    "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 "
+    "--save-every 5 --log-every 5 --eval-every 5 --eval-size 16 --dtype float64"
+).split()
 TIMEOUT = 120
 
 
@@ -72,9 +75,25 @@ def train_two_processes(*args, while_running=None, returncode=0, slow=False):
     program = ["-c", SLOW] if slow else ["-m", "microgpt_jax"]
     procs = [
         subprocess.Popen(
-            [sys.executable, *program, "train", *args,
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--coordinator-timeout", "30"],
-            cwd=ROOT, env=env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                *program,
+                "train",
+                *args,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                "--coordinator-timeout",
+                "30",
+            ],
+            cwd=ROOT,
+            env=env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -195,7 +214,15 @@ def test_a_signal_to_one_or_all_processes_stops_all_at_the_same_step(tmp_path, v
                 procs[victim].send_signal(signal.SIGTERM)
 
         (_, err0), (_, err1) = train_two_processes(
-            *SMALL, "--log-every", "1", "--steps", "30", "--out", str(run_dir), slow=True, while_running=term,
+            *SMALL,
+            "--log-every",
+            "1",
+            "--steps",
+            "30",
+            "--out",
+            str(run_dir),
+            slow=True,
+            while_running=term,
             returncode=128 + signal.SIGTERM,
         )
         step = int(err0.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
@@ -218,8 +245,18 @@ def test_a_dead_peer_ends_the_other_with_one_line_naming_the_checkpoint(tmp_path
         died["at"] = time.monotonic()
 
     (_, err0), _ = train_two_processes(
-        *SMALL, "--log-every", "1", "--steps", "60", "--peer-timeout", "3", "--out", str(run_dir), slow=True,
-        while_running=kill, returncode=[1, -signal.SIGKILL],
+        *SMALL,
+        "--log-every",
+        "1",
+        "--steps",
+        "60",
+        "--peer-timeout",
+        "3",
+        "--out",
+        str(run_dir),
+        slow=True,
+        while_running=kill,
+        returncode=[1, -signal.SIGKILL],
     )
     assert time.monotonic() - died["at"] < 3 + 10
     lines = err0.strip().splitlines()

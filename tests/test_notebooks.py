@@ -72,10 +72,7 @@ def seed_lines(names_path, steps):
     cfg = reference.Config(vocab_size=vocab.size)
     state = reference.init_state(cfg, rng)
     adam = reference.Adam(reference.parameters(state), 1000)
-    return [
-        f"step {s + 1:4d} / 1000 | loss {reference.train_step(state, cfg, adam, s, vocab.encode(docs[s])):.4f}"
-        for s in range(steps)
-    ]
+    return [f"step {s + 1:4d} / 1000 | loss {reference.train_step(state, cfg, adam, s, vocab.encode(docs[s])):.4f}" for s in range(steps)]
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)

@@ -4,7 +4,6 @@ dead peer ends the survivor within the timeout with one `error:` line: no hang, 
 The processes are tests/peer_worker.py; each is bounded by a timeout and killed on failure.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -27,11 +26,17 @@ class Worker:
     def __init__(self, port, process_id, *args):
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "peer_worker.py"), str(port), str(process_id), str(T), *args],
-            cwd=ROOT, env=env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.out, self.err = [], []
-        self.readers = [threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
-                        for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self.readers = [
+            threading.Thread(target=lambda s=s, into=into: into.extend(s), daemon=True)
+            for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for r in self.readers:
             r.start()
 
@@ -137,12 +142,15 @@ def test_a_slow_peer_is_not_a_dead_one():
 
 
 @pytest.mark.parametrize("process_id", [0, 1])
-@pytest.mark.parametrize("address,text", [
-    ("notahost", "'notahost' is not HOST:PORT"),
-    ("127.0.0.1:abc", "'127.0.0.1:abc' is not HOST:PORT"),
-    ("127.0.0.1:70000", "has port 70000, outside 1..65535"),
-    ("127.0.0.1:0", "has port 0, outside 1..65535"),
-])
+@pytest.mark.parametrize(
+    "address,text",
+    [
+        ("notahost", "'notahost' is not HOST:PORT"),
+        ("127.0.0.1:abc", "'127.0.0.1:abc' is not HOST:PORT"),
+        ("127.0.0.1:70000", "has port 70000, outside 1..65535"),
+        ("127.0.0.1:0", "has port 0, outside 1..65535"),
+    ],
+)
 def test_a_bad_coordinator_is_one_line(address, text, process_id, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(lambda argv: parallel.initialize(address, 2, process_id))
@@ -153,9 +161,25 @@ def test_a_bad_coordinator_is_one_line(address, text, process_id, capsys):
 
 def test_a_bad_coordinator_on_the_command_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "microgpt_jax", "train", "--out", str(tmp_path / "run"),
-         "--coordinator", "notahost", "--num-processes", "2", "--process-id", "0"],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "microgpt_jax",
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "--coordinator",
+            "notahost",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "is not HOST:PORT" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists(), out.stderr
