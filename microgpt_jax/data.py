@@ -117,9 +117,8 @@ class DocumentSource(Source):
             if rows.min() < 0 and not self._warned:
                 self._warned = True
                 left_out = np.sum(rows < 0)
-                warnings.warn(
-                    f"steps {start}-{start + num_steps - 1}: {left_out} documents did not fit in {R} packed rows and were left out", stacklevel=2
-                )
+                message = f"steps {start}-{start + num_steps - 1}: {left_out} documents did not fit in {R} packed rows"
+                warnings.warn(message + " and were left out", stacklevel=2)
         found = fill(self.flat, self.starts[idx], n, rows, offsets, num_steps * R, T, np.repeat(np.arange(num_steps), B))
         return self._stacked(found, num_steps, length)
 
