@@ -240,7 +240,9 @@ def test_a_dead_peer_ends_the_other_with_one_line_naming_the_checkpoint(tmp_path
 
     def kill(procs):
         wait_for_step(procs[0])
-        time.sleep(2)  # past the save at step 5
+        deadline = time.monotonic() + TIMEOUT
+        while not (run_dir / "checkpoints" / "5").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)  # past the save at step 5
         procs[1].kill()
         died["at"] = time.monotonic()
 
