@@ -70,6 +70,21 @@ def given_configs(args) -> dict:
     return {table: {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given} for table, cls in CONFIGS.items()}
 
 
+def open_run(args, held):
+    """(run, configs, data file): --resume's run (locked) and configs with the typed flags; else the flags' configs."""
+    from microgpt_jax.rundir import RunDir
+    from microgpt_jax.text import resolve_data_path
+
+    if args.resume and args.out:
+        raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
+    if not args.resume:
+        return None, configs_from_args(args), resolve_data_path(args.data)
+    run = held.enter_context(RunDir.open(args.resume).lock())
+    data_path = Path(args.data) if args.data else run.data_path
+    run.check_data(data_path)
+    return run, run.resumed_configs(given_configs(args)), data_path
+
+
 def cmd_train(args):
     from microgpt_jax import parallel
 
@@ -79,36 +94,15 @@ def cmd_train(args):
         sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
     from microgpt_jax.rundir import RunDir
     from microgpt_jax.session import Session
-    from microgpt_jax.text import resolve_data_path
-    from microgpt_jax.train import fit, set_precision
 
-    if args.resume and args.out:
-        raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
-        run = held.enter_context(RunDir.open(args.resume).lock()) if args.resume else None
-        configs = run.resumed_configs(given_configs(args)) if run else configs_from_args(args)
-        data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
-        if run:
-            run.check_data(data_path)
+        run, configs, data_path = open_run(args, held)
         set_precision(configs["train"].dtype)
         session = Session(configs, data_path, args.devices)
         print(session.describe())
-        run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, data_path)) if args.out else run
-        state = run and args.resume and session.resumed_state(run)
-        if args.resume:
-            print(f"resuming {run.path} at step {int(state.step) if state else 0}")
-        if state and int(state.step) == configs["train"].steps:
-            return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
-        if not run:
-            print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
-        state = state or session.initial_state()
-        try:
-            fit(session.trainer, state, session.data, session.hooks(state, run, args.peer_timeout))
-        except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
-            where = run.resume_hint() if run else "nothing was saved"
-            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None
-    if run:
-        print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
+        if args.out:
+            run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, data_path))
+        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout)
 
 
 def cmd_plot(args):

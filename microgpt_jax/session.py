@@ -24,7 +24,7 @@ from microgpt_jax.hooks import (
 )
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
-from microgpt_jax.train import MAX_CHUNK, Trainer, TrainState, init_state
+from microgpt_jax.train import MAX_CHUNK, Trainer, TrainState, fit, init_state
 
 
 class Session:
@@ -87,6 +87,25 @@ class Session:
                 f"step {checkpoint.step} at {self.data.position(checkpoint.step)}; resume with the run's data and version"
             )
         return self.trainer.replicate(checkpoint.state)
+
+    def train(self, run=None, resume=False, peer_timeout=60.0) -> TrainState | None:
+        """Train a new run, or resume run from its latest good checkpoint, to the end (or a stop)."""
+        state = self.resumed_state(run) if resume else None
+        if resume:
+            print(f"resuming {run.path} at step {int(state.step) if state else 0}")
+        if state and int(state.step) == self.configs["train"].steps:
+            return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
+        if not run:
+            print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
+        state = state or self.initial_state()
+        try:
+            state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout))
+        except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
+            where = run.resume_hint() if run else "nothing was saved"
+            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None
+        if run:
+            print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
+        return state
 
     def hooks(self, state: TrainState, run=None, peer_timeout=60.0) -> list:
         """The hooks of a run, in order: stop on NaN, signals, evaluation, metrics, progress, checkpoints, plot."""
