@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 
 DATA = "data"
@@ -59,9 +60,9 @@ def initialize(coordinator=None, num_processes=None, process_id=None, timeout=60
             "pass --num-processes N --process-id I (or set JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
         )
     if num_processes < 1:
-        raise UserError(f"--num-processes must be at least 1, got {num_processes}")
+        raise ConfigError("num_processes", f"must be at least 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
-        raise UserError(f"--process-id {process_id} is out of range: it must be in 0..{num_processes - 1}")
+        raise ConfigError("process_id", f"{process_id} is out of range: it must be in 0..{num_processes - 1}")
     heartbeat = int(2 * peer_timeout + 10)  # JAX's heartbeat abort (a C++ fatal error) must never beat our watchdog
     if process_id == 0:
         service = _start_service(coordinator, port, num_processes, heartbeat, linger=heartbeat)
@@ -98,9 +99,9 @@ def parse_address(address):
     host, _, port = address.rpartition(":")
     example = "it must be HOST:PORT (for example 10.0.0.1:1234 or localhost:1234)"
     if not host or not port.isdigit():
-        raise UserError(f"--coordinator {address!r} is not HOST:PORT; {example}")
+        raise ConfigError("coordinator", f"{address!r} is not HOST:PORT; {example}")
     if not 1 <= int(port) <= 65535:
-        raise UserError(f"--coordinator {address!r} has port {port}, outside 1..65535; {example}")
+        raise ConfigError("coordinator", f"{address!r} has port {port}, outside 1..65535; {example}")
     return host.strip("[]"), int(port)
 
 
@@ -142,9 +143,9 @@ def make_mesh(num_devices=None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
-        raise UserError(f"--devices {n} is not available: this run has {len(devices)} device(s)")
+        raise ConfigError("devices", f"{n} is not available: this run has {len(devices)} device(s)")
     if jax.process_count() > 1 and n != len(devices):
-        raise UserError(f"a multi-process run uses every device: drop --devices (there are {len(devices)})")
+        raise ConfigError("devices", f"must be all of them in a multi-process run (there are {len(devices)}): leave it out")
     return Mesh(np.array(devices[:n]), (DATA,))
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, decode_step, forward_cached, init_cache, softmax
 
@@ -40,22 +41,23 @@ class Sample(NamedTuple):
 def check_options(temperature, top_k=None, top_p=None):
     """A UserError naming the bad option, if any."""
     if not (math.isfinite(temperature) and temperature >= 0):
-        raise UserError(f"--temperature must be a number >= 0 (0 means greedy), got {temperature}")
+        raise ConfigError("temperature", f"must be a number >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k must be at least 1 (the number of most likely tokens kept), got {top_k}")
+        raise ConfigError("top_k", f"must be at least 1 (the number of most likely tokens kept), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (the probability mass kept), got {top_p}")
+        raise ConfigError("top_p", f"must be in (0, 1] (the probability mass kept), got {top_p}")
 
 
 def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
     """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
     unknown = sorted(set(text) - set(vocab.chars))
     if unknown:
-        raise UserError(f"--prompt has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
+        raise ConfigError("prompt", f"has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
     if len(text) >= cfg.block_size:
-        raise UserError(
-            f"--prompt is {len(text)} characters but the model's block_size is {cfg.block_size}; "
-            f"use a prompt of at most {cfg.block_size - 1} characters"
+        raise ConfigError(
+            "prompt",
+            f"is {len(text)} characters but the model's block_size is {cfg.block_size}; "
+            f"use a prompt of at most {cfg.block_size - 1} characters",
         )
     return vocab.encode(text)[1:-1]
 

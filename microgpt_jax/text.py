@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 
 NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
@@ -40,7 +41,7 @@ def default_dataset() -> Path:
     path = cache_dir() / "names.txt"
     if path.is_file() and _sha256(path) == NAMES_SHA256:
         return path
-    offline_fix = f"pass a local copy with --data PATH (or set {DATA_ENV}=PATH)"
+    offline_fix = f"pass a local copy as the data file (or set {DATA_ENV}=PATH)"
     try:
         with urllib.request.urlopen(NAMES_URL, timeout=30) as response:
             payload = response.read()
@@ -69,7 +70,7 @@ def read_text(path) -> str:
     """The whole file as text, with a one-line error for each way it can be unusable."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file not found: {path}; pass an existing text file with --data PATH")
+        raise ConfigError("data", f"file not found: {path}; pass an existing text file")
     raw = path.read_bytes()
     if not raw:
         raise UserError(f"data file is empty: {path}; pass a text file with one document per line")

@@ -50,7 +50,7 @@ def test_bad_files_are_one_line_errors(tmp_path, content, message):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(UserError, match="data file not found.*--data"):
+    with pytest.raises(UserError, match="^data file not found: .*; pass an existing text file"):
         load_docs(tmp_path / "nope.txt")
 
 
@@ -100,7 +100,7 @@ def test_default_dataset_downloads_verifies_and_caches(names_path, tmp_path, mon
 def test_a_corrupt_download_is_refused_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv(text.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(text.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"not names\n"))
-    with pytest.raises(UserError, match="does not match its sha256.*--data"):
+    with pytest.raises(UserError, match="does not match its sha256.*pass a local copy as the data file"):
         text.default_dataset()
     assert not (tmp_path / "names.txt").exists()
 
@@ -113,7 +113,7 @@ def test_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(text.urllib.request, "urlopen", offline)
     monkeypatch.delenv(text.DATA_ENV, raising=False)
-    with pytest.raises(UserError, match="could not download.*--data PATH"):
+    with pytest.raises(UserError, match="could not download.*pass a local copy as the data file"):
         text.resolve_data_path(None)
 
 

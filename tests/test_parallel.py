@@ -54,9 +54,9 @@ def test_more_devices_than_there_are():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(num_processes=2, process_id=2), "--process-id 2 is out of range: it must be in 0..1"),
-        (dict(num_processes=2, process_id=-1), "--process-id -1 is out of range"),
-        (dict(num_processes=0, process_id=0), "--num-processes must be at least 1"),
+        (dict(num_processes=2, process_id=2), "process_id 2 is out of range: it must be in 0..1"),
+        (dict(num_processes=2, process_id=-1), "process_id -1 is out of range"),
+        (dict(num_processes=0, process_id=0), "num_processes must be at least 1"),
         (dict(num_processes=None, process_id=0), "needs the number of processes"),
     ],
 )
