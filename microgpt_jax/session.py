@@ -100,6 +100,8 @@ class Session:
         state = state or self.initial_state()
         try:
             state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout))
+        except BrokenPipeError:
+            raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
             where = run.resume_hint() if run else "nothing was saved"
             raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None

@@ -445,3 +445,20 @@ def test_export_safetensors(tmp_path, finished_run, capsys):
     assert json.loads(meta["model"])["n_embd"] == 8
     with pytest.raises(UserError, match=r"already exists"):
         cli.main(["export", str(finished_run), str(out)])
+
+
+def test_a_second_signal_quits_at_once_without_saving(tmp_path, spy, finished_run):
+    run_dir = tmp_path / "run"
+    spy.chunk = 1
+
+    def twice(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a save, the second quits
+
+    spy.before = twice
+    with pytest.raises(KeyboardInterrupt):
+        train_cli(*FINISHED_FLAGS, "--out", str(run_dir))
+    assert RunDir.open(run_dir).store.steps() == [2]  # nothing saved after the second signal
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
+    RunDir.open(run_dir).lock().unlock()  # and the run directory is free again
