@@ -11,15 +11,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MICROGPT_JAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NAMES = SHARED_DATA / "names.txt"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+# `python -c SLOW_TRAIN ARGS` is `microgpt-jax ARGS` with one step per chunk, 0.3 s each: room to send a signal
+SLOW_TRAIN = """
+import time
+import microgpt_jax.train as t
+run_steps = t.run_steps
+def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
+    for out in run_steps(*args, **{**kwargs, "length": 1}):
+        time.sleep(0.3)
+        yield out
+t.run_steps = slow
+from microgpt_jax.cli import entry
+entry()
+"""
 TINY = ["--n-embd", "8", "--n-head", "2", "--n-layer", "1", "--block-size", "8"]
 
 
-def cli(*args, env=None, timeout=600, **kwargs):
-    """`python -m microgpt_jax ARGS` in a real process, as a user runs it: a CompletedProcess."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+def cli(*args, env=None, cwd=ROOT, timeout=600, **kwargs):
+    """`python -m microgpt_jax ARGS` in a real process, as a user runs it: a CompletedProcess.
+
+    env: the process's whole environment (default: this one's), PYTHONPATH set to the checkout.
+    """
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "microgpt_jax", *map(str, args)],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,

@@ -25,7 +25,7 @@ from microgpt_jax import checkpoint, cli, hooks, train
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.rundir import RunDir, load_run
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, SLOW_TRAIN, TINY
 
 TRAINERS = {}
 
@@ -158,19 +158,6 @@ def test_two_runs_are_identical(tmp_path, spy, finished_run):
 
 
 # -- a real signal to a real process --------------------------------------------------
-
-SLOW_TRAIN = """
-import time
-import microgpt_jax.train as t
-run_steps = t.run_steps
-def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
-    for out in run_steps(*args, **{**kwargs, "length": 1}):
-        time.sleep(0.3)
-        yield out
-t.run_steps = slow
-from microgpt_jax.cli import entry
-entry()
-"""
 
 
 def test_sigint_finishes_the_step_saves_and_resumes_exactly(tmp_path, spy):

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
-from microgpt_jax import cli
+from microgpt_jax import cli as microgpt_cli
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.rundir import RunDir
-from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import ROOT, SLOW_TRAIN, assert_one_line_error, cli
 
 ATOL, RTOL = 1e-12, 1e-10  # the issue's tolerance, |many - one| <= ATOL + RTOL * |one|
 SMALL = (
@@ -47,23 +47,8 @@ def env(devices=None):
 
 def train(*args, devices=None):
     """One process: (returncode, stdout, stderr)."""
-    command = [sys.executable, "-m", "microgpt_jax", "train", *args]
-    out = subprocess.run(command, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=TIMEOUT)
+    out = cli("train", *args, env=env(devices), timeout=TIMEOUT)
     return out.returncode, out.stdout, out.stderr
-
-
-SLOW = """
-import time
-import microgpt_jax.train as t
-run_steps = t.run_steps
-def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
-    for out in run_steps(*args, **{**kwargs, "length": 1}):
-        time.sleep(0.3)
-        yield out
-t.run_steps = slow
-from microgpt_jax.cli import entry
-entry()
-"""
 
 
 def train_two_processes(*args, while_running=None, returncode=0, slow=False):
@@ -72,7 +57,7 @@ def train_two_processes(*args, while_running=None, returncode=0, slow=False):
     while_running(procs) is called once both are started; slow: one step per chunk, 0.3 s each.
     """
     port = free_port()
-    program = ["-c", SLOW] if slow else ["-m", "microgpt_jax"]
+    program = ["-c", SLOW_TRAIN] if slow else ["-m", "microgpt_jax"]
     procs = [
         subprocess.Popen(
             [
@@ -163,7 +148,7 @@ def test_two_processes_equal_one_and_resume_across(tmp_path, capsys):
     # sampling from the run trained on 4 devices, on one: the samples of the 1-device run
     samples = []
     for run_dir in (one, two):
-        cli.main(["sample", str(run_dir), "--num-samples", "5", "--json"])
+        microgpt_cli.main(["sample", str(run_dir), "--num-samples", "5", "--json"])
         samples.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     assert len(samples[0]) == 5 and [s["sample"] for s in samples[1]] == [s["sample"] for s in samples[0]]
     assert_close([s["logprob"] for s in samples[1]], [s["logprob"] for s in samples[0]])

@@ -1,9 +1,6 @@
 """Training at scale: packed and padded layouts, stream windows, the split, the compiled loop, metrics."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +17,7 @@ from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
 from microgpt_jax.text import Vocab, load_docs
 from microgpt_jax.train import TrainConfig, Trainer, chunk_ends, fit, make_schedule, run_steps
-from tests.helpers import ROOT
+from tests.helpers import cli
 
 
 def assert_close(got, want, atol=ATOL, rtol=RTOL):
@@ -299,27 +296,22 @@ def test_progress_bar_shows_loss_val_rate_and_eta(capsys):
 # --- the command line ---
 
 
-def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "microgpt_jax", *args], capture_output=True, text=True, env=env, cwd=cwd)
-
-
 def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, shakespeare_path):
     small = ["--steps", "12", "--log-every", "4", "--eval-every", "8", "--eval-size", "64", "--n-embd", "8", "--n-head", "2"]
-    a = run_cli("train", "--batch-size", "16", *small, "--data", str(names_path), "--out", "a", cwd=tmp_path)
+    a = cli("train", "--batch-size", "16", *small, "--data", str(names_path), "--out", "a", cwd=tmp_path)
     assert a.returncode == 0, a.stderr
     assert "step  4 / 12 | loss" in a.stdout and "val" in a.stdout and "tok/s" in a.stdout and "eta" in a.stdout
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12]
     assert set(records[1]) == {"step", "loss", "val_loss", "lr", "tokens_per_s", "elapsed"}
     assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    b = run_cli(
+    b = cli(
         "train", "--mode", "stream", "--block-size", "32", "--batch-size", "4", *small,
         "--data", str(shakespeare_path), "--out", "b", cwd=tmp_path,
     )  # fmt: skip
     assert b.returncode == 0, b.stderr
     assert "stream" in b.stdout
-    c = run_cli("plot", "a", "b", "--out", "both.png", cwd=tmp_path)
+    c = cli("plot", "a", "b", "--out", "both.png", cwd=tmp_path)
     assert c.returncode == 0, c.stderr
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -341,7 +333,7 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
         pytest.skip("bfloat16 is allowed on an accelerator")
     (tmp_path / "tiny.txt").write_text("to be or not to be\n")
     (tmp_path / "three.txt").write_text("ann\nbob\ncid\n")
-    r = run_cli("train", "--steps", "2", *args, "--out", "run", cwd=tmp_path)
+    r = cli("train", "--steps", "2", *args, "--out", "run", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
     for fragment in (message,) if isinstance(message, str) else message:
@@ -350,5 +342,5 @@ def test_train_bad_input_is_one_line(tmp_path, args, message):
 
 
 def test_plot_refuses_a_directory_without_metrics(tmp_path):
-    r = run_cli("plot", str(tmp_path), cwd=tmp_path)
+    r = cli("plot", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and "metrics.jsonl not found" in r.stderr and r.stderr.count("\n") == 1
