@@ -27,13 +27,18 @@ from microgpt_jax.layout import Batch
 from microgpt_jax.model import GPTConfig, init_params, loss_fn, param_shapes
 
 DTYPES = ("float32", "float64", "bfloat16")
+MAX_STEPS = 2**31 - 1  # the step counters (ours and Adam's) are int32
+
+
+def step_count(value):
+    return positive(value) or (f"must be at most {MAX_STEPS} (steps are counted in int32)" if value > MAX_STEPS else None)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. Defaults are microgpt's (spec section 4)."""
 
-    steps: int = field(1000, "optimizer steps in the run", check=positive)
+    steps: int = field(1000, "optimizer steps in the run", check=step_count)
     batch_size: int = field(1, "documents (or windows) per step", check=positive)
     lr: float = field(0.01, "peak learning rate", check=positive)
     warmup: int = field(0, "steps of linear warmup before the linear decay to 0", check=non_negative)

@@ -272,6 +272,11 @@ def test_a_run_that_fails_before_any_checkpoint_names_a_step_that_is_accepted(tm
     assert code == 0
 
 
+def test_a_step_count_past_int32_is_one_line(capsys, tmp_path):
+    code, out = run_in_process(capsys, "train", "--steps", 10**12, "--out", tmp_path / "run")
+    assert_one_line_error(code, out.err, "--steps must be at most 2147483647 (steps are counted in int32), got 1000000000000")
+
+
 def test_a_huge_step_count_is_not_materialised():
     ends = train.chunk_ends(0, 10**12, 10, every=(4, 10))
     assert list(itertools.islice(ends, 5)) == [4, 8, 10, 12, 16]
