@@ -323,7 +323,9 @@ class CheckpointStore:
             return checkpoint
         if damaged:
             raise UserError(f"every checkpoint in {self.directory} is damaged (steps {', '.join(map(str, damaged))}); start a new run")
-        raise UserError(f"{self.directory.parent} has no checkpoint yet")
+        raise UserError(
+            f"{self.directory.parent} has no checkpoint yet; train it with `microgpt-jax train --resume {self.directory.parent}`"
+        )
 
     def _move_aside(self, step) -> Path:
         target = self.damaged_dir / str(step)

@@ -193,7 +193,10 @@ class RunDir:
     # -- checks before a resume ----------------------------------------------------------
 
     def resumed_configs(self, given: dict) -> dict:
-        """The run's configs with the given {table: {field: value}} applied: only resumable fields may differ."""
+        """The run's configs with the given {table: {field: value}} applied: only resumable fields may differ.
+
+        They are this run's configs from now on (its checkpoints follow a new --keep); run.json stays as written.
+        """
         configs = {}
         for table, config in self.configs.items():
             changes = given.get(table, {})
@@ -205,13 +208,14 @@ class RunDir:
                         "drop it to resume the run as it was, or start a new run",
                     )
             configs[table] = dataclasses.replace(config, **changes)
+        self.configs = configs
         return configs
 
     def check_data(self, data_path):
         """The data must be the very file the run was trained on: its order and vocabulary decide every step."""
         data_path = Path(data_path)
         if not data_path.is_file():
-            raise UserError(f"the run's data file {data_path} is missing; pass a copy of it")
+            raise UserError(f"the run's data file {data_path} is missing; pass a copy of it (train --data PATH)")
         if file_sha256(data_path) != self.data_sha256:
             raise UserError(
                 f"data file {data_path} differs from the one the run was trained on ({self.data_path}, "

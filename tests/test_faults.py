@@ -131,6 +131,15 @@ def test_odd_step_directory_names_are_skipped_with_a_warning(tmp_path, capsys, f
     assert all(f"skipping {run_dir / 'checkpoints' / name}" in err for name in ("0400", "²", "notes"))
 
 
+def test_resume_may_change_how_often_it_saves_and_how_many_it_keeps(tmp_path, finished):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    shutil.rmtree(run_dir / "checkpoints" / "4")
+    cli.main(["train", "--resume", str(run_dir), "--save-every", "1", "--keep", "2"])
+    assert RunDir.open(run_dir).store.steps() == [5, 6]  # saved at 3, 4, 5, 6; kept the last 2
+    assert json.loads((run_dir / "run.json").read_text())["checkpoint"] == {"save_every": 2, "keep": 3}  # as written
+
+
 # -- one process at a time -------------------------------------------------------------------
 
 
