@@ -327,6 +327,19 @@ class CheckpointStore:
             f"{self.directory.parent} has no checkpoint yet; train it with `microgpt-jax train --resume {self.directory.parent}`"
         )
 
+    def checkpoint(self, step) -> Checkpoint:
+        """The params of checkpoint `step` (RUN_DIR@STEP): that one or an error, never another."""
+        steps = self.steps()
+        if step not in steps:
+            kept = ", ".join(map(str, steps)) or "none"
+            raise UserError(f"{self.directory.parent} has no checkpoint {step} (its checkpoints: {kept})")
+        try:
+            return self.read(step, with_opt_state=False)
+        except Damaged as e:
+            raise UserError(f"checkpoint {step} in {self.directory} is damaged ({e}); pass another step") from None
+        except OSError as e:
+            raise UserError(f"could not read checkpoint {step} in {self.directory} ({e.strerror or e})") from None
+
     def _move_aside(self, step) -> Path:
         target = self.damaged_dir / str(step)
         n = 1

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.config import ConfigError
+from microgpt_jax.config import ConfigError, read_toml, to_toml
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int, run_cli
 from microgpt_jax.model import GPTConfig
@@ -56,33 +56,43 @@ def add_config_flags(parser, tables):
             )
 
 
-def configs_from_args(args, tables=tuple(CONFIGS)) -> dict:
-    """{table: config} from the flags (vocab_size from the data, later)."""
+def given_configs(args) -> dict:
+    """{table: {field: value}}: the config file's values (--config), then the typed flags over them."""
+    given = getattr(args, "given", {})
+    tables = read_toml(args.config, CONFIGS, NOT_FLAGS) if getattr(args, "config", None) else {}
     return {
-        table: CONFIGS[table](**{f.name: getattr(args, f.name) for f in dataclasses.fields(CONFIGS[table]) if f.name not in NOT_FLAGS})
-        for table in tables
+        table: {**tables.get(table, {}), **{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}}
+        for table, cls in CONFIGS.items()
     }
 
 
-def given_configs(args) -> dict:
-    """The typed config flags as {table: {field: value}}."""
-    given = getattr(args, "given", {})
-    return {table: {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given} for table, cls in CONFIGS.items()}
+def configs_from_args(args, tables=tuple(CONFIGS)) -> dict:
+    """{table: config}: each field's default, the config file's value over it, the typed flag over that."""
+    given = given_configs(args)
+    return {table: CONFIGS[table](**given[table]) for table in tables}
 
 
 def open_run(args, held):
-    """(run, configs, data file): --resume's run (locked) and configs with the typed flags; else the flags' configs."""
-    from microgpt_jax.rundir import RunDir
-    from microgpt_jax.text import resolve_data_path
+    """(run, configs, data file, weights to start from): --resume's run (locked) and its configs with the
+    given ones over them; else the given configs, with --init-from's model (and --data, None for the default)."""
+    from microgpt_jax.rundir import RunDir, load_weights
 
-    if args.resume and args.out:
-        raise UserError("pass --out DIR to start a new run or --resume DIR to continue one, not both")
-    if not args.resume:
-        return None, configs_from_args(args), resolve_data_path(args.data)
-    run = held.enter_context(RunDir.open(args.resume).lock())
-    data_path = Path(args.data) if args.data else run.data_path
-    run.check_data(data_path)
-    return run, run.resumed_configs(given_configs(args)), data_path
+    if args.resume and (args.out or args.init_from):
+        raise UserError("--resume continues a run as it is; --out (with --init-from) starts a new one: pass one of them")
+    if args.resume:
+        run = held.enter_context(RunDir.open(args.resume).lock())
+        data_path = Path(args.data) if args.data else run.data_path
+        run.check_data(data_path)
+        return run, run.resumed_configs(given_configs(args)), data_path, None
+    configs, init = configs_from_args(args), load_weights(args.init_from) if args.init_from else None
+    if init:  # the model is the weights' own: a flag or config value that disagrees is refused
+        for name, value in given_configs(args)["model"].items():
+            if getattr(init.cfg, name) != value:
+                raise ConfigError(
+                    name, f"{value!r} differs from the model of --init-from {args.init_from} ({getattr(init.cfg, name)!r}); drop it"
+                )
+        configs["model"] = init.cfg
+    return None, configs, args.data, init
 
 
 def cmd_train(args):
@@ -94,15 +104,19 @@ def cmd_train(args):
         sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
     from microgpt_jax.rundir import RunDir
     from microgpt_jax.session import Session
+    from microgpt_jax.text import resolve_data_path
 
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
-        run, configs, data_path = open_run(args, held)
+        run, configs, data_path, init = open_run(args, held)
+        if args.print_config:
+            return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
-        session = Session(configs, data_path, args.devices)
+        session = Session(configs, resolve_data_path(data_path), args.devices)
         print(session.describe())
+        start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
-            run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, data_path))
-        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout)
+            run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
+        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=start)
 
 
 def cmd_plot(args):
@@ -115,7 +129,7 @@ def cmd_plot(args):
 def cmd_sample(args):
     import numpy as np
 
-    from microgpt_jax.rundir import load_run
+    from microgpt_jax.rundir import load_weights
     from microgpt_jax.sample import check_options, encode_prompt, sample, sample_reference
 
     if args.reference:
@@ -127,8 +141,7 @@ def cmd_sample(args):
                 "(microgpt draws one sample at a time from the whole softmax); drop them"
             )
     check_options(args.temperature, args.top_k, args.top_p)
-    run, params = load_run(args.run_dir)
-    cfg, vocab = run.cfg, run.vocab
+    cfg, vocab, params, *_ = load_weights(args.run_dir)
     prompt = encode_prompt(vocab, args.prompt, cfg)
     if args.reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
         set_precision("float64")  # microgpt's Python floats, or the run's own float64
@@ -146,13 +159,13 @@ def cmd_check(args):
     set_precision("float64")
     from microgpt_jax.check import format_table, run_check
     from microgpt_jax.model import init_params_reference
-    from microgpt_jax.rundir import load_run
+    from microgpt_jax.rundir import load_weights
     from microgpt_jax.text import Vocab, load_docs, reference_docs, resolve_data_path
 
-    if args.run_dir:  # a run's config, vocabulary and latest good weights; the document from its data
-        run, params = load_run(args.run_dir)
-        cfg, vocab = run.cfg, run.vocab
-        docs = load_docs(Path(args.data) if args.data else run.data_path) if args.doc is None else []
+    if args.run_dir:  # a run's (or an export's) config, vocabulary and weights; the document from its data
+        cfg, vocab, params, _, run = load_weights(args.run_dir)
+        data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
+        docs = load_docs(data_path) if args.doc is None else []
     else:  # microgpt's initial weights for the flags' config
         docs, rng = reference_docs(resolve_data_path(args.data))
         vocab = Vocab.from_docs(docs)
@@ -200,6 +213,19 @@ def build_parser():
     p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
     p.add_argument("--out", default=None, help="a new run directory: configs, vocabulary, checkpoints")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="config values in tables [model], [train], [data], [checkpoint]; flags override them",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR[@STEP]",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): fine-tuning",
+    )
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
     group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")
@@ -223,7 +249,7 @@ def build_parser():
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("sample", help="sample from a trained run")
-    p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")
+    p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
     p.add_argument("--num-samples", type=positive_int, default=20)
     p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default 0.5)")
     p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens")
@@ -240,12 +266,17 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write a run's parameters as safetensors, vocabulary in the metadata")
-    p.add_argument("run_dir", help="a run directory written by `microgpt-jax train --out`")
+    p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
     p.add_argument("out", help="the .safetensors file to write (must not exist)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
-    p.add_argument("run_dir", nargs="?", default=None, help="check a trained run's weights (default: microgpt's initial weights)")
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        default=None,
+        help="check these weights: RUN_DIR, RUN_DIR@STEP or a .safetensors export (default: microgpt's initial weights)",
+    )
     add_config_flags(p, ["model"])
     p.add_argument("--doc", default=None, help="the document to check on (default: the first after the shuffle)")
     p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1")

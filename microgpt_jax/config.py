@@ -8,6 +8,7 @@ as a key.
 """
 
 import dataclasses
+import json
 import math
 
 from microgpt_jax.errors import UserError
@@ -79,3 +80,43 @@ def from_dict(cls, values: dict):
 
 def resumable_fields(cls) -> set:
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
+
+def read_toml(path, classes: dict, not_in_files=()) -> dict:
+    """A config file: {table: {field: value}}, one table per config class, each table checked by its class."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"could not read the config file {path} ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e})") from None
+    for table, values in tables.items():
+        if not isinstance(values, dict):
+            owner = next((t for t, cls in classes.items() if table in {f.name for f in dataclasses.fields(cls)}), "its table")
+            raise UserError(f"{path}: {table} is outside any table; put it below [{owner}]")
+        if table not in classes:
+            raise UserError(f"{path}: unknown table [{table}]; the tables are {', '.join(f'[{t}]' for t in classes)}")
+        names = [f.name for f in dataclasses.fields(classes[table]) if f.name not in not_in_files]
+        for key in values:
+            if key not in names:
+                raise UserError(f"{path}: [{table}] has no key {key!r} (its keys: {', '.join(names)})")
+        try:
+            classes[table](**values)  # each table's values checked by its class, the rest at their defaults
+        except ConfigError as e:
+            raise UserError(f"{path}: [{table}] {e}") from None
+    return tables
+
+
+def to_toml(configs: dict, not_in_files=()) -> str:
+    """The configs as a config file that read_toml reads back."""
+    lines = []
+    for table, cfg in configs.items():
+        lines.append(f"[{table}]")
+        for f in dataclasses.fields(cfg):
+            if f.name not in not_in_files:
+                lines.append(f"{f.name} = {json.dumps(getattr(cfg, f.name))}  # {f.metadata['help']}")
+        lines.append("")
+    return "\n".join(lines)

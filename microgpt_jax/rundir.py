@@ -18,8 +18,10 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,7 +30,7 @@ from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore, file_sha2
 from microgpt_jax.config import ConfigError, from_dict, resumable_fields
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig
+from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.text import Vocab
 from microgpt_jax.train import TrainConfig
 
@@ -36,6 +38,10 @@ RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 FORMAT = "microgpt-jax run"
 VERSION = 2
+SCHEDULE_RULE = (
+    "an extended run continues on the schedule of a run planned for the new number of steps N: "
+    "from the step it was extended at, the learning rate is lr * (1 - step / N) (after any warmup)"
+)
 TABLES = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
 
 
@@ -51,9 +57,11 @@ def _atomic_write(path: Path, text: str):
 class RunDir:
     """An open run directory: its configs (by table name), vocabulary and data file."""
 
-    def __init__(self, path, configs: dict, vocab: Vocab, data_path, data_sha256):
+    def __init__(self, path, configs: dict, vocab: Vocab, data_path, data_sha256, history=None):
         self.path, self.configs, self.vocab = Path(path), configs, vocab
         self.data_path, self.data_sha256 = Path(data_path), data_sha256
+        self.history = dict(history or {})  # "init_from": where the weights came from; "extensions": steps added
+        self.extends = None  # the steps this session extends the run from (resumed_configs)
         self._lock = None
 
     cfg = property(lambda self: self.configs["model"])
@@ -76,7 +84,7 @@ class RunDir:
     # -- create and open ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, configs: dict, vocab: Vocab, data_path) -> "RunDir":
+    def create(cls, path, configs: dict, vocab: Vocab, data_path, init_from=None) -> "RunDir":
         """A new run directory, locked. Refuses a path that holds anything, above all an existing run.
 
         In a multi-process run every process checks, then process 0 writes.
@@ -87,7 +95,7 @@ class RunDir:
         if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
             raise UserError(f"{path} already exists and is not empty; pass a new directory so nothing is overwritten")
         data_path = Path(data_path).resolve()
-        run = cls(path, configs, vocab, data_path, file_sha256(data_path))
+        run = cls(path, configs, vocab, data_path, file_sha256(data_path), {"init_from": init_from} if init_from else None)
         parallel.barrier("run-create-checked")  # no process checks a directory process 0 has begun writing
         if parallel.is_main_process():
             made = not path.exists()
@@ -110,6 +118,7 @@ class RunDir:
             **{table: dataclasses.asdict(self.configs[table]) for table in TABLES},
             "vocab": self.vocab.chars,
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
+            **self.history,
         }
 
     @classmethod
@@ -150,7 +159,8 @@ class RunDir:
             raise bad("vocab", f"has {len(vocab)} characters (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
-        return cls(path, configs, Vocab(vocab), data["path"], data["sha256"])
+        history = {key: meta[key] for key in ("init_from", "extensions") if key in meta}
+        return cls(path, configs, Vocab(vocab), data["path"], data["sha256"], history)
 
     # -- one process at a time --------------------------------------------------------------
 
@@ -201,6 +211,9 @@ class RunDir:
         for table, config in self.configs.items():
             changes = given.get(table, {})
             for name, value in changes.items():
+                if (table, name) == ("train", "steps") and value > config.steps:
+                    self.extends = config.steps  # more steps: the run is extended (SCHEDULE_RULE)
+                    continue
                 if name not in resumable_fields(type(config)) and getattr(config, name) != value:
                     raise ConfigError(
                         name,
@@ -210,6 +223,18 @@ class RunDir:
             configs[table] = dataclasses.replace(config, **changes)
         self.configs = configs
         return configs
+
+    def record_extension(self, at_step: int):
+        """run.json takes the new number of steps, and says from where and by which rule (written atomically)."""
+        steps = self.tcfg.steps
+        extension = {"at_step": at_step, "from_steps": self.extends, "to_steps": steps, "schedule": SCHEDULE_RULE}
+        self.history["extensions"] = [*self.history.get("extensions", []), extension]
+        if parallel.is_main_process():
+            try:
+                _atomic_write(self.run_file, json.dumps(self.to_json(), indent=2) + "\n")
+            except OSError as e:
+                raise UserError(f"could not write {self.run_file} ({e.strerror or e}); it is unchanged") from None
+        self.extends = None
 
     def check_data(self, data_path):
         """The data must be the very file the run was trained on: its order and vocabulary decide every step."""
@@ -223,10 +248,55 @@ class RunDir:
             )
 
 
+class Weights(NamedTuple):
+    """A model to sample, check or start from: its config, vocabulary, params and where they come from."""
+
+    cfg: GPTConfig
+    vocab: Vocab
+    params: dict
+    origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
+    run: "RunDir | None" = None
+
+
+def split_step(spec) -> tuple[Path, int | None]:
+    """RUN_DIR@STEP -> (RUN_DIR, STEP); anything else -> (path, None)."""
+    match = re.fullmatch(r"(.+)@([0-9]+)", str(spec))
+    if match and not Path(spec).exists():
+        return Path(match[1]), int(match[2])
+    return Path(spec), None
+
+
+def load_weights(spec) -> Weights:
+    """RUN_DIR (its latest good checkpoint), RUN_DIR@STEP (that checkpoint) or an exported FILE.safetensors."""
+    path, step = split_step(spec)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _load_safetensors(path)
+    run = RunDir.open(path)
+    checkpoint = run.store.restore(with_opt_state=False) if step is None else run.store.checkpoint(step)
+    return Weights(run.cfg, run.vocab, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run)
+
+
+def _load_safetensors(path) -> Weights:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            meta, params = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        cfg = from_dict(GPTConfig, json.loads(meta["model"]))
+        vocab = Vocab(meta["vocab"])
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, ConfigError) as e:
+        raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
+    if vocab.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
+        raise UserError(f"{path} does not hold the weights its metadata describes; export it again")
+    return Weights(cfg, vocab, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
+
+
 def load_run(run_dir):
-    """(RunDir, params of its latest good checkpoint): what `sample` and `export` read."""
-    run = RunDir.open(run_dir)
-    return run, run.store.restore(with_opt_state=False).params
+    """(RunDir, params of its latest good checkpoint, or of STEP for RUN_DIR@STEP)."""
+    weights = load_weights(run_dir)
+    if weights.run is None:
+        raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP)")
+    return weights.run, weights.params
 
 
 def export_safetensors(run_dir, out_path) -> int:
@@ -239,18 +309,20 @@ def export_safetensors(run_dir, out_path) -> int:
         raise UserError(f"{out_path} already exists; pass a new file name so nothing is overwritten")
     if not out_path.parent.is_dir():
         raise UserError(f"directory {out_path.parent} does not exist; create it or pass another path")
-    run = RunDir.open(run_dir)
-    checkpoint = run.store.restore(with_opt_state=False)
+    weights = load_weights(run_dir)
+    if weights.run is None:
+        raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP) to export")
+    run, step = weights.run, weights.origin["step"]
     meta = run.to_json()
-    metadata = {"format": "microgpt-jax", "vocab": run.vocab.chars, "step": str(checkpoint.step)}
+    metadata = {"format": "microgpt-jax", "vocab": run.vocab.chars, "step": str(step)}
     metadata |= {table: json.dumps(meta[table]) for table in TABLES}
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in checkpoint.params.items()}, str(tmp), metadata=metadata)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, str(tmp), metadata=metadata)
         tmp.replace(out_path)  # atomic: OUT is whole or absent
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         reason = getattr(e, "strerror", None) or str(e).split(": ", 1)[-1]
         raise UserError(f"could not write {out_path} ({reason}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return checkpoint.step
+    return step

@@ -7,6 +7,7 @@ notebook or a script can call them the same way.
 import dataclasses
 
 import jax
+import numpy as np
 
 from microgpt_jax import memory, parallel
 from microgpt_jax.data import load_train_data
@@ -24,6 +25,7 @@ from microgpt_jax.hooks import (
 )
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
+from microgpt_jax.rundir import SCHEDULE_RULE
 from microgpt_jax.train import MAX_CHUNK, Trainer, TrainState, fit, init_state
 
 
@@ -42,7 +44,7 @@ class Session:
         )
         cfg = dataclasses.replace(cfg, vocab_size=self.vocab.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
-        self.configs = {**configs, "model": cfg}
+        self.configs, self.data_path = {**configs, "model": cfg}, data_path
         self.trainer = Trainer(cfg, tcfg, self.mesh)
 
     def describe(self) -> str:
@@ -58,6 +60,16 @@ class Session:
 
     def initial_state(self) -> TrainState:
         return init_state(self.configs["model"], self.configs["train"], self.trainer)
+
+    def state_from(self, weights) -> TrainState:
+        """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
+        if weights.vocab != self.vocab:
+            raise UserError(
+                f"the data's vocabulary ({self.vocab.size - 1} characters) differs from that of the weights "
+                f"({weights.vocab.size - 1}, {weights.origin}); fine-tune on data with the same characters"
+            )
+        dtype = self.configs["train"].param_dtype
+        return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))
 
     def resumed_state(self, run) -> TrainState | None:
         """The latest good checkpoint of run, placed on the mesh (None: none saved yet).
@@ -88,11 +100,15 @@ class Session:
             )
         return self.trainer.replicate(checkpoint.state)
 
-    def train(self, run=None, resume=False, peer_timeout=60.0) -> TrainState | None:
-        """Train a new run, or resume run from its latest good checkpoint, to the end (or a stop)."""
-        state = self.resumed_state(run) if resume else None
+    def train(self, run=None, resume=False, peer_timeout=60.0, start=None) -> TrainState | None:
+        """Train a new run (from the state `start`, if given), or resume run from its latest good checkpoint,
+        to the end (or a stop)."""
+        state = self.resumed_state(run) if resume else start
         if resume:
             print(f"resuming {run.path} at step {int(state.step) if state else 0}")
+            if run.extends:
+                print(f"extending it from {run.extends} to {self.configs['train'].steps} steps: {SCHEDULE_RULE}")
+                run.record_extension(int(state.step) if state else 0)
         if state and int(state.step) == self.configs["train"].steps:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
