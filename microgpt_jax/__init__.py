@@ -7,4 +7,9 @@ reproduce (microgpt's run), graph (a jitted step's program and donated
 buffers, for the notebooks), cli (the `microgpt-jax` command).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("microgpt-jax")  # pyproject.toml's, written once
+except PackageNotFoundError:  # a checkout on PYTHONPATH that was never installed
+    __version__ = "unknown"

@@ -20,6 +20,11 @@ def case(fn):
     return fn
 
 
+def describe_cases():
+    """[(name, the first line of its docstring)] of every case, for `bench --help`; needs no JAX."""
+    return [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "") for name, fn in CASES.items()]
+
+
 def timed(fn, *args):
     """(result, seconds) of fn(*args), waiting for any JAX arrays in the result."""
     import jax

@@ -45,6 +45,7 @@ def add_config_flags(parser, tables):
             if f.name in NOT_FLAGS:
                 continue
             choices = f.metadata.get("choices")
+            one_of = f"one of {', '.join(choices)}; " if choices else ""
             group.add_argument(
                 flag(f.name),
                 dest=f.name,
@@ -52,7 +53,7 @@ def add_config_flags(parser, tables):
                 type=type(f.default),
                 default=f.default,
                 choices=choices,
-                help=f"{f.metadata['help']} (default {f.default})",
+                help=f"{f.metadata['help']} ({one_of}default {f.default})",
             )
 
 
@@ -204,70 +205,93 @@ def cmd_bench(args):
 
 
 def build_parser():
-    parser = ArgumentParser(prog="microgpt-jax", description="A fast, exact JAX reimplementation of microgpt.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    from microgpt_jax import __version__, bench
+
+    parser = ArgumentParser(
+        prog="microgpt-jax",
+        description="A fast, exact JAX reimplementation of microgpt.",
+        epilog="`microgpt-jax COMMAND --help` explains a command's flags.",
+    )
+    parser.add_argument("--version", action="version", version=f"microgpt-jax {__version__}", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser, help="one of:")
     data_help = "text file, one document per line (default: the names dataset, downloaded and cached)"
 
     p = sub.add_parser("train", help="train a model (default: microgpt's model and hyperparameters on names)")
     add_config_flags(p, CONFIGS)
     p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
-    p.add_argument("--out", default=None, help="a new run directory: configs, vocabulary, checkpoints")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint")
+    p.add_argument(
+        "--out", default=None, metavar="RUN_DIR", help="a new run directory: configs, vocabulary, checkpoints (default: nothing is saved)"
+    )
+    p.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint (default: start a new run)"
+    )
     p.add_argument(
         "--config",
         default=None,
         metavar="FILE.toml",
-        help="config values in tables [model], [train], [data], [checkpoint]; flags override them",
+        help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
     p.add_argument(
         "--init-from",
         default=None,
         metavar="RUN_DIR[@STEP]",
-        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): fine-tuning",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): "
+        "fine-tuning (default: new weights)",
     )
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (or JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int, default=None, help="processes in the run (or JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (or JAX_PROCESS_ID)")
     group.add_argument(
-        "--coordinator-timeout", type=positive_int, default=60, metavar="SECONDS", help="give up joining after this long (default 60)"
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (default: $JAX_COORDINATOR_ADDRESS, else one process)"
+    )
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run (default: $JAX_NUM_PROCESSES, else 1)")
+    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (default: $JAX_PROCESS_ID, else 0)")
+    group.add_argument(
+        "--coordinator-timeout",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="give up joining after this long (default %(default)s)",
     )
     group.add_argument(
         "--peer-timeout",
         type=positive_int,
         default=60,
         metavar="SECONDS",
-        help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default 60)",
+        help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default %(default)s)",
     )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot", help="training and validation loss curves of one or more runs, overlaid")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `microgpt-jax train --out`")
-    p.add_argument("--out", default=None, help="image to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="IMAGE",
+        help="image to write, .png, .svg, .pdf, ... (default: RUN_DIR/loss.png for one run, ./loss.png for several)",
+    )
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("sample", help="sample from a trained run")
     p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
-    p.add_argument("--num-samples", type=positive_int, default=20)
-    p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default 0.5)")
-    p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P")
-    p.add_argument("--prompt", default="", help="every sample continues this text (e.g. ka)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-samples", type=positive_int, default=20, help="samples to draw (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens (default: all tokens)")
+    p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P (default: all tokens)")
+    p.add_argument("--prompt", default="", help="every sample continues this text, e.g. ka (default: none, samples start fresh)")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the draws (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability")
+    p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability (default: plain text)")
     p.add_argument(
         "--reference",
         action="store_true",
-        help="draw from Python's random stream as microgpt does (exactly the scalar engine's samples)",
+        help="draw from Python's random stream as microgpt does, exactly the scalar engine's samples (default: the compiled sampler)",
     )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write a run's parameters as safetensors, vocabulary in the metadata")
-    p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
-    p.add_argument("out", help="the .safetensors file to write (must not exist)")
+    p.add_argument("run_dir", help="a run directory (its latest good checkpoint) or RUN_DIR@STEP")
+    p.add_argument("out", metavar="OUT.safetensors", help="the .safetensors file to write (must not exist)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="cross-check JAX gradients and Adam steps against the scalar engine")
@@ -278,21 +302,31 @@ def build_parser():
         help="check these weights: RUN_DIR, RUN_DIR@STEP or a .safetensors export (default: microgpt's initial weights)",
     )
     add_config_flags(p, ["model"])
-    p.add_argument("--doc", default=None, help="the document to check on (default: the first after the shuffle)")
-    p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1")
+    p.add_argument("--doc", default=None, help="the document to check on (default: the data's first after the shuffle)")
+    p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1 (default %(default)s)")
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("reproduce", help="microgpt's exact run (1000 steps, 20 samples) on the JAX engine")
-    p.add_argument("--steps", type=positive_int, default=1000)
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps (default %(default)s, microgpt's)")
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("bench", help="benchmarks, measured side by side, printed as a table")
-    p.add_argument("cases", nargs="*", help="cases to run (default: all)")
-    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks, measured side by side, printed as a table",
+        epilog="cases:\n" + "\n".join(f"  {name:<16}{line}" for name, line in bench.describe_cases()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("cases", nargs="*", metavar="CASE", help="cases to run, listed below (default: all of them)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to this path (default: the table only)")
     p.add_argument("--data", default=None, help=data_help)
-    p.add_argument("--text", default=None, help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)")
+    p.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -313,7 +347,14 @@ def use_compilation_cache():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv:
+        # No command is a question, not a mistake: answer it with the commands on stdout and exit 0,
+        # as cargo, docker and pip do (git's exit 1 would make `microgpt-jax | less` look like a failure).
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     use_compilation_cache()
     try:
         return args.func(args)

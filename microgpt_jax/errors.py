@@ -36,7 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) and exit 2."""
 
     def error(self, message):
-        fail(f"{self.prog}: {message} (see --help)")
+        fail(f"{self.prog}: {message} (see {self.prog} --help)")  # a subcommand's prog is "microgpt-jax train"
 
 
 def positive_int(text):

@@ -4,10 +4,28 @@ matplotlib is an optional extra (`pip install 'microgpt-jax[plot]'`);
 training writes RUN_DIR/loss.png when it is installed.
 """
 
+import os
 from pathlib import Path
 
 from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
+
+
+def legend_labels(run_dirs) -> list[str]:
+    """Each run's label: the shortest tail of its path that no other run shares (`a/run`, `b/run`; `run` when alone)."""
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]  # `.`, `..` and trailing slashes named as folders
+
+    def tail(p, k):
+        return str(Path(*p[-k:]))
+
+    labels = []
+    for i, p in enumerate(parts):
+        others = [q for j, q in enumerate(parts) if j != i and q != p]  # the same run twice cannot be told apart
+        k = 1
+        while k < len(p) and any(tail(q, k) == tail(p, k) for q in others):
+            k += 1
+        labels.append(tail(p, k))
+    return labels
 
 
 def plot_runs(run_dirs, out_path):
@@ -26,9 +44,8 @@ def plot_runs(run_dirs, out_path):
         raise UserError(f"cannot write a plot as {out_path.name}: name the file with one of .{', .'.join(sorted(formats))}")
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (run_dir, records) in enumerate(runs):
+    for i, ((_, records), label) in enumerate(zip(runs, legend_labels(run_dirs))):
         color = f"C{i % 10}"
-        label = run_dir.name or str(run_dir)
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label} train")
         val = [r for r in records if r.get("val_loss") is not None]
         if val:
