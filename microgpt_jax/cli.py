@@ -96,6 +96,18 @@ def open_run(args, held):
     return None, configs, args.data, init
 
 
+def chosen_loggers(args) -> list:
+    """--tensorboard and --wandb PROJECT, their packages checked before anything is loaded or compiled."""
+    from microgpt_jax.loggers import require
+
+    if args.tensorboard and not (args.out or args.resume):
+        raise UserError("--tensorboard writes into the run directory (RUN_DIR/tb); pass --out RUN_DIR")
+    chosen = ([("tensorboard",)] if args.tensorboard else []) + ([("wandb", args.wandb)] if args.wandb else [])
+    for name, *_ in chosen:
+        require(name)
+    return chosen
+
+
 def cmd_train(args):
     from microgpt_jax import parallel
 
@@ -107,6 +119,7 @@ def cmd_train(args):
     from microgpt_jax.session import Session
     from microgpt_jax.text import resolve_data_path
 
+    loggers = chosen_loggers(args)
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
         run, configs, data_path, init = open_run(args, held)
         if args.print_config:
@@ -117,7 +130,7 @@ def cmd_train(args):
         start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
             run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
-        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=start)
+        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=start, loggers=loggers)
 
 
 def cmd_plot(args):
@@ -232,6 +245,16 @@ def build_parser():
         help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard in RUN_DIR/tb (needs: pip install 'microgpt-jax[tensorboard]')"
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (needs: pip install 'microgpt-jax[wandb]'; WANDB_MODE=offline keeps it local; "
+        "default: no W&B)",
+    )
     p.add_argument(
         "--init-from",
         default=None,

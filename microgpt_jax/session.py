@@ -23,6 +23,7 @@ from microgpt_jax.hooks import (
     Signals,
     WriteMetrics,
 )
+from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE
@@ -100,7 +101,7 @@ class Session:
             )
         return self.trainer.replicate(checkpoint.state)
 
-    def train(self, run=None, resume=False, peer_timeout=60.0, start=None) -> TrainState | None:
+    def train(self, run=None, resume=False, peer_timeout=60.0, start=None, loggers=()) -> TrainState | None:
         """Train a new run (from the state `start`, if given), or resume run from its latest good checkpoint,
         to the end (or a stop)."""
         state = self.resumed_state(run) if resume else start
@@ -115,7 +116,7 @@ class Session:
             print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
         state = state or self.initial_state()
         try:
-            state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout))
+            state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout, loggers))
         except BrokenPipeError:
             raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
@@ -125,8 +126,11 @@ class Session:
             print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         return state
 
-    def hooks(self, state: TrainState, run=None, peer_timeout=60.0) -> list:
-        """The hooks of a run, in order: stop on NaN, signals, evaluation, metrics, progress, checkpoints, plot."""
+    def hooks(self, state: TrainState, run=None, peer_timeout=60.0, loggers=()) -> list:
+        """The hooks of a run, in order: stop on NaN, signals, evaluation, metrics, loggers, progress, checkpoints, plot.
+
+        loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py).
+        """
         tcfg, main = self.configs["train"], parallel.is_main_process()
         logged = (tcfg.log_every, tcfg.eval_every)
         start = int(state.step)
@@ -136,8 +140,14 @@ class Session:
         if eval_set is not None:
             hooks.append(Evaluate(self.trainer, eval_set, tcfg.eval_every))
         hooks.append(Record(self.trainer.lr, logged))
+        resumed_at = start if start else None
         if run and main:
-            hooks.append(WriteMetrics(MetricsFile(run.path, resumed_at=start if start else None), logged))
+            hooks.append(WriteMetrics(MetricsFile(run.path, resumed_at=resumed_at), logged))
+        for name, *project in loggers if main else ():
+            if name == "tensorboard":
+                hooks.append(TensorBoard(run.path, self.configs, logged, resumed_at=resumed_at))
+            else:
+                hooks.append(WandB(project[0], run.path if run else None, self.configs, logged))
         hooks.append(ShowProgress(Progress(tcfg.steps, start, bar=None if main else False), logged))
         if run:
             hooks.append(Checkpoints(run.store, run.ccfg.save_every, self.data.position, run.path))

@@ -202,3 +202,39 @@ def test_a_missing_extra_is_one_line_saying_what_to_install(monkeypatch, tmp_pat
         assert "\n" not in message
         assert message.endswith(f"pip install 'microgpt-jax[{extra}]'") and module in message
     assert not (tmp_path / "tb").exists()
+
+
+# -- through the command line ----------------------------------------------------------------
+
+
+def test_train_with_tensorboard_and_wandb_flags(tmp_path, capsys, monkeypatch):
+    from microgpt_jax.metrics import read_metrics
+    from tests.helpers import TINY, run_in_process
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_DIR", "WANDB_API_KEY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    run_dir = tmp_path / "run"
+    flags = [*TINY, "--steps", "6", "--log-every", "2", "--eval-every", "4", "--tensorboard", "--wandb", "microgpt-jax-test"]
+    code, out = run_in_process(capsys, "train", *flags, "--out", run_dir)
+    assert code == 0, out.err
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == [2, 4, 6]
+    assert [s for s, _ in scalar_series(read_events(run_dir / "tb"), "train/loss")] == steps
+    history, config = wandb_history(run_dir)
+    assert sorted(history) == steps and config["train"]["steps"] == 6
+
+
+@pytest.mark.parametrize("module, flags", [("tensorboardX", ["--tensorboard"]), ("wandb", ["--wandb", "p"])])
+def test_train_with_a_missing_extra_says_what_to_install_before_anything_else(tmp_path, capsys, monkeypatch, module, flags):
+    from tests.helpers import assert_one_line_error, run_in_process
+
+    monkeypatch.setitem(sys.modules, module, None)
+    code, out = run_in_process(capsys, "train", *flags, "--out", tmp_path / "run")
+    assert_one_line_error(code, out.err, "pip install 'microgpt-jax[")
+    assert not (tmp_path / "run").exists()
+    code, out = run_in_process(capsys, "train", "--tensorboard")
+    assert_one_line_error(code, out.err, "--tensorboard writes into the run directory")
