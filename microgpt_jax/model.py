@@ -2,7 +2,7 @@
 
 Parameters are a flat dict of arrays keyed like microgpt's (`wte`, `wpe`,
 `lm_head`, `layer0.attn_wq`, ...), each `[out, in]`, so `x @ W.T` is the
-seed's `linear(x, W)`. Every function is pure: weights in, arrays out.
+microgpt's `linear(x, W)`. Every function is pure: weights in, arrays out.
 
 Shape suffixes: B batch rows, T positions, D n_embd, H heads, K head size,
 F 4*n_embd, V vocabulary, S key positions.
