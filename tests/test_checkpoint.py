@@ -380,7 +380,7 @@ def test_out_on_an_existing_run_is_refused(tmp_path, finished_run):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"already exists and is not empty"):
         train_cli("--steps", "6", "--out", str(tmp_path / "other"))
-    with pytest.raises(UserError, match=r"not both"):
+    with pytest.raises(UserError, match=r"--resume continues a run as it is; --out \(with --init-from\) starts a new one: pass one"):
         cli.main(["train", "--resume", str(run_dir), "--out", str(tmp_path / "new")])
 
 
