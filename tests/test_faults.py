@@ -297,34 +297,3 @@ def test_config_errors_name_the_field_not_a_flag():
     assert (e.value.field, str(e.value)) == ("lr", "lr must be a finite number, got inf")
     with pytest.raises(UserError, match="^keep must be positive"):
         checkpoint.CheckpointConfig(keep=0)
-
-
-def test_bfloat16_runs_save_read_and_resume_bitwise(tmp_path, names_path):
-    """The GPU's dtype through the library on the CPU (the CLI refuses it there, as a policy)."""
-    from microgpt_jax.checkpoint import CheckpointConfig
-    from microgpt_jax.data import DataConfig
-    from microgpt_jax.model import GPTConfig
-    from microgpt_jax.session import Session
-
-    train.set_precision("bfloat16", allow_cpu_bfloat16=True)
-    configs = {
-        "model": GPTConfig(n_embd=8, n_head=2, block_size=8),
-        "train": train.TrainConfig(steps=6, batch_size=2, dtype="bfloat16", log_every=2, eval_every=2),
-        "data": DataConfig(),
-        "checkpoint": CheckpointConfig(save_every=2),
-    }
-    session = Session(configs, names_path)
-    with RunDir.create(tmp_path / "run", session.configs, session.vocab, names_path) as run:
-        state = session.initial_state()
-        whole = train.fit(session.trainer, state, session.data, session.hooks(state, run))
-    assert run.store.steps() == [2, 4, 6]
-    read = run.store.read(6)
-    assert all(w.dtype == np.float32 for w in read.params.values())  # bfloat16 compute keeps float32 weights
-    assert all(np.array_equal(read.params[k], whole.params[k]) for k in read.params)
-    shutil.rmtree(run.store.directory / "6")
-    with RunDir.open(run.path).lock() as again:
-        state = session.resumed_state(again)
-        assert int(state.step) == 4
-        resumed = train.fit(session.trainer, state, session.data, session.hooks(state, again))
-    assert all(np.array_equal(resumed.params[k], whole.params[k]) for k in whole.params)
-    assert not (run.path / "damaged").exists()
