@@ -40,9 +40,9 @@ class DataConfig:
     """What a step trains on and what the validation loss is measured on."""
 
     mode: str = field("docs", "docs: one document per line; stream: continuous text cut into windows", choices=MODES)
-    layout: str = field("packed", "docs mode: several documents per row (packed) or one (padded)", choices=LAYOUTS)
-    val_fraction: float = field(0.1, "the last fraction of the documents (or text) held out for validation", check=fraction)
-    eval_size: int = field(1024, "most validation documents (or windows) evaluated", check=positive, resumable=True)
+    layout: str = field("packed", "docs mode: several documents per row, or one per row", choices=LAYOUTS)
+    val_fraction: float = field(0.1, "the last fraction of the documents or text, held out for validation", check=fraction)
+    eval_size: int = field(1024, "most validation documents or windows evaluated", check=positive, resumable=True)
 
     def __post_init__(self):
         validate(self)

@@ -36,9 +36,9 @@ NORM_EPS = 1e-5
 class GPTConfig:
     """The model's shape. Defaults are microgpt's (vocab_size comes from the data)."""
 
-    vocab_size: int = field(27, "tokens in the vocabulary (set from the data)", check=positive)
+    vocab_size: int = field(27, "tokens in the vocabulary, set from the data", check=positive)
     n_embd: int = field(16, "embedding width", check=positive)
-    n_head: int = field(4, "attention heads (must divide n_embd)", check=positive)
+    n_head: int = field(4, "attention heads, a divisor of n_embd", check=positive)
     n_layer: int = field(1, "transformer layers", check=positive)
     block_size: int = field(16, "most positions the model sees at once", check=positive)
 

@@ -39,14 +39,14 @@ class TrainConfig:
     """How to train. Defaults are microgpt's (spec section 4)."""
 
     steps: int = field(1000, "optimizer steps in the run", check=step_count)
-    batch_size: int = field(1, "documents (or windows) per step", check=positive)
+    batch_size: int = field(1, "documents or windows per step", check=positive)
     lr: float = field(0.01, "peak learning rate", check=positive)
     warmup: int = field(0, "steps of linear warmup before the linear decay to 0", check=non_negative)
     beta1: float = field(0.85, "Adam's first-moment decay", check=fraction)
     beta2: float = field(0.99, "Adam's second-moment decay", check=fraction)
     eps: float = field(1e-8, "Adam's epsilon", check=positive)
     seed: int = field(42, "random seed: initial weights, data order")
-    dtype: str = field("float32", "compute dtype (bfloat16 keeps float32 weights)", choices=DTYPES)
+    dtype: str = field("float32", "compute dtype; bfloat16 keeps float32 weights", choices=DTYPES)
     eval_every: int = field(100, "validation loss every N steps", check=positive, resumable=True)
     log_every: int = field(10, "a metrics record every N steps", check=positive, resumable=True)
 
