@@ -143,6 +143,38 @@ def attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, query_block=None):
     return jnp.concatenate(out_BHTK, axis=2)
 
 
+ATTENTIONS = ("einsum", "xla", "cudnn")  # attend above; jax.nn.dot_product_attention's XLA or cuDNN implementation
+
+
+def attention_implementation(backend, dtype, cfg: GPTConfig) -> str:
+    """Which attention a compiled forward uses: "cudnn" or "einsum" (`attend`).
+
+    cuDNN's fused attention for bfloat16/float16 on a GPU where it takes the
+    shape (head size a multiple of 8, at most 128; an even block_size, as its
+    backward with a mask needs); everywhere else, float64 and the
+    cross-checks included, `attend`, exact against the scalar engine. "xla"
+    (jax.nn.dot_product_attention's XLA implementation) is chosen only by name.
+    """
+    fused = backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    fits = cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 and cfg.block_size % 2 == 0
+    return "cudnn" if fused and fits else "einsum"
+
+
+def attend_fused(q_BHTK, k_BHSK, v_BHSK, mask_BTS, implementation):
+    """`attend` as jax.nn.dot_product_attention computes it (implementation "xla" or "cudnn"), causal.
+
+    The causal part goes as is_causal (cuDNN then skips the blocks above the
+    diagonal); the packed rows' same-document part as a boolean mask, which
+    cuDNN takes as an additive bias [B, 1, T, T] (it has no segment-id
+    mask in this API; its packed THD layout is not public).
+    """
+    to_BTHK = lambda a: a.transpose(0, 2, 1, 3)  # the API's layout: [batch, positions, heads, head size]
+    out_BTHK = jax.nn.dot_product_attention(
+        to_BTHK(q_BHTK), to_BTHK(k_BHSK), to_BTHK(v_BHSK), mask=mask_BTS[:, None], is_causal=True, implementation=implementation
+    )
+    return to_BTHK(out_BTHK)
+
+
 def mlp(x_BTD, fc1, fc2):
     return jax.nn.relu(x_BTD @ fc1.T) @ fc2.T
 
@@ -193,7 +225,7 @@ def embed(params, tokens_BT, positions_BT):
     return rmsnorm(params["wte"][tokens_BT] + params["wpe"][positions_BT])
 
 
-def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
+def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0, attention="einsum"):
     """Layer i: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)). Returns (x, cache).
 
     Without a cache the T queries attend over the T keys of x itself
@@ -201,12 +233,15 @@ def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
     written into layer i of the cache at positions start..start+T-1 and the
     queries attend over all block_size cached positions (mask_BTS is
     [B, T, block_size]): microgpt's "append k and v, then attend over the cache".
+    attention (ATTENTIONS) applies to the first way only: the cache's way is always `attend`.
     """
     p = f"layer{i}."
     D = x_BTD.shape[-1]
     h_BTD = rmsnorm(x_BTD)
     q_BHTK, k_BHSK, v_BHSK = (split_heads(h_BTD @ params[p + w].T, n_head) for w in ("attn_wq", "attn_wk", "attn_wv"))
-    if cache is None:
+    if cache is None and attention != "einsum":
+        out_BHTK = attend_fused(q_BHTK, k_BHSK, v_BHSK, mask_BTS, attention)
+    elif cache is None:
         out_BHTK = attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, QUERY_BLOCK)
     else:
         cache = cache.write(i, start, k_BHSK, v_BHSK)
@@ -217,12 +252,12 @@ def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0):
     return x_BTD, cache
 
 
-def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None):
+def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None, attention="einsum"):
     """Logits [B, T, V] for every position of every row, all at once.
 
     Without positions and segments each row is one document starting at
     position 0, and this equals running microgpt's token-by-token model over
-    the row with its KV cache.
+    the row with its KV cache. attention: one of ATTENTIONS (static).
     """
     B, T = tokens_BT.shape
     if positions_BT is None:
@@ -233,7 +268,7 @@ def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=No
 
     x_BTD = embed(params, tokens_BT, positions_BT)
     for i in range(cfg.n_layer):
-        x_BTD, _ = block(params, i, x_BTD, mask_BTS, cfg.n_head)
+        x_BTD, _ = block(params, i, x_BTD, mask_BTS, cfg.n_head, attention=attention)
     return x_BTD @ params["lm_head"].T
 
 
@@ -261,9 +296,9 @@ def decode_step(params, token_B, cache: KVCache, pos, cfg: GPTConfig):
     return logits_B1V[:, 0], cache
 
 
-def loss_fn(params, batch, cfg: GPTConfig):
+def loss_fn(params, batch, cfg: GPTConfig, attention="einsum"):
     """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents."""
-    logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments)
+    logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments, attention)
     # bfloat16 compute: the softmax and the loss still in float32
     logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)

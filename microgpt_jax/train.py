@@ -24,7 +24,7 @@ from microgpt_jax import parallel
 from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch
-from microgpt_jax.model import GPTConfig, init_params, loss_fn, param_shapes
+from microgpt_jax.model import ATTENTIONS, GPTConfig, attention_implementation, init_params, loss_fn, param_shapes
 
 DTYPES = ("float32", "float64", "bfloat16")
 MAX_STEPS = 2**31 - 1  # the step counters (ours and Adam's) are int32
@@ -99,18 +99,18 @@ def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
     return optax.flatten(optax.adam(make_schedule(tcfg), b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps))
 
 
-def _loss(params, batch, cfg, dtype):
+def _loss(params, batch, cfg, dtype, attention="einsum"):
     """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16)."""
-    return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg)
+    return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg, attention)
 
 
-def _step(state: TrainState, batch, cfg, optimizer, dtype):
-    loss, grads = jax.value_and_grad(_loss)(state.params, batch, cfg, dtype)
+def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum"):
+    loss, grads = jax.value_and_grad(_loss)(state.params, batch, cfg, dtype, attention)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
 
-def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype):
+def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype, attention="einsum"):
     """The first num_steps entries of the leading (step) axis of batches, one step each: losses [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
@@ -119,16 +119,16 @@ def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype):
 
     def body(i, carry):
         state, losses = carry
-        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), cfg, optimizer, dtype)
+        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), cfg, optimizer, dtype, attention)
         return state, losses.at[i].set(loss)
 
     losses = jnp.zeros(batches.tokens.shape[0], jnp.promote_types(dtype, jnp.float32))
     return jax.lax.fori_loop(0, num_steps, body, (state, losses))
 
 
-def _evaluate(params, batches, cfg, dtype):
+def _evaluate(params, batches, cfg, dtype, attention="einsum"):
     """The summed loss of a stacked validation set (its weights already average over all of it)."""
-    return jnp.sum(jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype), batches))
+    return jnp.sum(jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention), batches))
 
 
 class Trainer:
@@ -141,18 +141,25 @@ class Trainer:
     devices and the batch rows split over its `data` axis; XLA adds the
     all-reduce of the gradients. The arrays passed in must be placed that
     way: `replicate` and `put` do it.
+
+    attention: one of model.ATTENTIONS; by default the backend's and dtype's
+    (model.attention_implementation: cuDNN for bfloat16 on a GPU, else the
+    exact `attend`). `self.attention` says which.
     """
 
-    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None):
+    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
         self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
         dtype = jnp.dtype(tcfg.dtype)
-        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype)
+        self.attention = attention or attention_implementation(jax.default_backend(), dtype, cfg)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype, attention=self.attention)
         # (batch row axis of each argument, or None for a replicated one) -> in/out shardings
         self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
         self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
-        self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=dtype), **self._shardings((None, 1)))
+        self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=dtype, attention=self.attention), **self._shardings((None, 1)))
         self._init = jax.jit(self.optimizer.init, **self._shardings((None,)))
         self._compiled = {}
 
