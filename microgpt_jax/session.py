@@ -56,6 +56,7 @@ class Session:
                 f"vocab size: {self.vocab.size}",
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
+                f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
             ]
         )
 
