@@ -25,6 +25,48 @@ def describe_cases():
     return [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "") for name, fn in CASES.items()]
 
 
+# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, by matmul input type: the other peak the
+# MFU is measured against. First match wins: a pattern searched (case-insensitively) in jax's device_kind.
+VENDOR_PEAKS = (
+    (r"H100.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
+    (r"H100.*PCIe", {"bfloat16": 756, "tf32": 378, "float32": 51}),
+    (r"H100", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),  # SXM: "NVIDIA H100 80GB HBM3"
+    (r"H200.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
+    (r"H200", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),
+    (r"A100", {"bfloat16": 312, "tf32": 156, "float32": 19.5}),
+    (r"\bL4\b", {"bfloat16": 121, "tf32": 60, "float32": 30.3}),  # not L40, L40S
+)
+
+
+def matmul_type(dtype) -> str:
+    """The tensor-core type a dtype's matmuls run in: float32 runs in tf32 under JAX's default precision on a GPU."""
+    import jax
+
+    dtype = str(np.dtype(dtype)) if dtype != "bfloat16" else dtype
+    if dtype == "float32" and str(jax.config.jax_default_matmul_precision or "default").lower() in ("default", "bfloat16", "tensorfloat32"):
+        return "tf32"
+    return dtype
+
+
+def vendor_peak(device_kind: str, dtype="bfloat16"):
+    """(FLOP/s, matmul type) of the vendor's dense peak for a device kind and a compute dtype, or None if unknown."""
+    import re
+
+    kind = matmul_type(dtype)
+    for pattern, peaks in VENDOR_PEAKS:
+        if re.search(pattern, device_kind, re.IGNORECASE):
+            return (peaks[kind] * 1e12, kind) if kind in peaks else None
+    return None
+
+
+def describe_peak(device_kind: str, dtype="bfloat16") -> str:
+    """'vendor peak 989 TFLOP/s (bfloat16, dense)', or 'vendor peak unknown for DEVICE (dtype)'."""
+    found = vendor_peak(device_kind, dtype)
+    if found is None:
+        return f"vendor peak unknown for {device_kind} ({dtype})"
+    return f"vendor peak {found[0] / 1e12:g} TFLOP/s ({found[1]}, dense)"
+
+
 def timed(fn, *args):
     """(result, seconds) of fn(*args), waiting for any JAX arrays in the result."""
     import jax
@@ -246,7 +288,11 @@ def matmul_peak(n=2048, dtype="float32", repeats=5):
 
 
 def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
-    """Tokens/s and MFU of stream-mode training on the text: MFU = flops_per_token * tokens/s over a measured matmul peak."""
+    """Tokens/s and MFU of stream-mode training on the text: MFU = flops_per_token * tokens/s over a peak.
+
+    `_mfu` is over the matmul peak measured in this run (matmul_peak), `_mfu_vendor` over the vendor's
+    dense peak for the device and dtype (vendor_peak; a line saying it is unknown otherwise).
+    """
     import jax
 
     from microgpt_jax.data import DataConfig, load_train_data
@@ -260,10 +306,15 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
     peak_before = matmul_peak(peak_n, dtype)
     _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
     peak = max(peak_before, matmul_peak(peak_n, dtype))  # around the run: the machine's best, not a lucky step
+    kind = jax.devices()[0].device_kind
+    vendor = vendor_peak(kind, dtype)
+    flops_per_s = tokens_per_s * flops_per_token(cfg)
     return {
         f"{prefix}_tokens_per_s": tokens_per_s,
-        f"{prefix}_mfu": tokens_per_s * flops_per_token(cfg) / peak,
+        f"{prefix}_mfu": flops_per_s / peak,
+        f"{prefix}_mfu_vendor": flops_per_s / vendor[0] if vendor else describe_peak(kind, dtype),
         f"{prefix}_matmul_peak_gflops": peak / 1e9,
+        **({f"{prefix}_vendor_peak_gflops": vendor[0] / 1e9} if vendor else {}),
         f"{prefix}_compile_s": compile_s,
         f"{prefix}_peak_mb": mem,
     }

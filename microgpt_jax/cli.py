@@ -18,7 +18,7 @@ from microgpt_jax.config import ConfigError, read_toml, to_toml
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int, run_cli
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.train import TrainConfig, set_precision
+from microgpt_jax.train import TrainConfig, set_deterministic, set_precision
 
 CONFIGS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
 NOT_FLAGS = {"vocab_size"}  # comes from the data
@@ -109,8 +109,10 @@ def chosen_loggers(args) -> list:
 
 
 def cmd_train(args):
-    from microgpt_jax import parallel
+    from microgpt_jax import memory, parallel
 
+    if args.deterministic:
+        set_deterministic()  # XLA reads its flags once, when the backend starts: before anything below
     # before anything touches a JAX backend: join the other processes, if any
     parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout, args.peer_timeout)
     if not parallel.is_main_process():
@@ -125,8 +127,15 @@ def cmd_train(args):
         if args.print_config:
             return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
-        session = Session(configs, resolve_data_path(data_path), args.devices)
-        print(session.describe())
+        saving = bool(args.out or args.resume)
+        try:
+            session = Session(configs, resolve_data_path(data_path), args.devices)
+            print(session.describe())
+            if args.dry_run:
+                return print(session.dry_run(saving=saving))
+            session.compile_step(saving=saving)  # XLA's own figure refuses a step that cannot fit, before anything is made
+        except memory.TooBig as e:  # name the flags that lower it
+            raise UserError(e.with_flags(flag)) from None
         start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
             run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
@@ -245,6 +254,18 @@ def build_parser():
         help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the training step for this config and print its memory (parameters, optimizer state, XLA's figure, "
+        "the device's free memory, the estimate), then exit: nothing is trained or written, not even --out",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels (XLA_FLAGS=--xla_gpu_deterministic_ops=true): the same run gives the same bits, "
+        "somewhat slower; no effect on a CPU (default: XLA's fastest kernels)",
+    )
     p.add_argument(
         "--tensorboard", action="store_true", help="also log to TensorBoard in RUN_DIR/tb (needs: pip install 'microgpt-jax[tensorboard]')"
     )

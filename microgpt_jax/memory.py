@@ -9,8 +9,10 @@ of XLA's own figure (tests/test_memory.py compares it with the compiled
 loop's memory_analysis) within a small factor.
 
 `check_fits` compares it with `available_bytes` and raises a UserError of
-one sentence when it does not fit. Sizes are printed in SI units (1 KB =
-1000 bytes).
+one sentence when it does not fit. `check_compiled` does the same with
+XLA's own figure for the compiled chunk loop (`StepMemory`, read from
+`compiled.memory_analysis()`), once the estimate has passed. Sizes are
+printed in SI units (1 KB = 1000 bytes).
 """
 
 import os
@@ -26,6 +28,25 @@ BATCH_INT32_BYTES = 4 * 4  # per position: tokens, targets, positions, segments 
 CHUNKS_IN_FLIGHT = 2  # run_steps sends the next chunk's batches while the current one runs
 FLATTEN_COPIES = 2  # optax.flatten ravels the gradients into one vector and the updates come out as one
 OPT_COUNT_BYTES = 8  # two int32 step counts: Adam's and the learning-rate schedule's
+
+
+LOWER = ("n_embd", "n_layer", "block_size", "batch_size")  # the config values a run that does not fit should lower
+
+
+class TooBig(UserError):
+    """A run does not fit: `head` says by how much, `fields` the config values to lower.
+
+    str() names the values as the library spells them (block_size); the
+    command line rewords them as its flags (`with_flags`).
+    """
+
+    def __init__(self, head, fields=LOWER):
+        self.head, self.fields = head, tuple(fields)
+        super().__init__(self.with_flags(str))
+
+    def with_flags(self, flag) -> str:
+        names = [flag(f) for f in self.fields]
+        return f"{self.head}; lower {', '.join(names[:-1])} or {names[-1]}"
 
 
 class Estimate(NamedTuple):
@@ -198,8 +219,68 @@ def check_fits(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, 
     need = est.total if on_host else est.device
     if need > available:
         where = "is available" if on_host else f"is free on {device.platform.upper()} {device.id}"
-        raise UserError(
-            f"this run needs about {format_bytes(need)} ({est.describe(host=on_host)}) "
-            f"but {format_bytes(available)} {where}; lower n_embd, n_layer, block_size or batch_size"
-        )
+        raise TooBig(f"this run needs about {format_bytes(need)} ({est.describe(host=on_host)}) but {format_bytes(available)} {where}")
     return est
+
+
+class StepMemory(NamedTuple):
+    """XLA's figure for one call of a compiled program (its buffer assignment), in bytes.
+
+    `aliased` are the donated arguments whose buffers the outputs reuse: they count once.
+    """
+
+    arguments: int
+    outputs: int
+    temporaries: int
+    aliased: int
+
+    @classmethod
+    def of(cls, compiled) -> "StepMemory | None":
+        """From a jax Compiled's memory_analysis(); None where the backend gives none."""
+        try:
+            m = compiled.memory_analysis()
+        except (NotImplementedError, RuntimeError):
+            return None
+        if m is None:
+            return None
+        return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes, m.alias_size_in_bytes)
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries - self.aliased
+
+    def describe(self) -> str:
+        return (
+            f"arguments {format_bytes(self.arguments)}, outputs {format_bytes(self.outputs)}, "
+            f"temporaries {format_bytes(self.temporaries)}, aliased (donated) {format_bytes(self.aliased)}"
+        )
+
+
+def beyond_compiled(est: Estimate, on_host: bool) -> int:
+    """What a run holds besides the compiled call's own buffers: the next chunk's batches, sent to the
+    device while the current chunk runs, and (when the device is the host) the host's batches."""
+    return est.batches - est.batches // CHUNKS_IN_FLIGHT + (est.host_batches if on_host else 0)
+
+
+def check_compiled(step: StepMemory, est: Estimate, available=None, device=None) -> int:
+    """Raise TooBig (one sentence naming XLA's figure) if the compiled chunk loop `step`, with what
+    `beyond_compiled` adds, cannot fit in `available` bytes (default: available_bytes(device)).
+
+    Returns the bytes needed. est is the same run's estimate (check_fits).
+    """
+    if device is None and available is None:
+        device = jax.devices()[0]
+    on_host = device is None or device.platform == "cpu"
+    extra = beyond_compiled(est, on_host)
+    need = step.total + extra
+    if available is None:
+        available = available_bytes(device)
+        if available is None:
+            return need
+    if need > available:
+        where = "is available" if on_host else f"is free on {device.platform.upper()} {device.id}"
+        raise TooBig(
+            f"the compiled training step needs {format_bytes(step.total)} (XLA: {step.describe()}) and its batches "
+            f"{format_bytes(extra)} more, {format_bytes(need)} in all, but {format_bytes(available)} {where}"
+        )
+    return need

@@ -7,9 +7,10 @@ notebook or a script can call them the same way.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax import memory, parallel
+from microgpt_jax import bench, memory, parallel
 from microgpt_jax.data import load_train_data
 from microgpt_jax.errors import UserError
 from microgpt_jax.hooks import (
@@ -23,11 +24,12 @@ from microgpt_jax.hooks import (
     Signals,
     WriteMetrics,
 )
+from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE
-from microgpt_jax.train import MAX_CHUNK, Trainer, TrainState, fit, init_state
+from microgpt_jax.train import Trainer, TrainState, abstract_state, chunk_length, fit, flops_per_token, init_state
 
 
 class Session:
@@ -37,7 +39,7 @@ class Session:
         cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
-        chunk = min(MAX_CHUNK, tcfg.log_every, tcfg.eval_every, ccfg.save_every, tcfg.steps)
+        chunk = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
         fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
         memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
         self.vocab, self.data = load_train_data(
@@ -47,9 +49,12 @@ class Session:
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
         self.configs, self.data_path = {**configs, "model": cfg}, data_path
         self.trainer = Trainer(cfg, tcfg, self.mesh)
+        self.step_memory = None  # XLA's figure for the compiled chunk loop, once compile_step has run
+        self._compile_s = 0.0  # compile time not yet reported
 
     def describe(self) -> str:
-        cfg = self.configs["model"]
+        cfg, dtype = self.configs["model"], self.configs["train"].dtype
+        kind = self.mesh.devices.flat[0].device_kind
         return "\n".join(
             [
                 self.data.describe(),
@@ -57,8 +62,78 @@ class Session:
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
+                f"device kind: {kind}, {bench.describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
             ]
         )
+
+    # -- the compiled step, before anything is allocated --------------------------------------
+
+    def chunk_length(self, start=0, saving=False) -> int:
+        """Steps per compiled chunk of fit from step `start`: as train.fit and run_steps choose it
+        (the hooks' cadences, log_every and eval_every, and save_every when checkpoints are saved)."""
+        tcfg = self.configs["train"]
+        cadences = [tcfg.log_every, tcfg.eval_every] + ([self.configs["checkpoint"].save_every] if saving else [])
+        return chunk_length(cadences, tcfg.steps - start)
+
+    def abstract_args(self, length):
+        """(state, batches) of the chunk loop as shapes and dtypes only: what the run will pass it, nothing allocated."""
+        cfg, tcfg = self.configs["model"], self.configs["train"]
+        positions = jax.ShapeDtypeStruct((length, self.data.rows, cfg.block_size), jnp.int32)
+        weights = jax.ShapeDtypeStruct(positions.shape, tcfg.param_dtype)
+        return abstract_state(cfg, tcfg), Batch(positions, positions, positions, positions, weights)
+
+    def estimate(self, length) -> memory.Estimate:
+        tcfg = self.configs["train"]
+        return memory.estimate(self.configs["model"], self.data.rows, length, tcfg.dtype, tcfg.param_dtype)
+
+    def compile_step(self, start=0, saving=False, available=None) -> memory.StepMemory | None:
+        """Compile the chunk loop for the run's shapes (on abstract arguments: no weights allocated) and
+        raise memory.TooBig if XLA's figure for it, with the batches, exceeds the available memory.
+
+        The executable is the one fit runs (Trainer.compiled_steps caches it by
+        shapes and dtypes), so this costs no second compilation. Returns XLA's
+        figure (None where the backend gives none). available: bytes, default
+        memory.available_bytes() of the first device.
+        """
+        length = self.chunk_length(start, saving)
+        compiled, seconds = self.trainer.compiled_steps(*self.abstract_args(length))
+        self._compile_s += seconds
+        self.step_memory = memory.StepMemory.of(compiled)
+        if self.step_memory is not None:
+            device = self.mesh.devices.flat[0] if available is None else None
+            memory.check_compiled(self.step_memory, self.estimate(length), available=available, device=device)
+        return self.step_memory
+
+    def dry_run(self, saving=False) -> str:
+        """Compile the step (compile_step) and say what the run would hold: weights, optimizer, XLA's figure,
+        the device's memory and the estimate. Trains nothing, allocates no weights, writes nothing."""
+        cfg, tcfg = self.configs["model"], self.configs["train"]
+        step = self.compile_step(saving=saving)
+        length = self.chunk_length(saving=saving)
+        state = abstract_state(cfg, tcfg)
+        nbytes = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+        device = self.mesh.devices.flat[0]
+        available = memory.available_bytes(device)
+        est = self.estimate(length)
+        on_host = device.platform == "cpu"
+        lines = [
+            f"parameters: {memory.num_params(cfg):,} ({memory.format_bytes(nbytes(state.params))} in {tcfg.param_dtype})",
+            f"optimizer state: {memory.format_bytes(nbytes(state.opt_state))}",
+        ]
+        if step is None:
+            lines.append(f"compiled step ({length} steps per chunk): XLA gives no memory figure on this backend")
+        else:
+            lines.append(
+                f"compiled step ({length} steps per chunk): {memory.format_bytes(step.total)} "
+                f"({step.describe()}); with the batches {memory.format_bytes(step.total + memory.beyond_compiled(est, on_host))}"
+            )
+        where = f"{device.platform} {device.id}" + (", the host's available memory" if on_host else ", free")
+        lines += [
+            f"device memory: {memory.format_bytes(available) if available is not None else 'unknown'} ({where})",
+            f"estimate: {memory.format_bytes(est.total if on_host else est.device)} ({est.describe(host=on_host)})",
+            f"dry run: compiled in {self._compile_s:.1f}s; nothing trained or written",
+        ]
+        return "\n".join(lines)
 
     def initial_state(self) -> TrainState:
         return init_state(self.configs["model"], self.configs["train"], self.trainer)
@@ -115,6 +190,10 @@ class Session:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
             print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
+        self.compile_step(int(state.step) if state else 0, saving=bool(run))  # refused here, before the weights are made
+        if self._compile_s:
+            print(f"compiled the training step in {self._compile_s:.1f}s")
+            self._compile_s = 0.0
         state = state or self.initial_state()
         try:
             state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout, loggers))

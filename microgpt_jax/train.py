@@ -70,6 +70,33 @@ def set_precision(dtype: str, allow_cpu_bfloat16=False):
         raise ConfigError("dtype", "bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use float32")
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def set_deterministic():
+    """Make XLA's GPU kernels deterministic (the same run gives the same bits), at some speed: scatters,
+    reductions and autotuning choices that would otherwise vary between runs. No effect on a CPU.
+
+    XLA reads its flags (XLA_FLAGS) once, when the backend starts, and jax has
+    no config option for it: this adds --xla_gpu_deterministic_ops=true to
+    XLA_FLAGS, so it must run before anything starts a JAX backend (UserError
+    otherwise, unless XLA_FLAGS already had it).
+    """
+    import os
+
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if DETERMINISTIC_FLAG in flags:
+        return
+    if xla_bridge.backends_are_initialized():
+        raise UserError(
+            "deterministic GPU ops must be set before JAX starts its backend; "
+            f"start the process with XLA_FLAGS={DETERMINISTIC_FLAG} (or pass --deterministic on the command line)"
+        )
+    os.environ["XLA_FLAGS"] = " ".join([*flags, DETERMINISTIC_FLAG])
+
+
 class TrainState(NamedTuple):
     """Everything a step changes: what the step takes and returns, the loop carries and a checkpoint stores."""
 
@@ -222,6 +249,11 @@ def abstract_state(cfg: GPTConfig, tcfg: TrainConfig) -> TrainState:
 MAX_CHUNK = 1000  # steps per compiled call when no hook asks for less
 
 
+def chunk_length(cadences, remaining) -> int:
+    """Steps per compiled call: the shortest hook cadence, at most MAX_CHUNK, at most what is left (one compile)."""
+    return max(1, min(MAX_CHUNK, *cadences, remaining))
+
+
 def chunk_ends(start, stop, length, every=()):
     """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop (lazily)."""
     step = start
@@ -332,7 +364,9 @@ def fit(trainer: Trainer, state: TrainState, data, hooks=()) -> TrainState:
             if hasattr(hook, "__enter__"):
                 stack.enter_context(hook)
         began = last = time.perf_counter()
-        for chunk in run_steps(trainer, state, data, stop=trainer.tcfg.steps, length=min([MAX_CHUNK, *cadences]), every=cadences):
+        for chunk in run_steps(
+            trainer, state, data, stop=trainer.tcfg.steps, length=chunk_length(cadences, trainer.tcfg.steps), every=cadences
+        ):
             state = chunk.state
             seconds = max(time.perf_counter() - last - chunk.compile_s, 1e-9)
             history = [c for c in history if c[0] + len(c[1]) > chunk.start - window]
