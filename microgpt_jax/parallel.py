@@ -370,10 +370,15 @@ class _Watch:
             self.stop.set()
             _flush()
             os._exit(PeerLost.exit_code)
-        self.exiting = True  # the watchdog goes on through JAX's shutdown barrier: a peer may die there too
+        # Stop the heartbeat thread before JAX's clean-up closes the client: a call into a closed
+        # client from that thread aborts the process ("terminate called ..."), seen under load.
+        self.exiting = True
+        self.stop.set()
+        self.thread.join(timeout=10)
+        with contextlib.suppress(Exception):  # the peers read "exiting": this process quit, it did not die
+            self.client.key_value_set(f"{self.ALIVE}{self.process_id}", "exiting", allow_overwrite=True)
         if self.service is not None:  # leave the service only once this client has left it
             jax.distributed.shutdown()
-            self.stop.set()
             with contextlib.suppress(Exception):
                 self.service.stdin.write("done\n")
                 self.service.stdin.close()
