@@ -73,7 +73,7 @@ def test_the_ready_config_files_load(path):
     assert tables and all(getattr(configs[t], key) == value for t in tables for key, value in tables[t].items())
     if path.name == "microgpt.toml":  # microgpt's own run is every default
         assert configs == {table: cls() for table, cls in cli.CONFIGS.items()}
-    if path.name == "shakespeare.toml":  # nanoGPT's CPU recipe shape
+    if path.name == "nanogpt-cpu.toml":  # nanoGPT's CPU recipe shape
         model, tcfg = configs["model"], configs["train"]
         shape = (model.n_layer, model.n_head, model.n_embd, model.block_size, tcfg.batch_size, tcfg.steps)
         assert shape == (4, 4, 128, 64, 12, 2000) and configs["data"].mode == "stream"
@@ -82,7 +82,7 @@ def test_the_ready_config_files_load(path):
 def test_the_shakespeare_config_trains(tmp_path, capsys, shakespeare_path):
     run_dir = tmp_path / "run"
     code, out = run_in_process(
-        capsys, "train", "--config", ROOT / "configs" / "shakespeare.toml", "--data", shakespeare_path,
+        capsys, "train", "--config", ROOT / "configs" / "nanogpt-cpu.toml", "--data", shakespeare_path,
         "--steps", "4", "--warmup", "1", "--eval-size", "4", "--out", run_dir,
     )  # fmt: skip
     assert code == 0, out.err
