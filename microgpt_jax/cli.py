@@ -109,7 +109,7 @@ def chosen_loggers(args) -> list:
 
 
 def cmd_train(args):
-    from microgpt_jax import memory, parallel
+    from microgpt_jax import parallel
 
     if args.deterministic:
         set_deterministic()  # XLA reads its flags once, when the backend starts: before anything below
@@ -128,14 +128,11 @@ def cmd_train(args):
             return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
         saving = bool(args.out or args.resume)
-        try:
-            session = Session(configs, resolve_data_path(data_path), args.devices)
-            print(session.describe())
-            if args.dry_run:
-                return print(session.dry_run(saving=saving))
-            session.compile_step(saving=saving)  # XLA's own figure refuses a step that cannot fit, before anything is made
-        except memory.TooBig as e:  # name the flags that lower it
-            raise UserError(e.with_flags(flag)) from None
+        session = Session(configs, resolve_data_path(data_path), args.devices)
+        print(session.describe())
+        if args.dry_run:
+            return print(session.dry_run(saving=saving))
+        session.compile_step(saving=saving)  # XLA's own figure refuses a step that cannot fit, before anything is made
         start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
             run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
@@ -400,10 +397,14 @@ def main(argv=None):
         return 0
     args = parser.parse_args(argv)
     use_compilation_cache()
+    from microgpt_jax.memory import TooBig
+
     try:
         return args.func(args)
     except ConfigError as e:  # a config value is wrong: name the flag that sets it
         raise UserError(f"{flag(e.field)} {e.problem}") from None
+    except TooBig as e:  # a run that cannot fit: name the flags that lower it
+        raise UserError(e.with_flags(flag)) from None
 
 
 def entry():
