@@ -16,6 +16,7 @@ or moved.
 
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import re
@@ -77,8 +78,9 @@ class RunDir:
             return f"no checkpoint was saved in {self.path}"
         return f"the latest checkpoint is step {steps[-1]}; resume with `microgpt-jax train --resume {self.path}`"
 
-    @property
+    @functools.cached_property
     def store(self) -> CheckpointStore:
+        """One store per open run (its restore target is traced once; an odd directory is warned about once)."""
         return CheckpointStore(self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged")
 
     # -- create and open ------------------------------------------------------------------
@@ -222,6 +224,7 @@ class RunDir:
                     )
             configs[table] = dataclasses.replace(config, **changes)
         self.configs = configs
+        self.__dict__.pop("store", None)  # a new --keep: the store is made again from these configs
         return configs
 
     def record_extension(self, at_step: int):
