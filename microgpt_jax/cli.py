@@ -147,18 +147,28 @@ def cmd_plot(args):
 
 
 def cmd_sample(args):
+    import itertools
+
     import numpy as np
 
     from microgpt_jax.rundir import load_weights
-    from microgpt_jax.sample import check_options, encode_prompt, sample, sample_reference
+    from microgpt_jax.sample import (
+        breaks_lines,
+        check_options,
+        encode_prompt,
+        frame,
+        print_samples,
+        sample_batches,
+        sample_reference,
+    )
 
     if args.reference:
-        given = {"--top-k": args.top_k, "--top-p": args.top_p, "--batch-size": args.batch_size}
+        given = {"--top-k": args.top_k, "--top-p": args.top_p, "--batch-size": args.batch_size, "--max-new-tokens": args.max_new_tokens}
         extra = [flag for flag, value in given.items() if value is not None]
         if extra:
             raise UserError(
                 f"{', '.join(extra)} cannot be used with --reference "
-                "(microgpt draws one sample at a time from the whole softmax); drop them"
+                "(microgpt draws one sample at a time from the whole softmax, until the block is full); drop them"
             )
     check_options(args.temperature, args.top_k, args.top_p)
     cfg, vocab, params, *_ = load_weights(args.run_dir)
@@ -166,13 +176,28 @@ def cmd_sample(args):
     if args.reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
         set_precision("float64")  # microgpt's Python floats, or the run's own float64
     if args.reference:
-        samples = sample_reference(params, cfg, random.Random(args.seed), args.num_samples, args.temperature, prompt)
+        batches = [sample_reference(params, cfg, random.Random(args.seed), args.num_samples, args.temperature, prompt)]
     else:
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        samples = sample(params, cfg, args.num_samples, prompt=prompt, batch_size=args.batch_size, **options)
-    for s in samples:
+        options |= dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        batches = sample_batches(params, cfg, args.num_samples, prompt=prompt, **options)
+    framed = not args.json and breaks_lines(vocab)
+
+    def render(number, s):
         text = args.prompt + vocab.decode(s.ids)
-        print(json.dumps({"sample": text, "logprob": s.logprob}) if args.json else text)
+        if args.json:
+            return json.dumps({"sample": text, "logprob": s.logprob, "ids": [*prompt, *s.ids]})
+        return frame(number, text) if framed else text
+
+    numbers = itertools.count(1)
+    print_samples(([render(next(numbers), s) for s in batch] for batch in batches), args.num_samples)
+
+
+def cmd_eval(args):
+    from microgpt_jax.evaluate import evaluate_run
+
+    result = evaluate_run(args.run_dir, data=args.data, step=args.step)
+    print(json.dumps(result.to_json()) if args.json else result.table())
 
 
 def cmd_check(args):
@@ -313,7 +338,14 @@ def build_parser():
     )
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("sample", help="sample from a trained run")
+    p = sub.add_parser(
+        "sample",
+        help="sample from a trained run",
+        description="Sample from a trained run. Samples are printed as each batch completes, one per line; when the "
+        "run's vocabulary can produce a line break (a text run), each sample is instead preceded by a line "
+        "`--- sample N (C characters) ---` and is exactly the C characters after it, then a newline. --json is "
+        "one JSON object per line either way.",
+    )
     p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
     p.add_argument("--num-samples", type=positive_int, default=20, help="samples to draw (default %(default)s)")
     p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default %(default)s)")
@@ -321,14 +353,53 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P (default: all tokens)")
     p.add_argument("--prompt", default="", help="every sample continues this text, e.g. ka (default: none, samples start fresh)")
     p.add_argument("--seed", type=int, default=42, help="random seed of the draws (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="samples generated together (default: all, at most 1000)")
-    p.add_argument("--json", action="store_true", help="one JSON object per line: the sample and its log-probability (default: plain text)")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="samples generated (and printed) together (default: all, at most 1000, fewer for long samples)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="tokens to draw per sample, past block_size too: the context then slides, each token predicted from the last "
+        "block_size tokens (default: until the sample fills block_size); a sample still ends at BOS",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"sample": text, prompt included, "logprob": its log-probability, '
+        '"ids": its token ids} (default: plain text)',
+    )
     p.add_argument(
         "--reference",
         action="store_true",
         help="draw from Python's random stream as microgpt does, exactly the scalar engine's samples (default: the compiled sampler)",
     )
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "eval",
+        help="a run's loss, perplexity and bits per character, on its validation split or on a file",
+        description="Evaluate a run's checkpoint. On the validation split (the default) this is the training's own "
+        "evaluation: the loss is the val_loss the training recorded at that step (on the same devices). "
+        "loss is measured as the training measures it (docs: the mean over documents of their mean token loss; "
+        "stream: the mean token loss); perplexity is exp(the mean loss per token) and bits per character "
+        "the summed loss in bits over the characters the predicted tokens stand for (a document's end counting as one).",
+    )
+    p.add_argument("run_dir", help="a run directory (its latest good checkpoint) or RUN_DIR@STEP")
+    p.add_argument("--step", type=int, default=None, help="evaluate checkpoint N (default: the latest good one)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="FILE",
+        help="evaluate on this text file instead, laid out in the run's data mode: every document (docs) or the whole "
+        "text in windows of block_size + 1 tokens (stream) (default: the run's validation split)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a run's parameters as safetensors, vocabulary in the metadata")
     p.add_argument("run_dir", help="a run directory (its latest good checkpoint) or RUN_DIR@STEP")

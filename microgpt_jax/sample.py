@@ -2,8 +2,13 @@
 
 There is one generation loop, `_generate`: prefill the prompt into a KV cache,
 then one `decode_step` per position inside a `lax.while_loop`, for a batch of
-rows that each stop at BOS on their own. Two ways of drawing a token plug
-into it:
+rows that each stop at BOS on their own. By default a row also stops when it
+fills block_size; asked for more tokens (max_new_tokens), it goes on with a
+sliding window: once the cache is full, each token is predicted by a fresh
+forward over the last block_size tokens at positions 0..block_size-1, exactly
+as if the cropped context were the whole input (a second `lax.while_loop`;
+learned positions make the cache useless once the window moves). Two ways of
+drawing a token plug into it:
 
 - `sample`: uniforms from jax.random, with temperature (0 = greedy), top-k and top-p.
   Row i of the whole run draws with its own key fold_in(key, i), so the
@@ -21,6 +26,7 @@ BOS included, of log softmax(logits)[token], given the prompt.
 """
 
 import math
+import sys
 from functools import partial
 from typing import NamedTuple
 
@@ -30,7 +36,7 @@ import numpy as np
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig, decode_step, forward_cached, init_cache, softmax
+from microgpt_jax.model import GPTConfig, decode_step, forward, forward_cached, init_cache, softmax
 
 
 class Sample(NamedTuple):
@@ -135,43 +141,50 @@ def reference_probs(logits_V, temperature):
 # --- the generation loop ---
 
 
-def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw):
-    """Every row continues prompt_P ([BOS] + prompt ids) until it draws BOS or fills block_size.
+def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw, new_tokens=None):
+    """Every row continues prompt_P ([BOS] + prompt ids) until it draws BOS or has drawn new_tokens.
 
-    draw(logits_BV, step) gives each row's step-th drawn token. Returns the
-    drawn tokens [B, block_size - P + 1] (BOS after a row's end), each row's
-    log-probability [B] and the number of loop steps (draws) taken.
+    new_tokens (static) defaults to block_size - P + 1: the row stops when
+    it fills the block. Past the block the context is the last block_size
+    tokens, recomputed from scratch for every token. draw(logits_BV, step)
+    gives each row's step-th drawn token. Returns the drawn tokens
+    [B, new_tokens] (BOS after a row's end), each row's log-probability [B]
+    and the number of loop steps (draws) taken.
     """
-    P, bos = prompt_P.shape[0], cfg.bos
-    prompt_BP = jnp.broadcast_to(prompt_P, (batch_size, P))
+    P, T, bos = prompt_P.shape[0], cfg.block_size, cfg.bos
+    N = new_tokens or T - P + 1
+    seq_BL = jnp.full((batch_size, P + N), bos, jnp.int32).at[:, :P].set(prompt_P)
     cache = init_cache(cfg, batch_size, params["wte"].dtype)
     if P > 1:  # all but the last prompt token in one pass; the loop feeds the last one
-        _, cache = forward_cached(params, prompt_BP[:, :-1], cache, 0, cfg)
+        _, cache = forward_cached(params, seq_BL[:, : P - 1], cache, 0, cfg)
 
-    def body(carry):
-        pos, token_B, cache, done_B, out_BW, logp_B = carry
-        logits_BV, cache = decode_step(params, token_B, cache, pos, cfg)
+    def advance(pos, logits_BV, seq_BL, done_B, logp_B):
+        """Draw the token after position pos: the sequence, the rows done and their log-probabilities, updated."""
         step = pos - (P - 1)
         new_B = jnp.where(done_B, bos, draw(logits_BV, step).astype(jnp.int32))
         new_logp_B = jnp.take_along_axis(logits_BV, new_B[:, None], -1)[:, 0] - jax.nn.logsumexp(logits_BV, axis=-1)
         logp_B = logp_B + jnp.where(done_B, 0, new_logp_B)
-        out_BW = out_BW.at[:, step].set(new_B)
-        return pos + 1, new_B, cache, done_B | (new_B == bos), out_BW, logp_B
+        return pos + 1, seq_BL.at[:, pos + 1].set(new_B), done_B | (new_B == bos), logp_B
 
-    def cond(carry):
-        pos, _, _, done_B, _, _ = carry
-        return (pos < cfg.block_size) & ~jnp.all(done_B)
+    def cached(carry):
+        pos, seq_BL, cache, done_B, logp_B = carry
+        logits_BV, cache = decode_step(params, seq_BL[:, pos], cache, pos, cfg)
+        pos, seq_BL, done_B, logp_B = advance(pos, logits_BV, seq_BL, done_B, logp_B)
+        return pos, seq_BL, cache, done_B, logp_B
 
-    init = (
-        jnp.int32(P - 1),
-        prompt_BP[:, -1],
-        cache,
-        jnp.zeros(batch_size, bool),
-        jnp.full((batch_size, cfg.block_size - P + 1), bos, jnp.int32),
-        jnp.zeros(batch_size, params["wte"].dtype),
-    )
-    pos, _, _, _, out_BW, logp_B = jax.lax.while_loop(cond, body, init)
-    return out_BW, logp_B, pos - (P - 1)
+    def sliding(carry):
+        pos, seq_BL, done_B, logp_B = carry
+        window_BT = jax.lax.dynamic_slice_in_dim(seq_BL, pos - (T - 1), T, axis=1)
+        return advance(pos, forward(params, window_BT, cfg)[:, -1], seq_BL, done_B, logp_B)
+
+    def until(last):  # both carries are (pos, ..., done_B, logp_B)
+        return lambda carry: (carry[0] < last) & ~jnp.all(carry[-2])
+
+    init = (jnp.int32(P - 1), seq_BL, cache, jnp.zeros(batch_size, bool), jnp.zeros(batch_size, params["wte"].dtype))
+    pos, seq_BL, _, done_B, logp_B = jax.lax.while_loop(until(min(T, P - 1 + N)), cached, init)
+    if N > T - P + 1:  # static: only a run asked for more than the block compiles the sliding loop
+        pos, seq_BL, done_B, logp_B = jax.lax.while_loop(until(P - 1 + N), sliding, (pos, seq_BL, done_B, logp_B))
+    return seq_BL[:, P:], logp_B, pos - (P - 1)
 
 
 def _with_bos(cfg: GPTConfig, prompt):
@@ -197,23 +210,47 @@ def keyed_draw(key, rows_B, temperature, top_k, top_p):
     return draw
 
 
-@partial(jax.jit, static_argnames="cfg")
-def sample_rows(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg: GPTConfig):
-    """Rows rows_B of a run, generated together: (tokens [B, W], log-probabilities [B])."""
+@partial(jax.jit, static_argnames=("cfg", "new_tokens"))
+def sample_rows(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg: GPTConfig, new_tokens=None):
+    """Rows rows_B of a run, generated together: (tokens [B, new_tokens], log-probabilities [B])."""
     draw = keyed_draw(key, rows_B, temperature, top_k, top_p)
-    out_BW, logp_B, _ = _generate(params, prompt_P, cfg, rows_B.shape[0], draw)
-    return out_BW, logp_B
+    out_BN, logp_B, _ = _generate(params, prompt_P, cfg, rows_B.shape[0], draw, new_tokens)
+    return out_BN, logp_B
 
 
-def sample(
-    params, cfg: GPTConfig, num_samples, *, prompt=(), temperature=1.0, top_k=None, top_p=None, seed=0, batch_size=None
-) -> list[Sample]:
-    """num_samples samples continuing the prompt ids, batch_size (default: up to 1000) at a time.
+TOKENS_PER_BATCH = 16384  # the default batch: about this many drawn tokens (names: 1000 rows of 16)
 
-    Every batch has the same shape (the last one runs padded), so this compiles once.
+
+def default_batch_size(num_samples, new_tokens) -> int:
+    """Rows generated together by default: up to 1000, fewer for long samples (each batch is printed as it completes)."""
+    return min(num_samples, 1000, max(16, TOKENS_PER_BATCH // new_tokens))
+
+
+def sample_batches(
+    params,
+    cfg: GPTConfig,
+    num_samples,
+    *,
+    prompt=(),
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    seed=0,
+    batch_size=None,
+    max_new_tokens=None,
+):
+    """num_samples samples continuing the prompt ids: an iterator of one list per batch, each as soon as it is drawn.
+
+    batch_size defaults to default_batch_size. Every batch has the same
+    shape (the last one runs padded), so this compiles once per
+    (batch_size, max_new_tokens); the next batch is dispatched before the
+    current one is read back. max_new_tokens: draws per sample (default:
+    until the block is full, block_size - len(prompt)); past the block the
+    context slides.
     """
     check_options(temperature, top_k, top_p)
-    batch_size = batch_size or min(num_samples, 1000)
+    new_tokens = max_new_tokens or cfg.block_size - len(prompt)
+    batch_size = batch_size or default_batch_size(num_samples, new_tokens)
     params = jax.tree.map(jnp.asarray, params)
     dtype, V = params["wte"].dtype, cfg.vocab_size
     prompt_P, key = _with_bos(cfg, prompt), jax.random.key(seed)
@@ -222,19 +259,31 @@ def sample(
         jnp.int32(min(top_k or V, V)),
         jnp.asarray(1.0 if top_p is None else top_p, dtype),
     )
-    # dispatch every batch before reading any back
-    outs = [
-        sample_rows(params, prompt_P, key, jnp.arange(first, first + batch_size), *knobs, cfg=cfg)
-        for first in range(0, num_samples, batch_size)
-    ]
-    out_NW, logp_N = (jnp.concatenate(x)[:num_samples] for x in zip(*outs))
-    return _cut(out_NW, logp_N, cfg.vocab_size - 1)
+
+    def rows(first):
+        rows_B = jnp.arange(first, first + batch_size)
+        return sample_rows(params, prompt_P, key, rows_B, *knobs, cfg=cfg, new_tokens=new_tokens)
+
+    def batches():  # (the options above are checked when sample_batches is called, not when first iterated)
+        pending = rows(0)
+        for first in range(0, num_samples, batch_size):
+            out_BN, logp_B = pending
+            if first + batch_size < num_samples:
+                pending = rows(first + batch_size)  # computes while this batch is read back and printed
+            yield _cut(out_BN, logp_B, cfg.bos)[: num_samples - first]
+
+    return batches()
+
+
+def sample(params, cfg: GPTConfig, num_samples, **options) -> list[Sample]:
+    """All num_samples samples of sample_batches (same options), in order."""
+    return [s for batch in sample_batches(params, cfg, num_samples, **options) for s in batch]
 
 
 @partial(jax.jit, static_argnames=("cfg", "num_samples"))
 def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_samples):
     """Samples one after another through the generation loop (batch 1), each draw taking the next uniform."""
-    W = cfg.block_size - prompt_P.shape[0] + 1
+    W = cfg.block_size - prompt_P.shape[0] + 1  # until the block is full, as microgpt stops
 
     def one(i, carry):
         used, out_NW, logp_N = carry
@@ -266,3 +315,41 @@ def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.
     for _ in range(int(used)):  # leave rng exactly where microgpt's draws would
         rng.random()
     return _cut(out_NW, logp_N, cfg.vocab_size - 1)
+
+
+# --- printing ---
+
+
+def breaks_lines(vocab) -> bool:
+    """Whether a sample can hold a line break (a token decodes to one): then printed samples need framing."""
+    return any(len(("." + vocab.decode([i]) + ".").splitlines()) > 1 for i in range(vocab.size))
+
+
+def frame(number, text) -> str:
+    """A sample under a header that says its length: unambiguous whatever the text holds, newlines included."""
+    return f"--- sample {number} ({len(text)} characters) ---\n{text}"
+
+
+def print_samples(batches, total, file=None, bar=None):
+    """Print batches of rendered samples, each as soon as it completes (flushed), with a progress bar on a terminal.
+
+    batches: an iterator of lists of strings, one per sample. The bar goes to
+    stderr when it is a terminal and the samples take more than one batch
+    (or as bar says); each batch is then written through it, so the two do not mix.
+    """
+    file, progress = file or sys.stdout, None
+    try:
+        for i, texts in enumerate(batches):
+            if i == 0 and (bar if bar is not None else sys.stderr.isatty() and len(texts) < total):
+                from tqdm import tqdm
+
+                progress = tqdm(total=total, unit="sample", file=sys.stderr, dynamic_ncols=True)
+            if progress is None:
+                print(*texts, sep="\n", file=file)
+            else:
+                progress.write("\n".join(texts), file=file)
+                progress.update(len(texts))
+            file.flush()
+    finally:
+        if progress is not None:
+            progress.close()
