@@ -69,8 +69,9 @@ def saved_run(path, **data):
 
 
 def nll(context, target):
-    """-log p(target | context), from a fresh forward of the context."""
-    return -float(jax.nn.log_softmax(full(PARAMS, jnp.asarray([context]), CFG)[0, -1])[target])
+    """-log p(target | context), from a fresh forward of the context (padded to one compiled shape: causal)."""
+    logits_V = full(PARAMS, jnp.asarray([context + [0] * (T - len(context))]), CFG)[0, len(context) - 1]
+    return -float(jax.nn.log_softmax(logits_V)[target])
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])

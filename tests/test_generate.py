@@ -35,9 +35,19 @@ def knobs(temperature, top_k, top_p):
     return jnp.float64(temperature), jnp.int32(top_k), jnp.float64(top_p)
 
 
+def fresh_logits(params, context_BS):
+    """The next-token logits of each row of context (at most block_size tokens) by a forward of it alone.
+
+    (Padded to one compiled shape: causal attention ignores what follows the context.)
+    """
+    S = context_BS.shape[1]
+    padded_BT = np.pad(context_BS, ((0, 0), (0, T - S)), constant_values=BOS)
+    return full(params, jnp.asarray(padded_BT), CFG)[:, S - 1]
+
+
 def test_every_token_past_the_block_is_a_fresh_forward_of_the_cropped_context():
     """The logits of every drawn position, recorded inside the compiled loop, against forward(last block_size tokens)."""
-    params, B = random_params(CFG), 4
+    params, B = random_params(CFG), 10
     prompt_P = jnp.asarray([BOS, *PROMPT], jnp.int32)
     keyed, seen = keyed_draw(jax.random.key(0), jnp.arange(B), *knobs(1.0, CFG.vocab_size, 1.0)), {}
 
@@ -50,8 +60,8 @@ def test_every_token_past_the_block_is_a_fresh_forward_of_the_cropped_context():
     assert int(steps) == N and sorted(seen) == list(range(N))
     seq_BL = np.concatenate([np.broadcast_to(prompt_P, (B, P)), out_BN], 1)
     for step in range(N):
-        context_BT = seq_BL[:, : P + step][:, -T:]  # all of it while it fits, then the last block_size tokens
-        assert_close(seen[step], full(params, jnp.asarray(context_BT), CFG)[:, -1], f"logits of draw {step}")
+        context_BS = seq_BL[:, : P + step][:, -T:]  # all of it while it fits, then the last block_size tokens
+        assert_close(seen[step], fresh_logits(params, context_BS), f"logits of draw {step}")
 
 
 def scratch_samples(params, num, new_tokens, seed, temperature, top_k, top_p):
@@ -60,9 +70,7 @@ def scratch_samples(params, num, new_tokens, seed, temperature, top_k, top_p):
     draw = jax.jit(keyed_draw(jax.random.key(seed), jnp.arange(num), *knobs(temperature, top_k, top_p)))
     seq, done = np.tile([BOS, *PROMPT], (num, 1)), np.zeros(num, bool)
     for step in range(new_tokens):
-        context = seq[:, -T:]
-        padded = np.pad(context, ((0, 0), (0, T - context.shape[1])), constant_values=BOS)  # one shape; causal: ignored
-        new = np.where(done, BOS, draw(full(params, jnp.asarray(padded), CFG)[:, context.shape[1] - 1], step))
+        new = np.where(done, BOS, draw(fresh_logits(params, seq[:, -T:]), step))
         seq, done = np.concatenate([seq, new[:, None]], 1), done | (new == BOS)
     drawn = [row[P:].tolist() for row in seq]
     return [row[: row.index(BOS)] if BOS in row else row for row in drawn]
