@@ -357,7 +357,7 @@ def build_parser():
         "--batch-size",
         type=positive_int,
         default=None,
-        help="samples generated (and printed) together (default: all, at most 1000, fewer for long samples)",
+        help="samples generated (and printed) together (default: all, at most 1000; fewer for long samples, 16 past block_size)",
     )
     p.add_argument(
         "--max-new-tokens",

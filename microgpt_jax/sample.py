@@ -221,9 +221,13 @@ def sample_rows(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg: G
 TOKENS_PER_BATCH = 16384  # the default batch: about this many drawn tokens (names: 1000 rows of 16)
 
 
-def default_batch_size(num_samples, new_tokens) -> int:
-    """Rows generated together by default: up to 1000, fewer for long samples (each batch is printed as it completes)."""
-    return min(num_samples, 1000, max(16, TOKENS_PER_BATCH // new_tokens))
+def default_batch_size(num_samples, new_tokens, fits) -> int:
+    """Rows generated together by default: up to 1000, fewer for long samples, as each batch is printed when it completes.
+
+    Past the block (fits False) every token costs a forward over block_size
+    tokens: 16 rows, the fewest a batch holds by default.
+    """
+    return min(num_samples, 1000, max(16, TOKENS_PER_BATCH // new_tokens) if fits else 16)
 
 
 def sample_batches(
@@ -250,7 +254,7 @@ def sample_batches(
     """
     check_options(temperature, top_k, top_p)
     new_tokens = max_new_tokens or cfg.block_size - len(prompt)
-    batch_size = batch_size or default_batch_size(num_samples, new_tokens)
+    batch_size = batch_size or default_batch_size(num_samples, new_tokens, fits=len(prompt) + new_tokens <= cfg.block_size)
     params = jax.tree.map(jnp.asarray, params)
     dtype, V = params["wte"].dtype, cfg.vocab_size
     prompt_P, key = _with_bos(cfg, prompt), jax.random.key(seed)
