@@ -36,8 +36,17 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class GivenSwitch(argparse.BooleanOptionalAction):
+    """--name / --no-name for a bool field, recorded as typed like GivenFlag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        GivenFlag.__call__(self, parser, namespace, getattr(namespace, self.dest), option_string)
+
+
 def add_config_flags(parser, tables):
-    """One --flag per field of each config class, typed, defaulted and explained by the field itself."""
+    """One --flag per field of each config class, typed, defaulted and explained by the field itself
+    (a bool field is a pair of switches, --name and --no-name)."""
     for table in tables:
         cls = CONFIGS[table]
         group = parser.add_argument_group(f"{table} ({cls.__name__})")
@@ -46,15 +55,10 @@ def add_config_flags(parser, tables):
                 continue
             choices = f.metadata.get("choices")
             one_of = f"one of {', '.join(choices)}; " if choices else ""
-            group.add_argument(
-                flag(f.name),
-                dest=f.name,
-                action=GivenFlag,
-                type=type(f.default),
-                default=f.default,
-                choices=choices,
-                help=f"{f.metadata['help']} ({one_of}default {f.default})",
-            )
+            typed = {"action": GivenFlag, "type": type(f.default), "choices": choices}
+            kind = {"action": GivenSwitch} if type(f.default) is bool else typed
+            described = f"{f.metadata['help']} ({one_of}default {f.default})"
+            group.add_argument(flag(f.name), dest=f.name, default=f.default, help=described, **kind)
 
 
 def given_configs(args) -> dict:

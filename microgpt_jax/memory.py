@@ -101,9 +101,16 @@ def format_bytes(n) -> str:
 
 def num_params(cfg: GPTConfig) -> int:
     """The number of weights: sum of out * in over model.param_shapes, in closed form (no dict of n_layer entries)."""
-    V, D, T, L = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer
-    # wte and lm_head [V, D], wpe [T, D]; per layer wq, wk, wv, wo [D, D], fc1 [4D, D], fc2 [D, 4D]
-    return 2 * V * D + T * D + L * (4 * D * D + 2 * 4 * D * D)
+    V, D, T, L, E = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer, kv_width(cfg)
+    # wte [V, D], lm_head [V, D] unless tied, wpe [T, D] unless rope;
+    # per layer wq, wo [D, D], wk, wv [E, D] (E = n_kv_head * head_dim), fc1 [4D, D], fc2 [D, 4D]
+    embeddings = V * D + (0 if cfg.tie_embeddings else V * D) + (T * D if cfg.pos == "learned" else 0)
+    return embeddings + L * (2 * D * D + 2 * E * D + 2 * 4 * D * D)
+
+
+def kv_width(cfg: GPTConfig) -> int:
+    """The width of k and v: n_embd, or less with grouped-query attention."""
+    return cfg.kv_heads * cfg.head_dim
 
 
 def attention_scores(T: int) -> int:
@@ -113,11 +120,13 @@ def attention_scores(T: int) -> int:
     return q * q * full * (full + 1) // 2 + rest * T
 
 
-def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype) -> Estimate:
+def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, grad_accum=1) -> Estimate:
     """Bytes of a training run of cfg: `rows` batch rows of block_size, `chunk_steps` steps per compiled chunk.
 
     dtype is the compute dtype, param_dtype that of the weights and Adam's
-    moments (train.TrainConfig.dtype and .param_dtype). Only Python ints.
+    moments (train.TrainConfig.dtype and .param_dtype); grad_accum
+    micro-batches per step (TrainConfig.grad_accum): the activations are one
+    micro-batch's. Only Python ints.
     """
     c = np.dtype(dtype).itemsize  # compute: the weights' cast under bfloat16
     p = np.dtype(param_dtype).itemsize  # weights, moments, gradients, batch weights
@@ -125,8 +134,9 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype) ->
     # the loss's softmax is float32 anyway, model.loss_fn), so this overcounts bfloat16 elsewhere
     a = max(c, 4)
     P = num_params(cfg)
-    B, T, D, H, V, L = rows, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
-    BT = B * T
+    # activations are one micro-batch's: B rows of the step's `rows`
+    B, T, D, H, V, L = rows // grad_accum, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
+    BT, E = B * T, kv_width(cfg)
     F = 4 * D
     scores = B * H * attention_scores(T)  # attention scores of one layer, all query blocks
 
@@ -134,21 +144,29 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype) ->
     weights = P * p
     # Adam's two moments, the vectors optax.flatten makes of the gradients and updates, the step count
     optimizer = (2 + FLATTEN_COPIES) * P * p + OPT_COUNT_BYTES
-    # d(loss)/d(weights) in param_dtype; under a cast compute dtype also the cast weights and their raw gradients
-    gradients = P * p + (2 * P * c if c != p else 0)
+    # d(loss)/d(weights) in param_dtype (and their running sum with accumulation); under a cast compute
+    # dtype also the cast weights and their raw gradients
+    gradients = P * p * (1 if grad_accum == 1 else 2) + (2 * P * c if c != p else 0)
 
-    # saved for the backward pass, per layer: the residual input, its rmsnorm, q, k, v, the heads'
-    # output, the residual after attention and its rmsnorm (8 of [B, T, D]); fc1's output and its
-    # relu ([B, T, 4D] each); the masked scores and the probabilities of every query block; the
-    # blocks' masks (bools, counted as if broadcast over the heads)
-    per_layer = a * (8 * BT * D + 2 * BT * F + 2 * scores) + scores
-    # the embedding: both lookups, their sum and its rmsnorm (4 of [B, T, D])
-    embed = a * 4 * BT * D
+    # saved for the backward pass, per layer: the residual input, its norm, q, the heads' output, the
+    # residual after attention and its norm (6 of [B, T, D]) and k and v ([B, T, E]); the normed and the
+    # rotated q and k with qk_norm and rope; the centred inputs of layernorm's two norms; fc1's output and
+    # its activation ([B, T, 4D] each, one more for gelu's tanh or relu2's relu); the masked scores and the
+    # probabilities of every query block; the blocks' masks (bools, counted as if broadcast over the heads)
+    qk = BT * (D + E) * (cfg.qk_norm + (cfg.pos == "rope"))
+    centred = 2 * BT * D * (cfg.norm != "rmsnorm")
+    per_layer = a * (6 * BT * D + 2 * BT * E + qk + centred + (2 + (cfg.activation != "relu")) * BT * F + 2 * scores) + scores
+    # dropout: the dropped weights and branches, the masks in the compute dtype, their drawn bits
+    # (uint32) and keep masks (bools); a micro-batch draws its own rows' masks
+    if cfg.dropout:
+        per_layer += a * (scores + B * H * T * T + 4 * BT * D) + (4 + 1) * (B * H * T * T + 2 * BT * D)
+    # the embedding: both lookups, their sum and its norm (4 of [B, T, D]); rope's cos and sin tables
+    embed = a * 4 * BT * D + (a * BT * cfg.head_dim if cfg.pos == "rope" else 0)
     # the attention mask [B, T, T] of bools, built once for all layers
     mask = B * T * T
     # the logits [B, T, V] and their gradient in the compute dtype; in float32 or wider the cast,
     # log-softmax, the masked pick of the target and the gradient; the one-hot target mask (bools)
-    logits = BT * V * (2 * a + 4 * a + 1)
+    logits = BT * V * (2 * a + 4 * a + 1) + (BT * V * a if cfg.logit_softcap else 0)  # and the softcap's tanh
     # the largest transient of one layer's backward pass: the gradients of the last (largest) query
     # block's scores and probabilities and of its softmax, and those of the layer's [B, T, D] and
     # [B, T, 4D] activations
@@ -201,14 +219,14 @@ def available_bytes(device=None) -> int | None:
     return None
 
 
-def check_fits(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, available=None, device=None) -> Estimate:
-    """Raise UserError (one sentence) if a run of cfg cannot fit in memory; else return the estimate.
+def check_fits(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, available=None, device=None, grad_accum=1) -> Estimate:
+    """Raise UserError (one sentence) if a run of cfg cannot fit in memory; else return the estimate (`estimate`'s arguments).
 
     available (bytes) defaults to available_bytes(device); device defaults
     to JAX's first device. On a CPU everything counts, the host's batches
     too (the host is the device); on an accelerator only what its memory holds.
     """
-    est = estimate(cfg, rows, chunk_steps, dtype, param_dtype)
+    est = estimate(cfg, rows, chunk_steps, dtype, param_dtype, grad_accum)
     if device is None and available is None:
         device = jax.devices()[0]
     on_host = device is None or device.platform == "cpu"

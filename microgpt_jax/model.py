@@ -5,11 +5,18 @@ Parameters are a flat dict of arrays keyed like microgpt's (`wte`, `wpe`,
 microgpt's `linear(x, W)`. Every function is pure: weights in, arrays out.
 
 Shape suffixes: B batch rows, T positions, D n_embd, H heads, K head size,
-F 4*n_embd, V vocabulary, S key positions.
+F 4*n_embd, V vocabulary, S key positions, G key/value heads, R query heads
+per key/value head (H / G).
 
     x = rmsnorm(wte[tok] + wpe[pos])
     per layer:  x += attn(rmsnorm(x));  x += fc2(relu(fc1(rmsnorm(x))))
     logits = lm_head(x)
+
+with microgpt's choices as the defaults of GPTConfig's variants: the norm
+and the activation (by name, from NORMS and ACTIVATIONS), rotary positions
+instead of wpe, lm_head tied to wte, qk-norm, grouped-query attention
+(G = n_kv_head key/value heads), soft-capped logits and dropout (training
+only; the masks are an argument, drawn by `dropout_masks`).
 
 One `block` is the layer for both ways of running the model: `forward` (a
 whole sequence, keys and values of the sequence itself) and `forward_cached`
@@ -17,6 +24,7 @@ whole sequence, keys and values of the sequence itself) and `forward_cached`
 that the queries attend over: microgpt's inference, one token at a time).
 """
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -25,11 +33,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax.config import ConfigError, field, positive, validate
+from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
 from microgpt_jax.text import bos_id
 
 INIT_STD = 0.08
 NORM_EPS = 1e-5
+ROPE_BASE = 10000.0
+
+
+def rmsnorm(x):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
+
+
+def layernorm(x):
+    """(x - mean) / sqrt(var + eps), no gain and no bias."""
+    c = x - jnp.mean(x, axis=-1, keepdims=True)
+    return c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + NORM_EPS)
+
+
+# by name (GPTConfig.norm and .activation): a new one is one entry here, and its name a valid choice
+NORMS = {"rmsnorm": rmsnorm, "layernorm": layernorm}
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": partial(jax.nn.gelu, approximate=True),  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+POSITIONS = ("learned", "rope")  # a wpe table added to wte, or rotary embeddings of each head's q and k
 
 
 @dataclass(frozen=True)
@@ -41,6 +70,14 @@ class GPTConfig:
     n_head: int = field(4, "attention heads, a divisor of n_embd", check=positive)
     n_layer: int = field(1, "transformer layers", check=positive)
     block_size: int = field(16, "most positions the model sees at once", check=positive)
+    norm: str = field("rmsnorm", "the norm after the embedding and before attention and the MLP", choices=tuple(NORMS))
+    activation: str = field("relu", "the MLP's activation", choices=tuple(ACTIVATIONS))
+    pos: str = field("learned", "positions: a learned wpe table, or rotary embeddings of q and k (rope)", choices=POSITIONS)
+    tie_embeddings: bool = field(False, "logits from wte, with no lm_head weight")
+    qk_norm: bool = field(False, "rmsnorm each head's queries and keys before the dot product")
+    n_kv_head: int = field(0, "key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head", check=non_negative)
+    logit_softcap: float = field(0.0, "C > 0 caps the logits at C * tanh(logits / C); 0 means off", check=non_negative)
+    dropout: float = field(0.0, "dropout of the attention weights and of both residual branches, in training only", check=fraction)
 
     def __post_init__(self):
         validate(self)
@@ -48,6 +85,15 @@ class GPTConfig:
             raise ConfigError(
                 "n_embd",
                 f"({self.n_embd}) must be divisible by n_head ({self.n_head}); change one so that n_embd / n_head is a whole head size",
+            )
+        if self.n_head % self.kv_heads:
+            raise ConfigError(
+                "n_kv_head", f"({self.n_kv_head}) must divide n_head ({self.n_head}); use a divisor of it, or 0 for one per query head"
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(
+                "pos",
+                f"rope needs an even head size, got n_embd / n_head = {self.head_dim}; change n_embd or n_head, or use learned positions",
             )
 
     @property
@@ -58,16 +104,25 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or one per query head."""
+        return self.n_kv_head or self.n_head
+
 
 def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
-    """Name -> [out, in] of every weight, in the spec's creation order."""
-    d = cfg.n_embd
-    shapes = {"wte": (cfg.vocab_size, d), "wpe": (cfg.block_size, d), "lm_head": (cfg.vocab_size, d)}
+    """Name -> [out, in] of every weight, in the spec's creation order (no wpe with rope, no lm_head when tied)."""
+    d, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    shapes = {"wte": (cfg.vocab_size, d)}
+    if cfg.pos == "learned":
+        shapes["wpe"] = (cfg.block_size, d)
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layer):
         shapes |= {
             f"layer{i}.attn_wq": (d, d),
-            f"layer{i}.attn_wk": (d, d),
-            f"layer{i}.attn_wv": (d, d),
+            f"layer{i}.attn_wk": (kv, d),
+            f"layer{i}.attn_wv": (kv, d),
             f"layer{i}.attn_wo": (d, d),
             f"layer{i}.mlp_fc1": (4 * d, d),
             f"layer{i}.mlp_fc2": (d, 4 * d),
@@ -94,10 +149,6 @@ def init_params_reference(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
     }
 
 
-def rmsnorm(x):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
-
-
 QUERY_BLOCK = 64  # queries per attention block: a block needs the keys up to its own end only
 
 
@@ -117,30 +168,53 @@ def _softmax_jvp(primals, tangents):
 
 
 def split_heads(x_BTD, n_head):
-    """[B, T, D] -> [B, H, T, K]: heads lead, so both attention products are plain batched matmuls."""
+    """[B, T, n_head * K] -> [B, n_head, T, K]: heads lead, so both attention products are plain batched matmuls."""
     B, T, D = x_BTD.shape
     return x_BTD.reshape(B, T, n_head, D // n_head).transpose(0, 2, 1, 3)
 
 
-def attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, query_block=None):
+def rope_table(positions_BT, head_dim, dtype):
+    """(cos, sin) [B, 1, T, K / 2] of the rotary angles p * ROPE_BASE ** (-2 i / K): constants, no gradient."""
+    theta = np.array([ROPE_BASE ** (-2 * i / head_dim) for i in range(head_dim // 2)])  # as the scalar engine's floats
+    wide = jnp.promote_types(dtype, jnp.float32)  # bfloat16 angles would lose whole radians at position 256
+    angle_BTI = positions_BT[..., None].astype(wide) * theta.astype(wide)
+    return jnp.cos(angle_BTI)[:, None].astype(dtype), jnp.sin(angle_BTI)[:, None].astype(dtype)
+
+
+def rotate(x_BHTK, rope):
+    """Each head's (x[i], x[i + K/2]) turned by its angle: x[i] c - x[i + K/2] s, x[i] s + x[i + K/2] c."""
+    c, s = rope
+    x1, x2 = jnp.split(x_BHTK, 2, axis=-1)
+    return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+def attend(q_BHTK, k_BGSK, v_BGSK, mask_BTS, query_block=None, drop_BHTS=None):
     """Softmax attention of T queries over S keys; mask_BTS[b, t, s] says whether t may see s.
 
+    Query head h reads key/value head h // R, R = H / G: the queries go as
+    [B, G, R, T, K] against the [B, G, S, K] keys, which are never repeated.
+    drop_BHTS (dropout) multiplies the attention weights after the softmax.
     With query_block (queries and keys are the same causal sequence), the
     queries go in blocks, each against the keys up to its own end only: the
     scores the causal mask would zero anyway are never computed (a quarter
     of them at T = 128).
     """
-    T, S, K = q_BHTK.shape[2], k_BHSK.shape[2], q_BHTK.shape[3]
+    B, H, T, K = q_BHTK.shape
+    G, S = k_BGSK.shape[1], k_BGSK.shape[2]
+    q_BGRTK = q_BHTK.reshape(B, G, H // G, T, K)
+    drop_BGRTS = None if drop_BHTS is None else drop_BHTS.reshape(B, G, H // G, T, -1)
     scale = np.asarray(1 / np.sqrt(K), q_BHTK.dtype)  # microgpt's "/ sqrt(head_dim)" is a multiply by its inverse
     step = query_block or T
-    out_BHTK = []
+    out_BGRTK = []
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         s1 = t1 if query_block else S
-        att_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK[:, :, t0:t1], k_BHSK[:, :, :s1]) * scale
-        att_BHTS = softmax(jnp.where(mask_BTS[:, None, t0:t1, :s1], att_BHTS, -jnp.inf))
-        out_BHTK.append(jnp.einsum("bhts,bhsk->bhtk", att_BHTS, v_BHSK[:, :, :s1]))
-    return jnp.concatenate(out_BHTK, axis=2)
+        att_BGRTS = jnp.einsum("bgrtk,bgsk->bgrts", q_BGRTK[:, :, :, t0:t1], k_BGSK[:, :, :s1]) * scale
+        att_BGRTS = softmax(jnp.where(mask_BTS[:, None, None, t0:t1, :s1], att_BGRTS, -jnp.inf))
+        if drop_BGRTS is not None:
+            att_BGRTS = att_BGRTS * drop_BGRTS[:, :, :, t0:t1, :s1]
+        out_BGRTK.append(jnp.einsum("bgrts,bgsk->bgrtk", att_BGRTS, v_BGSK[:, :, :s1]))
+    return jnp.concatenate(out_BGRTK, axis=3).reshape(B, H, T, K)
 
 
 ATTENTIONS = ("einsum", "xla", "cudnn")  # attend above; jax.nn.dot_product_attention's XLA or cuDNN implementation
@@ -151,32 +225,34 @@ def attention_implementation(backend, dtype, cfg: GPTConfig) -> str:
 
     cuDNN's fused attention for bfloat16/float16 on a GPU where it takes the
     shape (head size a multiple of 8, at most 128; an even block_size, as its
-    backward with a mask needs); everywhere else, float64 and the
-    cross-checks included, `attend`, exact against the scalar engine. "xla"
-    (jax.nn.dot_product_attention's XLA implementation) is chosen only by name.
+    backward with a mask needs) and the model has no dropout (the fused
+    kernels take no mask on the attention weights); everywhere else, float64
+    and the cross-checks included, `attend`, exact against the scalar engine.
+    "xla" (jax.nn.dot_product_attention's XLA implementation) is chosen only by name.
     """
     fused = backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     fits = cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 and cfg.block_size % 2 == 0
-    return "cudnn" if fused and fits else "einsum"
+    return "cudnn" if fused and fits and not cfg.dropout else "einsum"
 
 
-def attend_fused(q_BHTK, k_BHSK, v_BHSK, mask_BTS, implementation):
+def attend_fused(q_BHTK, k_BGSK, v_BGSK, mask_BTS, implementation):
     """`attend` as jax.nn.dot_product_attention computes it (implementation "xla" or "cudnn"), causal.
 
     The causal part goes as is_causal (cuDNN then skips the blocks above the
     diagonal); the packed rows' same-document part as a boolean mask, which
     cuDNN takes as an additive bias [B, 1, T, T] (it has no segment-id
-    mask in this API; its packed THD layout is not public).
+    mask in this API; its packed THD layout is not public). It takes G < H
+    key/value heads as they are, query head h reading key head h // (H / G) as `attend` does.
     """
     to_BTHK = lambda a: a.transpose(0, 2, 1, 3)  # the API's layout: [batch, positions, heads, head size]
     out_BTHK = jax.nn.dot_product_attention(
-        to_BTHK(q_BHTK), to_BTHK(k_BHSK), to_BTHK(v_BHSK), mask=mask_BTS[:, None], is_causal=True, implementation=implementation
+        to_BTHK(q_BHTK), to_BTHK(k_BGSK), to_BTHK(v_BGSK), mask=mask_BTS[:, None], is_causal=True, implementation=implementation
     )
     return to_BTHK(out_BTHK)
 
 
-def mlp(x_BTD, fc1, fc2):
-    return jax.nn.relu(x_BTD @ fc1.T) @ fc2.T
+def mlp(x_BTD, fc1, fc2, activation):
+    return ACTIVATIONS[activation](x_BTD @ fc1.T) @ fc2.T
 
 
 def attention_mask(positions_BT, segments_BT):
@@ -191,11 +267,60 @@ def attention_mask(positions_BT, segments_BT):
     return causal_TS[None] & same_doc_BTS
 
 
+# -- dropout ----------------------------------------------------------------------------------
+
+DROPOUT_SITES = ("attn", "attn_out", "mlp_out")  # per layer: the attention weights, the attention and MLP branches
+
+
+def dropout_keep(key, cfg: GPTConfig, rows_B, T) -> dict | None:
+    """Which entries dropout keeps (True, with probability 1 - dropout) at every site of rows rows_B, by name; None without dropout.
+
+    `layer{i}.attn` is [B, H, T, T] (the attention weights), `layer{i}.attn_out`
+    and `layer{i}.mlp_out` [B, T, D] (the branches before the residual add).
+    Row r's masks are one draw from fold_in(key, r), cut into the sites in
+    that order: a micro-batch draws exactly its rows' share of the whole
+    batch's masks, and only that.
+    """
+    if not cfg.dropout:
+        return None
+    shapes = {"attn": (cfg.n_head, T, T), "attn_out": (T, cfg.n_embd), "mlp_out": (T, cfg.n_embd)}
+    sites = {f"layer{i}.{site}": shapes[site] for i in range(cfg.n_layer) for site in DROPOUT_SITES}
+    sizes = [math.prod(shape) for shape in sites.values()]
+
+    def row(r):
+        keep = jax.random.bernoulli(jax.random.fold_in(key, r), 1 - cfg.dropout, (sum(sizes),))  # one draw: one RNG to compile
+        parts = jnp.split(keep, np.cumsum(sizes)[:-1])
+        return {name: part.reshape(shape) for (name, shape), part in zip(sites.items(), parts)}
+
+    return jax.vmap(row)(rows_B)
+
+
+def keep_to_masks(keep: dict | None, cfg: GPTConfig, dtype) -> dict | None:
+    """Inverted dropout's multipliers: 0 where dropped, 1 / (1 - dropout) where kept."""
+    scale = np.asarray(1 / (1 - cfg.dropout), dtype)
+    return None if keep is None else {name: k.astype(dtype) * scale for name, k in keep.items()}
+
+
+def dropout_masks(key, cfg: GPTConfig, B, T, dtype) -> dict | None:
+    """One training step's dropout masks for B rows of T positions (see dropout_keep), 0 or 1 / (1 - dropout)."""
+    return keep_to_masks(dropout_keep(key, cfg, jnp.arange(B), T), cfg, dtype)
+
+
+def dropped(x, masks, name):
+    return x if masks is None else x * masks[name]
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
 class KVCache(NamedTuple):
     """Every layer's keys and values at every position decoded so far.
 
-    k[layer] and v[layer] are [batch, heads, block_size, head size] (heads
-    lead, as in attention), allocated once; a position's entry means something once it is written.
+    k[layer] and v[layer] are [batch, kv heads, block_size, head size] (heads
+    lead, as in attention; n_kv_head of them, so grouped-query attention
+    shrinks the cache by n_head / n_kv_head), allocated once; a position's
+    entry means something once it is written. Keys are stored as attention
+    reads them: qk-normed and rotated.
     The layer axis is a tuple, not an array axis: inside the generation loop
     XLA updates separate buffers in place but copies a stacked
     [layer, ...] array on every step (5-8x slower decode steps, measured).
@@ -204,10 +329,10 @@ class KVCache(NamedTuple):
     k: tuple
     v: tuple
 
-    def write(self, layer, start, k_BHTK, v_BHTK):
+    def write(self, layer, start, k_BGTK, v_BGTK):
         """The cache with positions start..start+T-1 of `layer` set."""
-        k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k_BHTK, start, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v_BHTK, start, axis=2)
+        k = jax.lax.dynamic_update_slice_in_dim(self.k[layer], k_BGTK, start, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(self.v[layer], v_BGTK, start, axis=2)
         return KVCache(_replace(self.k, layer, k), _replace(self.v, layer, v))
 
 
@@ -216,48 +341,77 @@ def _replace(items, i, item):
 
 
 def init_cache(cfg: GPTConfig, batch_size, dtype=jnp.float32) -> KVCache:
-    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.head_dim)
+    shape = (batch_size, cfg.kv_heads, cfg.block_size, cfg.head_dim)
     empty = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))  # own buffers: they are donated
     return KVCache(empty(), empty())
 
 
-def embed(params, tokens_BT, positions_BT):
-    return rmsnorm(params["wte"][tokens_BT] + params["wpe"][positions_BT])
+def embed(params, tokens_BT, positions_BT, cfg: GPTConfig):
+    x_BTD = params["wte"][tokens_BT]
+    if cfg.pos == "learned":
+        x_BTD = x_BTD + params["wpe"][positions_BT]
+    return NORMS[cfg.norm](x_BTD)
 
 
-def block(params, i, x_BTD, mask_BTS, n_head, cache=None, start=0, attention="einsum"):
-    """Layer i: x += attn(rmsnorm(x)); x += mlp(rmsnorm(x)). Returns (x, cache).
+def positions_table(positions_BT, cfg: GPTConfig, dtype):
+    """What the layers need of the positions: rope's (cos, sin), or None (learned positions are in the embedding)."""
+    return rope_table(positions_BT, cfg.head_dim, dtype) if cfg.pos == "rope" else None
+
+
+def qkv_heads(params, p, h_BTD, cfg: GPTConfig, rope):
+    """q [B, H, T, K], k and v [B, G, T, K] of layer p, q and k qk-normed and rotated as cfg says."""
+    q_BHTK = split_heads(h_BTD @ params[p + "attn_wq"].T, cfg.n_head)
+    k_BGTK, v_BGTK = (split_heads(h_BTD @ params[p + w].T, cfg.kv_heads) for w in ("attn_wk", "attn_wv"))
+    if cfg.qk_norm:
+        q_BHTK, k_BGTK = rmsnorm(q_BHTK), rmsnorm(k_BGTK)
+    if rope is not None:
+        q_BHTK, k_BGTK = rotate(q_BHTK, rope), rotate(k_BGTK, rope)
+    return q_BHTK, k_BGTK, v_BGTK
+
+
+def block(params, i, x_BTD, mask_BTS, cfg: GPTConfig, rope=None, cache=None, start=0, attention="einsum", masks=None):
+    """Layer i: x += attn(norm(x)); x += mlp(norm(x)). Returns (x, cache).
 
     Without a cache the T queries attend over the T keys of x itself
     (mask_BTS is [B, T, T]). With one, the T new keys and values are first
     written into layer i of the cache at positions start..start+T-1 and the
     queries attend over all block_size cached positions (mask_BTS is
     [B, T, block_size]): microgpt's "append k and v, then attend over the cache".
-    attention (ATTENTIONS) applies to the first way only: the cache's way is always `attend`.
+    attention (ATTENTIONS) applies to the first way only: the cache's way is
+    always `attend`. masks: dropout's (dropout_masks), or None.
     """
-    p = f"layer{i}."
-    D = x_BTD.shape[-1]
-    h_BTD = rmsnorm(x_BTD)
-    q_BHTK, k_BHSK, v_BHSK = (split_heads(h_BTD @ params[p + w].T, n_head) for w in ("attn_wq", "attn_wk", "attn_wv"))
-    if cache is None and attention != "einsum":
-        out_BHTK = attend_fused(q_BHTK, k_BHSK, v_BHSK, mask_BTS, attention)
-    elif cache is None:
-        out_BHTK = attend(q_BHTK, k_BHSK, v_BHSK, mask_BTS, QUERY_BLOCK)
+    p, norm = f"layer{i}.", NORMS[cfg.norm]
+    D, H = x_BTD.shape[-1], cfg.n_head
+    q_BHTK, k_BGSK, v_BGSK = qkv_heads(params, p, norm(x_BTD), cfg, rope)
+    if cache is None and attention != "einsum" and masks is None:
+        out_BHTK = attend_fused(q_BHTK, k_BGSK, v_BGSK, mask_BTS, attention)
+    elif cache is None:  # also with dropout: the fused kernels take no mask on the attention weights
+        out_BHTK = attend(q_BHTK, k_BGSK, v_BGSK, mask_BTS, QUERY_BLOCK, None if masks is None else masks[p + "attn"])
     else:
-        cache = cache.write(i, start, k_BHSK, v_BHSK)
+        cache = cache.write(i, start, k_BGSK, v_BGSK)
         out_BHTK = attend(q_BHTK, cache.k[i], cache.v[i], mask_BTS)
     # concatenating the heads and applying wo, as one contraction over (head, k)
-    x_BTD = x_BTD + jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, n_head, D // n_head))
-    x_BTD = x_BTD + mlp(rmsnorm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"])
-    return x_BTD, cache
+    attn_BTD = jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, H, D // H))
+    x_BTD = x_BTD + dropped(attn_BTD, masks, p + "attn_out")
+    mlp_BTD = mlp(norm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"], cfg.activation)
+    return x_BTD + dropped(mlp_BTD, masks, p + "mlp_out"), cache
 
 
-def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None, attention="einsum"):
+def output_logits(params, x_BTD, cfg: GPTConfig):
+    """lm_head(x) (wte(x) when tied), soft-capped at C * tanh(logits / C) when logit_softcap is C > 0."""
+    logits_BTV = x_BTD @ params["wte" if cfg.tie_embeddings else "lm_head"].T
+    if not cfg.logit_softcap:
+        return logits_BTV
+    return jnp.tanh(logits_BTV * cfg.logit_softcap**-1) * cfg.logit_softcap  # the scalar engine's (l * C**-1).tanh() * C
+
+
+def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=None, attention="einsum", masks=None):
     """Logits [B, T, V] for every position of every row, all at once.
 
     Without positions and segments each row is one document starting at
     position 0, and this equals running microgpt's token-by-token model over
     the row with its KV cache. attention: one of ATTENTIONS (static).
+    masks: dropout's for these B rows (dropout_masks), None for none (evaluation).
     """
     B, T = tokens_BT.shape
     if positions_BT is None:
@@ -265,11 +419,12 @@ def forward(params, tokens_BT, cfg: GPTConfig, positions_BT=None, segments_BT=No
     if segments_BT is None:
         segments_BT = jnp.zeros((B, T), jnp.int32)
     mask_BTS = attention_mask(positions_BT, segments_BT)
+    rope = positions_table(positions_BT, cfg, params["wte"].dtype)
 
-    x_BTD = embed(params, tokens_BT, positions_BT)
+    x_BTD = embed(params, tokens_BT, positions_BT, cfg)
     for i in range(cfg.n_layer):
-        x_BTD, _ = block(params, i, x_BTD, mask_BTS, cfg.n_head, attention=attention)
-    return x_BTD @ params["lm_head"].T
+        x_BTD, _ = block(params, i, x_BTD, mask_BTS, cfg, rope, attention=attention, masks=masks)
+    return output_logits(params, x_BTD, cfg)
 
 
 def forward_cached(params, tokens_BT, cache: KVCache, start, cfg: GPTConfig):
@@ -281,12 +436,14 @@ def forward_cached(params, tokens_BT, cache: KVCache, start, cfg: GPTConfig):
     """
     B, T = tokens_BT.shape
     positions_T = start + jnp.arange(T)
+    positions_BT = jnp.broadcast_to(positions_T, (B, T))
     # causal by position: a cached slot s is seen iff it has been written, s <= t
     mask_1TS = (jnp.arange(cfg.block_size)[None, :] <= positions_T[:, None])[None]
-    x_BTD = embed(params, tokens_BT, jnp.broadcast_to(positions_T, (B, T)))
+    rope = positions_table(positions_BT, cfg, params["wte"].dtype)
+    x_BTD = embed(params, tokens_BT, positions_BT, cfg)
     for i in range(cfg.n_layer):
-        x_BTD, cache = block(params, i, x_BTD, mask_1TS, cfg.n_head, cache, start)
-    return x_BTD @ params["lm_head"].T, cache
+        x_BTD, cache = block(params, i, x_BTD, mask_1TS, cfg, rope, cache, start)
+    return output_logits(params, x_BTD, cfg), cache
 
 
 @partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
@@ -296,9 +453,12 @@ def decode_step(params, token_B, cache: KVCache, pos, cfg: GPTConfig):
     return logits_B1V[:, 0], cache
 
 
-def loss_fn(params, batch, cfg: GPTConfig, attention="einsum"):
-    """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents."""
-    logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments, attention)
+def loss_fn(params, batch, cfg: GPTConfig, attention="einsum", masks=None):
+    """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents.
+
+    masks: dropout's for the batch's rows (dropout_masks), None for none.
+    """
+    logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments, attention, masks)
     # bfloat16 compute: the softmax and the loss still in float32
     logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)

@@ -2,7 +2,11 @@
 
 The step is microgpt's: loss, gradients of every weight, one Adam update
 with a learning rate that decays linearly to zero over the run (after an
-optional linear warmup). It takes and returns a `TrainState`. `fit` runs a
+optional linear warmup). TrainConfig's variants, microgpt's at their
+defaults: decoupled weight decay (AdamW), global-norm gradient clipping,
+a cosine decay and a floor (min_lr), gradient accumulation over
+micro-batches, and the model's dropout, its masks a pure function of the
+seed and the step. It takes and returns a `TrainState`. `fit` runs a
 whole training run: compiled chunks of steps, the next chunk's batches
 built on the host while the current one runs, and after each chunk the
 hooks that are due (hooks.py: metrics, progress, evaluation, checkpoints,
@@ -10,6 +14,7 @@ signals, the NaN policy, the plot).
 """
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,9 +29,19 @@ from microgpt_jax import parallel
 from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch
-from microgpt_jax.model import ATTENTIONS, GPTConfig, attention_implementation, init_params, loss_fn, param_shapes
+from microgpt_jax.model import (
+    ATTENTIONS,
+    GPTConfig,
+    attention_implementation,
+    dropout_keep,
+    init_params,
+    keep_to_masks,
+    loss_fn,
+    param_shapes,
+)
 
 DTYPES = ("float32", "float64", "bfloat16")
+SCHEDULES = ("linear", "cosine")  # the learning rate's decay from lr to min_lr after the warmup
 MAX_STEPS = 2**31 - 1  # the step counters (ours and Adam's) are int32
 
 
@@ -40,11 +55,16 @@ class TrainConfig:
 
     steps: int = field(1000, "optimizer steps in the run", check=step_count)
     batch_size: int = field(1, "documents or windows per step", check=positive)
+    grad_accum: int = field(1, "micro-batches a step's batch is split into (gradient accumulation); divides batch_size", check=positive)
     lr: float = field(0.01, "peak learning rate", check=positive)
-    warmup: int = field(0, "steps of linear warmup before the linear decay to 0", check=non_negative)
+    warmup: int = field(0, "steps of linear warmup before the decay", check=non_negative)
+    schedule: str = field("linear", "the learning rate's decay from lr to min_lr after the warmup", choices=SCHEDULES)
+    min_lr: float = field(0.0, "the learning rate at the end of the decay, at most lr", check=non_negative)
     beta1: float = field(0.85, "Adam's first-moment decay", check=fraction)
     beta2: float = field(0.99, "Adam's second-moment decay", check=fraction)
     eps: float = field(1e-8, "Adam's epsilon", check=positive)
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW) of every weight; 0 means Adam", check=non_negative)
+    grad_clip: float = field(0.0, "the gradients' global L2 norm is clipped to this; 0 means off", check=non_negative)
     seed: int = field(42, "random seed: initial weights, data order")
     dtype: str = field("float32", "compute dtype; bfloat16 keeps float32 weights", choices=DTYPES)
     eval_every: int = field(100, "validation loss every N steps", check=positive, resumable=True)
@@ -54,6 +74,12 @@ class TrainConfig:
         validate(self)
         if self.warmup >= self.steps:
             raise ConfigError("warmup", f"must be below steps ({self.steps}), got {self.warmup}")
+        if self.min_lr > self.lr:
+            raise ConfigError("min_lr", f"must be at most lr ({self.lr}), got {self.min_lr}; lower it or raise lr")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                "grad_accum", f"must divide batch_size ({self.batch_size}), got {self.grad_accum}; use a divisor of batch_size"
+            )
 
     @property
     def param_dtype(self):
@@ -106,38 +132,110 @@ class TrainState(NamedTuple):
 
 
 def make_schedule(tcfg: TrainConfig):
-    """Step s uses lr * (1 - s / steps); with warmup w, lr * s / w for s < w, then a linear decay to 0."""
-    decay = optax.linear_schedule(init_value=tcfg.lr, end_value=0.0, transition_steps=tcfg.steps - tcfg.warmup)
-    if tcfg.warmup:
-        warm = optax.linear_schedule(init_value=0.0, end_value=tcfg.lr, transition_steps=tcfg.warmup)
-        decay = optax.join_schedules([warm, decay], [tcfg.warmup])
+    """Step s's learning rate: lr * s / w for s < w (warmup w), then with u = (s - w) / (steps - w)
+    min_lr + (lr - min_lr) * (1 - u) (linear) or min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi u)) (cosine).
+
+    At the defaults (no warmup, min_lr 0, linear) this is microgpt's lr * (1 - s / steps), bit for bit.
+    """
+    lr, lo, w, n = tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps
 
     def schedule(count):
         # optax counts in int32, and int32 / int is float32 in JAX: evaluate the
         # schedule in the weights' dtype so a float64 run gets a float64 lr.
-        return decay(jnp.asarray(count, tcfg.param_dtype))
+        s = jnp.asarray(count, tcfg.param_dtype)
+        u = (s - w) / (n - w)
+        shape = 0.5 * (1 + jnp.cos(math.pi * u)) if tcfg.schedule == "cosine" else 1 - u
+        decay = lo + (lr - lo) * shape
+        return jnp.where(s < w, lr * s / w, decay) if w else decay
 
     return schedule
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-    # optax.flatten: Adam on one vector of all weights, a handful of fused
+    """Adam (AdamW with weight_decay), after clipping the gradients' global norm to grad_clip if it is set.
+
+    Each option off leaves its transformation out: at the defaults this is
+    the seed's Adam, its arithmetic and its state's structure unchanged.
+    """
+    adam = dict(learning_rate=make_schedule(tcfg), b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps)
+    opt = optax.adamw(**adam, weight_decay=tcfg.weight_decay) if tcfg.weight_decay else optax.adam(**adam)
+    if tcfg.grad_clip:
+        opt = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
+    # optax.flatten: the update on one vector of all weights, a handful of fused
     # kernels instead of a handful per weight matrix (same arithmetic, element by element).
-    return optax.flatten(optax.adam(make_schedule(tcfg), b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps))
+    return optax.flatten(opt)
 
 
-def _loss(params, batch, cfg, dtype, attention="einsum"):
-    """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16)."""
-    return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg, attention)
+def dropout_key(seed, step):
+    """The key of training step `step`'s dropout masks: a pure function of the seed and the step, so a resumed run draws the same."""
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum"):
-    loss, grads = jax.value_and_grad(_loss)(state.params, batch, cfg, dtype, attention)
+def check_accumulation(tcfg: TrainConfig, devices: int):
+    """With a mesh of `devices`, each micro-batch (batch_size / grad_accum rows) must split over them."""
+    micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % devices:
+        raise ConfigError(
+            "grad_accum",
+            f"({tcfg.grad_accum}) leaves micro-batches of {micro} rows, which do not split over the {devices} devices; "
+            f"use a grad_accum that makes batch_size / grad_accum a multiple of {devices}",
+        )
+
+
+def micro_batches(a, grad_accum, groups=1):
+    """[B, ...] -> [grad_accum, B / grad_accum, ...]: micro-batch k is rows k*b..(k+1)*b-1 (b = B / grad_accum).
+
+    With groups > 1 (the rows split in `groups` blocks over a mesh's devices)
+    micro-batch k takes the k-th slice of every device's block instead, so no
+    row moves between devices; the rows of one group are still consecutive.
+    """
+    B, rest = a.shape[0], a.shape[1:]
+    if B % (groups * grad_accum):
+        raise ConfigError(
+            "grad_accum",
+            f"({grad_accum}) must divide the {B} rows of a batch over {groups} device(s); "
+            f"lay the data out in a multiple of {groups * grad_accum} rows",
+        )
+    return a.reshape(groups, grad_accum, B // (groups * grad_accum), *rest).swapaxes(0, 1).reshape(grad_accum, B // grad_accum, *rest)
+
+
+def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None):
+    """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16); with a key, dropout's
+    masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it."""
+    keep = None if key is None else dropout_keep(key, cfg, rows_B, batch.tokens.shape[1])
+    return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg, attention, keep_to_masks(keep, cfg, dtype))
+
+
+def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
+    """The batch's loss and gradients; with grad_accum > 1 summed over its micro-batches in a scan.
+
+    The batch's weights already average over the whole batch, so the sum of
+    the micro-batches' losses and gradients is the full batch's, and each
+    micro-batch draws its own rows' dropout masks: only one micro-batch's
+    activations and masks are live at a time.
+    """
+    grad_fn = jax.value_and_grad(lambda p, b, rows_B: _loss(p, b, rows_B=rows_B, **loss_args))
+    rows_B = jnp.arange(batch.tokens.shape[0])
+    if grad_accum == 1:
+        return grad_fn(params, batch, rows_B)
+    micro = jax.tree.map(lambda a: micro_batches(a, grad_accum, groups), (batch, rows_B))
+
+    def add(total, xs):
+        return jax.tree.map(jnp.add, total, grad_fn(params, *xs)), None
+
+    first = jax.tree.map(lambda a: a[0], micro)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(grad_fn, params, *first))
+    return jax.lax.scan(add, zeros, micro)[0]
+
+
+def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1):
+    key = dropout_key(seed, state.step)  # unused without dropout
+    loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, cfg=cfg, dtype=dtype, attention=attention, key=key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
 
-def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype, attention="einsum"):
+def _steps(state: TrainState, batches, num_steps, **step_args):
     """The first num_steps entries of the leading (step) axis of batches, one step each: losses [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
@@ -146,10 +244,10 @@ def _steps(state: TrainState, batches, num_steps, cfg, optimizer, dtype, attenti
 
     def body(i, carry):
         state, losses = carry
-        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), cfg, optimizer, dtype, attention)
+        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), **step_args)
         return state, losses.at[i].set(loss)
 
-    losses = jnp.zeros(batches.tokens.shape[0], jnp.promote_types(dtype, jnp.float32))
+    losses = jnp.zeros(batches.tokens.shape[0], jnp.promote_types(step_args["dtype"], jnp.float32))
     return jax.lax.fori_loop(0, num_steps, body, (state, losses))
 
 
@@ -172,10 +270,17 @@ class Trainer:
     attention: one of model.ATTENTIONS; by default the backend's and dtype's
     (model.attention_implementation: cuDNN for bfloat16 on a GPU, else the
     exact `attend`). `self.attention` says which.
+
+    Step s draws its dropout masks (with cfg.dropout > 0) from
+    dropout_key(tcfg.seed, s), row by row (model.dropout_keep): those of
+    model.dropout_masks(dropout_key(seed, s), cfg, rows, T, dtype) for the
+    whole batch, whatever grad_accum, the mesh, or where the run was resumed.
     """
 
     def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
         self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
+        groups = 1 if mesh is None else mesh.devices.size
+        check_accumulation(tcfg, groups)
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
         dtype = jnp.dtype(tcfg.dtype)
@@ -183,6 +288,7 @@ class Trainer:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype, attention=self.attention)
+        fixed |= dict(seed=tcfg.seed, grad_accum=tcfg.grad_accum, groups=groups)
         # (batch row axis of each argument, or None for a replicated one) -> in/out shardings
         self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
         self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
@@ -385,12 +491,16 @@ def fit(trainer: Trainer, state: TrainState, data, hooks=()) -> TrainState:
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per trained token (forward + backward = 3x forward), matmuls only.
 
-    Forward, per token: 2 FLOPs per weight of every matmul (the 12 n_embd^2
-    of each layer and lm_head; the embeddings are lookups), plus attention's
-    two T x T x n_embd products per layer (q.k and weights.v, 2 * 2 * T *
-    n_embd, counted over the full T x T square as the kernels compute it,
-    masked or not). Elementwise work (norms, softmax, relu, Adam) is not
-    counted. This is the usual 6N + 12 L T D.
+    Forward, per token: 2 FLOPs per weight of every matmul (per layer wq,
+    wo, fc1 and fc2, 10 n_embd^2, and wk and wv, 2 n_embd * n_kv_head *
+    head_dim; and the output layer, lm_head or the tied wte; wte and wpe as
+    embeddings are lookups), plus attention's two T x T x n_embd products per
+    layer (q.k and weights.v, 2 * 2 * T * n_embd, every query head whatever
+    the key heads, counted over the full T x T square as the kernels compute
+    it, masked or not). Elementwise work (norms, softmax, activations, rope,
+    dropout, Adam) is not counted. By default this is the usual 6N + 12 L T D.
+    Accumulation changes nothing per token.
     """
-    n_matmul = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
-    return 6 * n_matmul + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+    D = cfg.n_embd
+    n_matmul = cfg.n_layer * (10 * D**2 + 2 * D * cfg.kv_heads * cfg.head_dim) + cfg.vocab_size * D
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.block_size * D
