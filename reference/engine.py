@@ -3,6 +3,10 @@
 Each node holds its value, its gradient (0 until backward), its children and
 the local derivative of itself with respect to each child. That is all
 backpropagation needs: the chain rule, applied in reverse topological order.
+
+This is the seed's engine to the last bit (spec section 7): the same
+primitives, and backward walks the same topological order as the seed's
+recursive build_topo, only without recursion.
 """
 
 import math
@@ -41,6 +45,11 @@ class Value:
     def relu(self):
         return Value(max(0.0, self.data), (self,), (float(self.data > 0),), "relu")
 
+    def tanh(self):
+        # not in the seed: gelu and the logit softcap need it. d tanh(x)/dx = 1 - tanh(x)^2
+        t = math.tanh(self.data)
+        return Value(t, (self,), (1 - t * t,), "tanh")
+
     # Everything else is built from the primitives, as the spec says.
     def __neg__(self):
         return self * -1
@@ -67,12 +76,7 @@ class Value:
         return f"Value(data={self.data}, grad={self.grad})"
 
     def backward(self):
-        """Set d(self)/d(self) = 1 and push gradients to every node below.
-
-        The topological order comes from an explicit stack, not recursion, so
-        a deep graph (many layers, long sequences) cannot hit Python's
-        recursion limit.
-        """
+        """Set d(self)/d(self) = 1 and push gradients to every node below, in reverse topological order."""
         self.grad = 1
         for v in reversed(topological_order(self)):
             for child, local_grad in zip(v._children, v._local_grads):
@@ -80,19 +84,24 @@ class Value:
 
 
 def topological_order(root):
-    """Every node reachable from root, each after all of its children."""
-    order, visited = [], set()
-    stack = [(root, False)]
+    """Every node reachable from root, each after all of its children: the seed's order exactly.
+
+    The seed's build_topo(v) is recursive: if v is new, mark it, recurse into
+    each child in order, then append v. This is the same walk with an explicit
+    stack of (node, iterator over its remaining children), so a deep graph
+    (many layers, long sequences) cannot hit Python's recursion limit. The
+    order matters to the last bit: gradients add up in it (spec section 7).
+    """
+    order, visited = [], {id(root)}
+    stack = [(root, iter(root._children))]
     while stack:
-        node, children_done = stack.pop()
-        if children_done:
+        node, children = stack[-1]
+        for child in children:
+            if id(child) not in visited:  # descend into the first unvisited child, resume here later
+                visited.add(id(child))
+                stack.append((child, iter(child._children)))
+                break
+        else:  # every child done: the node's recursive call would return now
+            stack.pop()
             order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        for child in node._children:
-            if id(child) not in visited:
-                stack.append((child, False))
     return order

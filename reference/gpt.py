@@ -2,10 +2,18 @@
 
 This follows ../shared/spec/microgpt.md line by line. The order of every
 random draw and of every floating-point operation is the spec's, because the
-JAX package is checked against exactly these numbers.
+JAX package is checked against exactly these numbers: with every option at
+its default this is the seed program, bit for bit (spec section 7).
 
-`cfg` is anything with the fields vocab_size, n_embd, n_head, n_layer and
-block_size (the JAX package's GPTConfig fits, and so does `Config` below).
+The variants of issue 11 (the contract both engines implement) are options
+of the config, each off by default: another norm or activation (looked up by
+name in NORMS and ACTIVATIONS: add an entry to add one), rotary positions,
+tied embeddings, qk-norm, grouped-query attention, a logit softcap, dropout
+(masks passed in, drawn by the caller), and in the optimizer weight decay,
+gradient clipping, warmup and a cosine schedule with a floor.
+
+`cfg` is anything with the fields of `Config` below (the JAX package's
+GPTConfig fits: same names, n_kv_head = 0 meaning n_head).
 """
 
 import math
@@ -20,22 +28,63 @@ class Config(NamedTuple):
     n_head: int = 4
     n_layer: int = 1
     block_size: int = 16
+    norm: str = "rmsnorm"
+    activation: str = "relu"
+    pos: str = "learned"  # or "rope": no wpe, rotary q and k
+    tie_embeddings: bool = False
+    qk_norm: bool = False
+    n_kv_head: int = 0  # 0: one key/value head per query head
+    logit_softcap: float = 0.0  # 0: off
+    dropout: float = 0.0  # the masks' rate; the model multiplies in whatever masks it is given
 
 
 # Adam hyperparameters of the seed (spec section 4).
 LEARNING_RATE, BETA1, BETA2, EPS = 0.01, 0.85, 0.99, 1e-8
 TEMPERATURE = 0.5
+NORM_EPS = 1e-5
+ROPE_BASE = 10000.0
+GELU_C = (2 / math.pi) ** 0.5
+
+
+def head_dim(cfg):
+    return cfg.n_embd // cfg.n_head
+
+
+def kv_heads(cfg):
+    return cfg.n_kv_head or cfg.n_head
+
+
+def check_config(cfg):
+    """The config's problem in words, or None: what the model needs of its shape and names."""
+    if cfg.n_embd % cfg.n_head:
+        return f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})"
+    if cfg.n_head % kv_heads(cfg):
+        return f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head})"
+    if cfg.pos == "rope" and head_dim(cfg) % 2:
+        return f"rope needs an even head_dim, got {head_dim(cfg)} (n_embd / n_head)"
+    for field, table in (("norm", NORMS), ("activation", ACTIVATIONS), ("pos", POSITIONS)):
+        if getattr(cfg, field) not in table:
+            return f"{field} must be one of {', '.join(table)}, got {getattr(cfg, field)!r}"
+    return None
 
 
 def param_shapes(cfg):
-    """(name, [out, in]) of every weight matrix, in the spec's creation order."""
-    d = cfg.n_embd
-    shapes = [("wte", (cfg.vocab_size, d)), ("wpe", (cfg.block_size, d)), ("lm_head", (cfg.vocab_size, d))]
+    """(name, [out, in]) of every weight matrix, in the spec's creation order.
+
+    wpe is not made under rope, lm_head not with tied embeddings (so they draw
+    no random numbers either); attn_wk and attn_wv have n_kv_head heads.
+    """
+    d, kv = cfg.n_embd, kv_heads(cfg) * head_dim(cfg)
+    shapes = [("wte", (cfg.vocab_size, d))]
+    if cfg.pos == "learned":
+        shapes.append(("wpe", (cfg.block_size, d)))
+    if not cfg.tie_embeddings:
+        shapes.append(("lm_head", (cfg.vocab_size, d)))
     for i in range(cfg.n_layer):
         shapes += [
             (f"layer{i}.attn_wq", (d, d)),
-            (f"layer{i}.attn_wk", (d, d)),
-            (f"layer{i}.attn_wv", (d, d)),
+            (f"layer{i}.attn_wk", (kv, d)),
+            (f"layer{i}.attn_wv", (kv, d)),
             (f"layer{i}.attn_wo", (d, d)),
             (f"layer{i}.mlp_fc1", (4 * d, d)),
             (f"layer{i}.mlp_fc2", (d, 4 * d)),
@@ -53,7 +102,7 @@ def parameters(state):
     return [p for matrix in state.values() for row in matrix for p in row]
 
 
-# --- the model (spec section 3) ---
+# --- the building blocks (spec section 3) ---
 
 
 def linear(x, w):
@@ -69,95 +118,249 @@ def softmax(logits):
 
 def rmsnorm(x):
     ms = sum(xi * xi for xi in x) / len(x)
-    scale = (ms + 1e-5) ** -0.5
+    scale = (ms + NORM_EPS) ** -0.5
     return [xi * scale for xi in x]
 
 
-def gpt(state, cfg, token_id, pos_id, keys, values):
-    """Logits for one token at one position; appends its keys and values to the cache."""
-    head_dim = cfg.n_embd // cfg.n_head
-    x = [t + p for t, p in zip(state["wte"][token_id], state["wpe"][pos_id])]
-    x = rmsnorm(x)
+def layernorm(x):
+    # rmsnorm of the centred vector: no gain, no bias, like the seed's norm
+    mu = sum(x) / len(x)
+    c = [xi - mu for xi in x]
+    var = sum(ci * ci for ci in c) / len(x)
+    scale = (var + NORM_EPS) ** -0.5
+    return [ci * scale for ci in c]
+
+
+def gelu(x):
+    # the tanh approximation (jax.nn.gelu(approximate=True))
+    return 0.5 * x * (1 + (GELU_C * (x + 0.044715 * x**3)).tanh())
+
+
+def relu2(x):
+    return x.relu() ** 2
+
+
+# A norm maps a vector to a vector, an activation a number to a number. One entry adds one
+# (and its flag choice), e.g. "silu": lambda x: x * (1 + (-x).exp()) ** -1.
+NORMS = {"rmsnorm": rmsnorm, "layernorm": layernorm}
+ACTIVATIONS = {"relu": Value.relu, "gelu": gelu, "relu2": relu2}
+POSITIONS = ("learned", "rope")
+
+
+def rope(x, pos_id):
+    """One head's vector rotated pair by pair (i, i + half) by angle pos_id * ROPE_BASE^(-2i/K)."""
+    half = len(x) // 2
+    out = [None] * len(x)
+    for i in range(half):
+        angle = pos_id * ROPE_BASE ** (-2 * i / len(x))
+        c, s = math.cos(angle), math.sin(angle)  # plain numbers: no gradient through the angle
+        out[i] = x[i] * c - x[i + half] * s
+        out[i + half] = x[i] * s + x[i + half] * c
+    return out
+
+
+def per_head(f, x, size):
+    """f applied to each head's slice of x (heads of `size` entries), concatenated back."""
+    return [y for hs in range(0, len(x), size) for y in f(x[hs : hs + size])]
+
+
+def dropped(x, row):
+    """x times this position's dropout mask (constants, 0 or 1/(1-p)); x itself without masks."""
+    return x if row is None else [xi * m for xi, m in zip(x, row)]
+
+
+def mask_row(masks, name, pos_id):
+    return None if masks is None else masks[name][pos_id]
+
+
+def dropout_masks(cfg, n, rng):
+    """One document's masks for n positions (the contract's dict): each entry 0 with probability
+    cfg.dropout, else 1 / (1 - cfg.dropout), drawn with rng.random() layer by layer, in the dict's order."""
+    keep = 1 / (1 - cfg.dropout)
+    draw = lambda: 0.0 if rng.random() < cfg.dropout else keep
+    masks = {}
+    for i in range(cfg.n_layer):
+        masks[f"layer{i}.attn"] = [[[draw() for _ in range(n)] for _ in range(n)] for _ in range(cfg.n_head)]
+        masks[f"layer{i}.attn_out"] = [[draw() for _ in range(cfg.n_embd)] for _ in range(n)]
+        masks[f"layer{i}.mlp_out"] = [[draw() for _ in range(cfg.n_embd)] for _ in range(n)]
+    return masks
+
+
+# --- the model, one token at a time (spec section 3) ---
+
+
+def attention(state, cfg, li, x, pos_id, keys, values, masks=None):
+    """This token's query against every cached key of the layer (so it is causal by construction)."""
+    hd = head_dim(cfg)
+    q = linear(x, state[f"layer{li}.attn_wq"])
+    k = linear(x, state[f"layer{li}.attn_wk"])
+    v = linear(x, state[f"layer{li}.attn_wv"])
+    if cfg.qk_norm:  # before rope, as the contract says
+        q, k = per_head(rmsnorm, q, hd), per_head(rmsnorm, k, hd)
+    if cfg.pos == "rope":
+        q, k = per_head(lambda h: rope(h, pos_id), q, hd), per_head(lambda h: rope(h, pos_id), k, hd)
+    keys.append(k)  # the cache holds rotated keys
+    values.append(v)
+    group = cfg.n_head // kv_heads(cfg)  # query heads per key/value head
+    x_attn = []
+    for h in range(cfg.n_head):
+        hs, ks = h * hd, (h // group) * hd
+        q_h = q[hs : hs + hd]
+        k_h = [ki[ks : ks + hd] for ki in keys]
+        v_h = [vi[ks : ks + hd] for vi in values]
+        attn_logits = [sum(q_h[j] * k_s[j] for j in range(hd)) / hd**0.5 for k_s in k_h]
+        w = softmax(attn_logits)
+        if masks is not None:
+            w = dropped(w, masks[f"layer{li}.attn"][h][pos_id])
+        x_attn.extend(sum(w[s] * v_h[s][j] for s in range(len(v_h))) for j in range(hd))
+    return linear(x_attn, state[f"layer{li}.attn_wo"])
+
+
+def gpt(state, cfg, token_id, pos_id, keys, values, masks=None):
+    """Logits for one token at one position; appends its keys and values to the cache.
+
+    keys and values: one list per layer. masks: one document's dropout masks
+    (the contract's per-row dict), or None for no dropout.
+    """
+    norm, act = NORMS[cfg.norm], ACTIVATIONS[cfg.activation]
+    x = state["wte"][token_id]
+    if cfg.pos == "learned":
+        x = [t + p for t, p in zip(x, state["wpe"][pos_id])]
+    x = norm(x)
     for li in range(cfg.n_layer):
-        # attention: this token's query against every cached key (so it is causal by construction)
         x_residual = x
-        x = rmsnorm(x)
-        q = linear(x, state[f"layer{li}.attn_wq"])
-        k = linear(x, state[f"layer{li}.attn_wk"])
-        v = linear(x, state[f"layer{li}.attn_wv"])
-        keys[li].append(k)
-        values[li].append(v)
-        x_attn = []
-        for h in range(cfg.n_head):
-            hs = h * head_dim
-            q_h = q[hs : hs + head_dim]
-            k_h = [ki[hs : hs + head_dim] for ki in keys[li]]
-            v_h = [vi[hs : hs + head_dim] for vi in values[li]]
-            attn_logits = [sum(q_h[j] * k_s[j] for j in range(head_dim)) / math.sqrt(head_dim) for k_s in k_h]
-            w = softmax(attn_logits)
-            x_attn.extend(sum(w[s] * v_h[s][j] for s in range(len(v_h))) for j in range(head_dim))
-        x = linear(x_attn, state[f"layer{li}.attn_wo"])
+        x = attention(state, cfg, li, norm(x), pos_id, keys[li], values[li], masks)
+        x = dropped(x, mask_row(masks, f"layer{li}.attn_out", pos_id))
         x = [a + b for a, b in zip(x, x_residual)]
         # MLP
         x_residual = x
-        x = rmsnorm(x)
-        x = [xi.relu() for xi in linear(x, state[f"layer{li}.mlp_fc1"])]
+        x = [act(xi) for xi in linear(norm(x), state[f"layer{li}.mlp_fc1"])]
         x = linear(x, state[f"layer{li}.mlp_fc2"])
+        x = dropped(x, mask_row(masks, f"layer{li}.mlp_out", pos_id))
         x = [a + b for a, b in zip(x, x_residual)]
-    return linear(x, state["lm_head"])
+    logits = linear(x, state["wte"] if cfg.tie_embeddings else state["lm_head"])
+    if cfg.logit_softcap:  # C * tanh(l / C): logits bounded by C, smoothly
+        logits = [(l / cfg.logit_softcap).tanh() * cfg.logit_softcap for l in logits]
+    return logits
 
 
 def empty_cache(cfg):
     return [[] for _ in range(cfg.n_layer)], [[] for _ in range(cfg.n_layer)]
 
 
-def sequence_logits(state, cfg, tokens):
+def sequence_logits(state, cfg, tokens, masks=None):
     """Token-by-token logits over a sequence, with a growing KV cache."""
     keys, values = empty_cache(cfg)
-    return [gpt(state, cfg, t, p, keys, values) for p, t in enumerate(tokens)]
+    return [gpt(state, cfg, t, p, keys, values, masks) for p, t in enumerate(tokens)]
 
 
 # --- training (spec section 4) ---
 
 
-def loss(state, cfg, tokens):
+def loss(state, cfg, tokens, masks=None):
     """Mean next-token loss over the first n = min(block_size, len-1) positions."""
     n = min(cfg.block_size, len(tokens) - 1)
     keys, values = empty_cache(cfg)
     losses = []
     for pos_id in range(n):
-        probs = softmax(gpt(state, cfg, tokens[pos_id], pos_id, keys, values))
+        probs = softmax(gpt(state, cfg, tokens[pos_id], pos_id, keys, values, masks))
         losses.append(-probs[tokens[pos_id + 1]].log())
     return (1 / n) * sum(losses)
 
 
-class Adam:
-    """Adam with a linear learning-rate decay to zero over num_steps."""
+def backward_batch(state, cfg, docs, grad_accum=1, masks=None):
+    """Gradients of a batch's loss (1/B) * sum(per-document loss), added into the weights' .grad.
 
-    def __init__(self, params, num_steps, lr=LEARNING_RATE, beta1=BETA1, beta2=BETA2, eps=EPS):
+    docs: B encoded documents; masks: one masks dict per document, or None.
+    With grad_accum K the batch is K micro-batches of consecutive documents,
+    each one's (1/B) * sum(its losses) backpropagated in turn (the gradients
+    add up). A single document is the seed's step: its loss, no extra node.
+    Returns the batch's loss.
+    """
+    B = len(docs)
+    masks = [None] * B if masks is None else masks
+    size = B // grad_accum
+    total = 0.0
+    for start in range(0, B, size):
+        losses = [loss(state, cfg, t, m) for t, m in zip(docs[start : start + size], masks[start : start + size])]
+        part = losses[0] if B == 1 else (1 / B) * sum(losses)
+        part.backward()
+        total += part.data
+    return total
+
+
+# The learning rate's decay after the warmup: a multiplier of (lr - min_lr), from 1 at u = 0 to 0 at u = 1.
+SCHEDULES = {"linear": lambda u: 1 - u, "cosine": lambda u: 0.5 * (1 + math.cos(math.pi * u))}
+
+
+class Adam:
+    """Adam with a learning rate that decays to min_lr over num_steps (spec section 4, and the contract's options).
+
+    weight_decay: decoupled (AdamW); grad_clip: the global L2 norm of the
+    gradients is at most this; warmup: steps of linear rise from 0 to lr.
+    With every option off the arithmetic is the seed's, expression for expression.
+    """
+
+    def __init__(
+        self,
+        params,
+        num_steps,
+        lr=LEARNING_RATE,
+        beta1=BETA1,
+        beta2=BETA2,
+        eps=EPS,
+        weight_decay=0.0,
+        grad_clip=0.0,
+        schedule="linear",
+        min_lr=0.0,
+        warmup=0,
+    ):
         self.params, self.num_steps = params, num_steps
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.weight_decay, self.grad_clip, self.schedule, self.min_lr, self.warmup = weight_decay, grad_clip, schedule, min_lr, warmup
         self.m = [0.0] * len(params)
         self.v = [0.0] * len(params)
 
+    def lr_at(self, step):
+        if (self.schedule, self.min_lr, self.warmup) == ("linear", 0, 0):
+            return self.lr * (1 - step / self.num_steps)  # the seed's expression
+        if step < self.warmup:
+            return self.lr * step / self.warmup
+        u = (step - self.warmup) / (self.num_steps - self.warmup)
+        return self.min_lr + (self.lr - self.min_lr) * SCHEDULES[self.schedule](u)
+
+    def clipped_grads(self):
+        grads = [p.grad for p in self.params]
+        if not self.grad_clip:
+            return grads
+        norm = sum(g**2 for g in grads) ** 0.5
+        return grads if norm <= self.grad_clip else [g * (self.grad_clip / norm) for g in grads]
+
     def step(self, step):
-        lr_t = self.lr * (1 - step / self.num_steps)
+        lr_t = self.lr_at(step)
         b1, b2 = self.beta1, self.beta2
-        for i, p in enumerate(self.params):
-            self.m[i] = b1 * self.m[i] + (1 - b1) * p.grad
-            self.v[i] = b2 * self.v[i] + (1 - b2) * p.grad**2
+        for i, (p, g) in enumerate(zip(self.params, self.clipped_grads())):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g**2
             m_hat = self.m[i] / (1 - b1 ** (step + 1))
             v_hat = self.v[i] / (1 - b2 ** (step + 1))
-            p.data -= lr_t * m_hat / (math.sqrt(v_hat) + self.eps)
+            if self.weight_decay:
+                p.data -= lr_t * (m_hat / (v_hat**0.5 + self.eps) + self.weight_decay * p.data)
+            else:
+                p.data -= lr_t * m_hat / (v_hat**0.5 + self.eps)
             p.grad = 0
 
 
-def train_step(state, cfg, adam, step, tokens):
-    """One spec step on one encoded document: forward, backward, Adam. Returns the loss."""
-    step_loss = loss(state, cfg, tokens)
-    step_loss.backward()
+def train_batch(state, cfg, adam, step, docs, grad_accum=1, masks=None):
+    """One step on a batch of encoded documents: gradients (accumulated over grad_accum parts), Adam. Returns the loss."""
+    step_loss = backward_batch(state, cfg, docs, grad_accum, masks)
     adam.step(step)
-    return step_loss.data
+    return step_loss
+
+
+def train_step(state, cfg, adam, step, tokens, masks=None):
+    """One spec step on one encoded document: forward, backward, Adam. Returns the loss."""
+    return train_batch(state, cfg, adam, step, [tokens], masks=None if masks is None else [masks])
 
 
 # --- inference (spec section 5) ---
