@@ -5,6 +5,7 @@ position, every weight's gradient of the loss, and the losses and weights
 over a few Adam steps. `microgpt-jax check` prints the table this builds.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -13,8 +14,8 @@ import numpy as np
 
 import reference
 from microgpt_jax.layout import padded_batch
-from microgpt_jax.model import GPTConfig, forward, loss_fn
-from microgpt_jax.train import TrainConfig, Trainer
+from microgpt_jax.model import GPTConfig, dropout_masks, forward, loss_fn
+from microgpt_jax.train import TrainConfig, Trainer, dropout_key
 
 # |jax - ref| <= ATOL + RTOL * |ref|, element by element.
 ATOL, RTOL = 1e-12, 1e-10
@@ -37,22 +38,34 @@ def from_reference_state(state, attr="data") -> dict:
     return {name: np.array([[getattr(v, attr) for v in row] for row in m], np.float64) for name, m in state.items()}
 
 
-def reference_grads(params, cfg, tokens):
-    """(loss, {name: grad}) from the scalar engine."""
+def reference_grads(params, cfg, docs, grad_accum=1, masks=None):
+    """(loss, {name: grad}) of a batch of encoded documents from the scalar engine."""
     state = to_reference_state(params)
-    loss = reference.loss(state, cfg, tokens)
-    loss.backward()
-    return loss.data, from_reference_state(state, "grad")
+    loss = reference.backward_batch(state, cfg, docs, grad_accum, masks)
+    return loss, from_reference_state(state, "grad")
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
 _forward = jax.jit(forward, static_argnums=2)
 
 
-def jax_grads(params, cfg, tokens):
-    batch = jax.tree.map(jnp.asarray, padded_batch([tokens], cfg.block_size))
-    loss, grads = _value_and_grad(params, batch, cfg)
+def jax_grads(params, cfg, docs, masks=None):
+    batch = jax.tree.map(jnp.asarray, padded_batch(docs, cfg.block_size))
+    loss, grads = _value_and_grad(params, batch, cfg, masks=masks)
     return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def step_masks(cfg, tcfg, step, rows):
+    """Training step `step`'s dropout masks, as the Trainer draws them: (JAX's, each row's for the scalar engine), or Nones."""
+    masks = dropout_masks(dropout_key(tcfg.seed, step), cfg, rows, cfg.block_size, jnp.float64)
+    if masks is None:
+        return None, None
+    return masks, [{name: np.asarray(m[b]).tolist() for name, m in masks.items()} for b in range(rows)]
+
+
+def step_docs(docs, step, batch_size):
+    """The documents of training step `step`: docs[(step * B + b) % len(docs)], the order training uses."""
+    return [docs[(step * batch_size + b) % len(docs)] for b in range(batch_size)]
 
 
 @dataclass
@@ -71,46 +84,67 @@ def compare(name, got, want, atol=ATOL, rtol=RTOL) -> Row:
     return Row(name, float(err.max(initial=0.0)), float(rel.max(initial=0.0)), ok)
 
 
-def check_logits(params, cfg, tokens) -> Row:
-    """The vectorized forward against the scalar engine's token-by-token logits."""
+def check_logits(params, cfg, tokens, masks=(None, None)) -> Row:
+    """The vectorized forward against the scalar engine's token-by-token logits (with row 0 of step_masks' masks)."""
     tokens = tokens[: cfg.block_size]
-    want = [[v.data for v in row] for row in reference.sequence_logits(to_reference_state(params), cfg, tokens)]
-    got = _forward(params, jnp.asarray([tokens]), cfg)[0]
+    n, (batch_masks, row_masks) = len(tokens), masks
+    row = None if row_masks is None else row_masks[0]
+    want = [[v.data for v in out] for out in reference.sequence_logits(to_reference_state(params), cfg, tokens, row)]
+    # row 0's masks at the first n positions: the positions this forward has
+    cut = None if batch_masks is None else {k: m[:1, :n] if m.ndim == 3 else m[:1, :, :n, :n] for k, m in batch_masks.items()}
+    got = _forward(params, jnp.asarray([tokens]), cfg, masks=cut)[0]
     return compare("logits", got, want)
 
 
-def check_grads(params, cfg, tokens) -> list[Row]:
-    """The loss and every weight's gradient, element by element."""
-    ref_loss, ref_g = reference_grads(params, cfg, tokens)
-    jax_loss, jax_g = jax_grads(params, cfg, tokens)
+def check_grads(params, cfg, docs, grad_accum=1, masks=(None, None)) -> list[Row]:
+    """The loss of a batch of documents and every weight's gradient, element by element."""
+    ref_loss, ref_g = reference_grads(params, cfg, docs, grad_accum, masks[1])
+    jax_loss, jax_g = jax_grads(params, cfg, docs, masks[0])
     return [compare("loss", jax_loss, ref_loss)] + [compare(f"grad {k}", jax_g[k], ref_g[k]) for k in ref_g]
 
 
-def check_training(params, cfg, docs_tokens, steps) -> list[Row]:
-    """`steps` Adam steps at batch 1 in spec order on both engines: losses, then final weights."""
+def reference_optimizer(params, tcfg: TrainConfig):
+    """The scalar engine's Adam with the training config's options."""
+    options = ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "schedule", "min_lr", "warmup")
+    return reference.Adam(reference.parameters(params), tcfg.steps, **{k: getattr(tcfg, k) for k in options})
+
+
+def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
+    """tcfg.steps steps on both engines, step s on step_docs(docs, s, batch_size): losses, then final weights."""
     state = to_reference_state(params)
-    adam = reference.Adam(reference.parameters(state), steps)
-    ref_losses = [reference.train_step(state, cfg, adam, s, docs_tokens[s % len(docs_tokens)]) for s in range(steps)]
-    trainer = Trainer(cfg, TrainConfig(steps=steps, dtype="float64"))
+    adam = reference_optimizer(state, tcfg)
+    trainer = Trainer(cfg, tcfg)
     train_state = trainer.init(jax.tree.map(jnp.asarray, params))
-    jax_losses = []
-    for s in range(steps):
-        batch = jax.tree.map(jnp.asarray, padded_batch([docs_tokens[s % len(docs_tokens)]], cfg.block_size))
-        train_state, loss = trainer.step(train_state, batch)
+    ref_losses, jax_losses = [], []
+    for s in range(tcfg.steps):
+        batch_docs = step_docs(docs, s, tcfg.batch_size)
+        row_masks = step_masks(cfg, tcfg, s, tcfg.batch_size)[1]
+        ref_losses.append(reference.train_batch(state, cfg, adam, s, batch_docs, tcfg.grad_accum, row_masks))
+        train_state, loss = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(batch_docs, cfg.block_size)))
         jax_losses.append(float(loss))
     p = train_state.params
     final = from_reference_state(state)
     return [compare("train losses", jax_losses, ref_losses)] + [
-        compare(f"after {steps} steps {k}", p[k], final[k], atol=PARAM_ATOL, rtol=0.0) for k in final
+        compare(f"after {tcfg.steps} steps {k}", p[k], final[k], atol=PARAM_ATOL, rtol=0.0) for k in final
     ]
 
 
-def run_check(cfg: GPTConfig, params, tokens, steps=0) -> list[Row]:
+def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = None) -> list[Row]:
+    """The whole table: logits of docs[0], loss and gradients of step 0's batch, then `steps` training steps.
+
+    docs: encoded documents (one is enough: a step then repeats it); tcfg: the
+    training options both engines use (batch_size, grad_accum, the optimizer
+    and its schedule, the seed of the dropout masks); its steps and dtype are
+    set here.
+    """
     require_x64()
+    tcfg = dataclasses.replace(tcfg or TrainConfig(), steps=max(steps, tcfg.warmup + 1 if tcfg else 1), dtype="float64")
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)
-    rows = [check_logits(params, cfg, tokens)] + check_grads(params, cfg, tokens)
+    masks = step_masks(cfg, tcfg, 0, tcfg.batch_size)
+    rows = [check_logits(params, cfg, docs[0], masks)]
+    rows += check_grads(params, cfg, step_docs(docs, 0, tcfg.batch_size), tcfg.grad_accum, masks)
     if steps:
-        rows += check_training(params, cfg, [tokens], steps)
+        rows += check_training(params, cfg, tcfg, docs)
     return rows
 
 

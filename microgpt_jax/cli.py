@@ -22,6 +22,21 @@ from microgpt_jax.train import TrainConfig, set_deterministic, set_precision
 
 CONFIGS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
 NOT_FLAGS = {"vocab_size"}  # comes from the data
+# what `check` takes of TrainConfig: what the step computes (not its length, dtype or cadences)
+CHECKED_TRAINING = (
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "schedule",
+    "min_lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+)
 
 
 class GivenFlag(argparse.Action):
@@ -44,14 +59,14 @@ class GivenSwitch(argparse.BooleanOptionalAction):
         GivenFlag.__call__(self, parser, namespace, getattr(namespace, self.dest), option_string)
 
 
-def add_config_flags(parser, tables):
-    """One --flag per field of each config class, typed, defaulted and explained by the field itself
-    (a bool field is a pair of switches, --name and --no-name)."""
+def add_config_flags(parser, tables, only=None):
+    """One --flag per field of each config class (or only those named), typed, defaulted and explained by the
+    field itself (a bool field is a pair of switches, --name and --no-name)."""
     for table in tables:
         cls = CONFIGS[table]
         group = parser.add_argument_group(f"{table} ({cls.__name__})")
         for f in dataclasses.fields(cls):
-            if f.name in NOT_FLAGS:
+            if f.name in NOT_FLAGS or (only is not None and f.name not in only):
                 continue
             choices = f.metadata.get("choices")
             one_of = f"one of {', '.join(choices)}; " if choices else ""
@@ -211,7 +226,7 @@ def cmd_check(args):
     from microgpt_jax.rundir import load_weights
     from microgpt_jax.text import Vocab, load_docs, reference_docs, resolve_data_path
 
-    if args.run_dir:  # a run's (or an export's) config, vocabulary and weights; the document from its data
+    if args.run_dir:  # a run's (or an export's) config, vocabulary and weights; the documents from its data
         cfg, vocab, params, _, run = load_weights(args.run_dir)
         data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
         docs = load_docs(data_path) if args.doc is None else []
@@ -220,12 +235,14 @@ def cmd_check(args):
         vocab = Vocab.from_docs(docs)
         cfg = dataclasses.replace(configs_from_args(args, ["model"])["model"], vocab_size=vocab.size)
         params = init_params_reference(cfg, rng)
-    doc = docs[0] if args.doc is None else args.doc
-    unknown = sorted(set(doc) - set(vocab.chars))
+    tcfg = dataclasses.replace(configs_from_args(args, ["train"])["train"], steps=args.steps)
+    docs = [args.doc] if args.doc is not None else docs[: args.steps * tcfg.batch_size]
+    unknown = sorted(set(docs[0]) - set(vocab.chars)) if args.doc is not None else []
     if unknown:
         raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
-    rows = run_check(cfg, params, vocab.encode(doc), steps=args.steps)
-    print(f"config: {json.dumps(dataclasses.asdict(cfg))}  document: {doc!r}")
+    rows = run_check(cfg, params, [vocab.encode(d) for d in docs], steps=args.steps, tcfg=tcfg)
+    print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    print(f"training: {json.dumps({k: getattr(tcfg, k) for k in CHECKED_TRAINING})}  first document: {docs[0]!r}")
     print(format_table(rows))
     failed = [r.name for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
@@ -418,8 +435,9 @@ def build_parser():
         help="check these weights: RUN_DIR, RUN_DIR@STEP or a .safetensors export (default: microgpt's initial weights)",
     )
     add_config_flags(p, ["model"])
-    p.add_argument("--doc", default=None, help="the document to check on (default: the data's first after the shuffle)")
-    p.add_argument("--steps", type=positive_int, default=20, help="Adam steps to compare at batch 1 (default %(default)s)")
+    add_config_flags(p, ["train"], only=CHECKED_TRAINING)
+    p.add_argument("--doc", default=None, help="the one document every row of every step trains on (default: the data's, in order)")
+    p.add_argument("--steps", type=positive_int, default=20, help="training steps to compare (default %(default)s)")
     p.add_argument("--data", default=None, help=data_help)
     p.set_defaults(func=cmd_check)
 

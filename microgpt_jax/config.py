@@ -22,9 +22,13 @@ class ConfigError(UserError):
         self.field, self.problem = field, problem
 
 
-def field(default, help, *, check=None, choices=None, resumable=False):
-    """A config field. check(value) returns None or what is wrong; resumable: may differ on a resumed run."""
-    metadata = {"help": help, "check": check, "choices": choices, "resumable": resumable}
+def field(default, help, *, check=None, choices=None, resumable=False, since=None):
+    """A config field. check(value) returns None or what is wrong; resumable: may differ on a resumed run.
+
+    since: the version that added the field; a run.json written before it has
+    no such key and reads as the default, which is what those runs did.
+    """
+    metadata = {"help": help, "check": check, "choices": choices, "resumable": resumable, "since": since}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -66,15 +70,16 @@ def validate(cfg):
 
 
 def from_dict(cls, values: dict):
-    """cls from a dict (a run.json table): unknown and missing keys are ConfigErrors too."""
+    """cls from a dict (a run.json table): unknown and missing keys are ConfigErrors too (but fields added `since`)."""
     if not isinstance(values, dict):
         raise ConfigError("", f"must be a table of {cls.__name__} fields, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
             raise ConfigError(key, f"is not a {cls.__name__} field (fields: {', '.join(sorted(names))})")
-    for name in names - set(values):
-        raise ConfigError(name, "is missing")
+    for f in dataclasses.fields(cls):
+        if f.name not in values and not f.metadata.get("since"):
+            raise ConfigError(f.name, "is missing")
     return cls(**values)
 
 

@@ -70,14 +70,18 @@ class GPTConfig:
     n_head: int = field(4, "attention heads, a divisor of n_embd", check=positive)
     n_layer: int = field(1, "transformer layers", check=positive)
     block_size: int = field(16, "most positions the model sees at once", check=positive)
-    norm: str = field("rmsnorm", "the norm after the embedding and before attention and the MLP", choices=tuple(NORMS))
-    activation: str = field("relu", "the MLP's activation", choices=tuple(ACTIVATIONS))
-    pos: str = field("learned", "positions: a learned wpe table, or rotary embeddings of q and k (rope)", choices=POSITIONS)
-    tie_embeddings: bool = field(False, "logits from wte, with no lm_head weight")
-    qk_norm: bool = field(False, "rmsnorm each head's queries and keys before the dot product")
-    n_kv_head: int = field(0, "key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head", check=non_negative)
-    logit_softcap: float = field(0.0, "C > 0 caps the logits at C * tanh(logits / C); 0 means off", check=non_negative)
-    dropout: float = field(0.0, "dropout of the attention weights and of both residual branches, in training only", check=fraction)
+    norm: str = field("rmsnorm", "the norm after the embedding and before attention and the MLP", choices=NORMS, since="0.2")
+    activation: str = field("relu", "the MLP's activation", choices=ACTIVATIONS, since="0.2")
+    pos: str = field("learned", "positions: a learned wpe table, or rotary embeddings of q and k (rope)", choices=POSITIONS, since="0.2")
+    tie_embeddings: bool = field(False, "logits from wte, with no lm_head weight", since="0.2")
+    qk_norm: bool = field(False, "rmsnorm each head's queries and keys before the dot product", since="0.2")
+    n_kv_head: int = field(
+        0, "key/value heads, a divisor of n_head (grouped-query attention); 0 means n_head", check=non_negative, since="0.2"
+    )
+    logit_softcap: float = field(0.0, "C > 0 caps the logits at C * tanh(logits / C); 0 means off", check=non_negative, since="0.2")
+    dropout: float = field(
+        0.0, "dropout of the attention weights and of both residual branches, in training only", check=fraction, since="0.2"
+    )
 
     def __post_init__(self):
         validate(self)

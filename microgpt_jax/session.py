@@ -29,7 +29,7 @@ from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE
-from microgpt_jax.train import Trainer, TrainState, abstract_state, chunk_length, fit, flops_per_token, init_state
+from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, chunk_length, fit, flops_per_token, init_state
 
 
 class Session:
@@ -39,11 +39,12 @@ class Session:
         cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
+        check_accumulation(tcfg, self.mesh.devices.size)  # before the data is loaded
         chunk = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
-        fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
+        fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, grad_accum=tcfg.grad_accum)
         memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
         self.vocab, self.data = load_train_data(
-            data_path, dcfg, tcfg.batch_size, cfg.block_size, tcfg.seed, row_multiple=self.mesh.devices.size
+            data_path, dcfg, tcfg.batch_size, cfg.block_size, tcfg.seed, row_multiple=self.mesh.devices.size * tcfg.grad_accum
         )
         cfg = dataclasses.replace(cfg, vocab_size=self.vocab.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
@@ -84,7 +85,7 @@ class Session:
 
     def estimate(self, length) -> memory.Estimate:
         tcfg = self.configs["train"]
-        return memory.estimate(self.configs["model"], self.data.rows, length, tcfg.dtype, tcfg.param_dtype)
+        return memory.estimate(self.configs["model"], self.data.rows, length, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
 
     def compile_step(self, start=0, saving=False, available=None) -> memory.StepMemory | None:
         """Compile the chunk loop for the run's shapes (on abstract arguments: no weights allocated) and

@@ -55,16 +55,18 @@ class TrainConfig:
 
     steps: int = field(1000, "optimizer steps in the run", check=step_count)
     batch_size: int = field(1, "documents or windows per step", check=positive)
-    grad_accum: int = field(1, "micro-batches a step's batch is split into (gradient accumulation); divides batch_size", check=positive)
+    grad_accum: int = field(
+        1, "micro-batches a step's batch is split into (gradient accumulation); divides batch_size", check=positive, since="0.2"
+    )
     lr: float = field(0.01, "peak learning rate", check=positive)
     warmup: int = field(0, "steps of linear warmup before the decay", check=non_negative)
-    schedule: str = field("linear", "the learning rate's decay from lr to min_lr after the warmup", choices=SCHEDULES)
-    min_lr: float = field(0.0, "the learning rate at the end of the decay, at most lr", check=non_negative)
+    schedule: str = field("linear", "the learning rate's decay from lr to min_lr after the warmup", choices=SCHEDULES, since="0.2")
+    min_lr: float = field(0.0, "the learning rate at the end of the decay, at most lr", check=non_negative, since="0.2")
     beta1: float = field(0.85, "Adam's first-moment decay", check=fraction)
     beta2: float = field(0.99, "Adam's second-moment decay", check=fraction)
     eps: float = field(1e-8, "Adam's epsilon", check=positive)
-    weight_decay: float = field(0.0, "decoupled weight decay (AdamW) of every weight; 0 means Adam", check=non_negative)
-    grad_clip: float = field(0.0, "the gradients' global L2 norm is clipped to this; 0 means off", check=non_negative)
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW) of every weight; 0 means Adam", check=non_negative, since="0.2")
+    grad_clip: float = field(0.0, "the gradients' global L2 norm is clipped to this; 0 means off", check=non_negative, since="0.2")
     seed: int = field(42, "random seed: initial weights, data order")
     dtype: str = field("float32", "compute dtype; bfloat16 keeps float32 weights", choices=DTYPES)
     eval_every: int = field(100, "validation loss every N steps", check=positive, resumable=True)

@@ -1,5 +1,6 @@
 """The command line: bad input is one line on stderr, a non-zero exit and no traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -75,11 +76,23 @@ def test_check_prints_a_table_and_passes(capsys):
     code, out = run_in_process(capsys, "check", "--steps", "2", "--doc", "emma")
     assert code == 0, out.err
     lines = out.out.splitlines()
-    assert lines[1].split()[:5] == ["parameter", "max", "abs", "err", "max"]
-    names = [line.rsplit(None, 3)[0] for line in lines[2:-1]]
+    assert lines[2].split()[:5] == ["parameter", "max", "abs", "err", "max"]
+    names = [line.rsplit(None, 3)[0] for line in lines[3:-1]]
     assert {"logits", "loss", "grad wte", "grad layer0.mlp_fc2", "train losses", "after 2 steps wpe"} <= set(names)
-    assert all(line.rstrip().endswith("pass") for line in lines[2:-1])
-    assert lines[-1] == f"{len(lines) - 3} passed, 0 failed"
+    assert all(line.rstrip().endswith("pass") for line in lines[3:-1])
+    assert lines[-1] == f"{len(lines) - 4} passed, 0 failed"
+
+
+def test_check_takes_every_variant_flag(capsys):
+    flags = "--pos rope --tie-embeddings --n-kv-head 2 --dropout 0.2 --batch-size 2 --grad-accum 2 --schedule cosine --grad-clip 0.1"
+    code, out = run_in_process(capsys, "check", "--steps", "2", "--n-embd", "8", *flags.split())
+    assert code == 0, out.err
+    config, training = (json.loads(line.split(": ", 1)[1].split("  first document")[0]) for line in out.out.splitlines()[:2])
+    assert (config["pos"], config["tie_embeddings"], config["n_kv_head"], config["dropout"]) == ("rope", True, 2, 0.2)
+    assert (training["batch_size"], training["grad_accum"], training["schedule"], training["grad_clip"]) == (2, 2, "cosine", 0.1)
+    names = [line.rsplit(None, 3)[0] for line in out.out.splitlines()[3:-1]]
+    assert "grad wpe" not in names and "grad lm_head" not in names and "after 2 steps wte" in names  # rope, tied
+    assert out.out.splitlines()[-1] == f"{len(names)} passed, 0 failed"
 
 
 def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):

@@ -25,6 +25,7 @@ from microgpt_jax.check import (
 )
 from microgpt_jax.model import GPTConfig, forward, init_params_reference
 from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.train import TrainConfig
 
 assert (ATOL, RTOL, PARAM_ATOL) == (1e-12, 1e-10, 1e-10)  # the issue's tolerances, never looser
 
@@ -63,14 +64,14 @@ def test_default_config_gradients_over_five_names(names, doc_index):
     cfg = GPTConfig(vocab_size=vocab.size)
     params = init_params_reference(cfg, random.Random(doc_index))
     tokens = vocab.encode(docs[doc_index])
-    assert_rows_pass([check_logits(params, cfg, tokens)] + check_grads(params, cfg, tokens))
+    assert_rows_pass([check_logits(params, cfg, tokens)] + check_grads(params, cfg, [tokens]))
 
 
 def test_two_layer_two_head_config(names):
     docs, vocab, _ = names
     cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=8)
     params = init_params_reference(cfg, random.Random(11))
-    assert_rows_pass(run_check(cfg, params, vocab.encode(docs[7]), steps=3))
+    assert_rows_pass(run_check(cfg, params, [vocab.encode(docs[7])], steps=3))
 
 
 def test_document_longer_than_block_size_is_cut(names):
@@ -78,12 +79,12 @@ def test_document_longer_than_block_size_is_cut(names):
     cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
     doc = "abcdefghijklmnopqrstuvwxyz"  # 28 tokens with the two BOS: only 8 positions trained
     params = init_params_reference(cfg, random.Random(12))
-    rows = run_check(cfg, params, vocab.encode(doc), steps=2)
+    rows = run_check(cfg, params, [vocab.encode(doc)], steps=2)
     assert_rows_pass(rows)
     # the cut is the spec's: the whole document trains exactly as its first block_size + 1 tokens
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    whole = jax_grads(params, cfg, vocab.encode(doc))
-    prefix = jax_grads(params, cfg, vocab.encode(doc)[: cfg.block_size + 1])
+    whole = jax_grads(params, cfg, [vocab.encode(doc)])
+    prefix = jax_grads(params, cfg, [vocab.encode(doc)[: cfg.block_size + 1]])
     assert whole[0] == prefix[0]
 
 
@@ -92,7 +93,7 @@ def test_twenty_training_steps_in_spec_order(names):
     cfg = GPTConfig(vocab_size=vocab.size)
     params = init_params_reference(cfg, random.Random(42))
     encoded = [vocab.encode(d) for d in docs[:20]]
-    rows = check_training(params, cfg, encoded, steps=20)
+    rows = check_training(params, cfg, TrainConfig(steps=20, dtype="float64"), encoded)
     assert_rows_pass(rows)
     assert rows[0].name == "train losses" and len(rows) == 1 + len(params)
 
@@ -109,8 +110,8 @@ def test_check_catches_a_real_difference(names, monkeypatch):
         scale = (sum(xi * xi for xi in x) / len(x) + 1e-4) ** -0.5
         return [xi * scale for xi in x]
 
-    monkeypatch.setattr(reference.gpt, "rmsnorm", rmsnorm_other_eps)
-    rows = [check_logits(params, cfg, vocab.encode(docs[0]))] + check_grads(params, cfg, vocab.encode(docs[0]))
+    monkeypatch.setitem(reference.gpt.NORMS, "rmsnorm", rmsnorm_other_eps)
+    rows = [check_logits(params, cfg, vocab.encode(docs[0]))] + check_grads(params, cfg, [vocab.encode(docs[0])])
     assert not all(r.ok for r in rows)
 
 
@@ -125,3 +126,39 @@ def test_vectorized_forward_of_a_batch_equals_each_row_alone(names):
     for i, r in enumerate(rows):
         alone = forward(params, jnp.asarray([r]), cfg)[0]
         np.testing.assert_allclose(logits[i, : len(r)], alone, rtol=RTOL, atol=ATOL)
+
+
+# Every variant (issue 11) alone, then all at once: logits, loss, every gradient and a few training steps.
+MODEL_VARIANTS = {
+    "layernorm": dict(norm="layernorm"),
+    "gelu": dict(activation="gelu"),
+    "relu2": dict(activation="relu2"),
+    "rope": dict(pos="rope"),
+    "tied": dict(tie_embeddings=True),
+    "qk_norm": dict(qk_norm=True),
+    "gqa": dict(n_kv_head=1),
+    "softcap": dict(logit_softcap=2.0),
+    "dropout": dict(dropout=0.3),
+}
+TRAIN_VARIANTS = {
+    "weight_decay": dict(weight_decay=0.5),
+    "grad_clip": dict(grad_clip=0.05),
+    "cosine": dict(schedule="cosine", min_lr=0.002, warmup=1),
+    "grad_accum": dict(batch_size=4, grad_accum=2),
+}
+ALL_AT_ONCE = (
+    {k: v for d in MODEL_VARIANTS.values() for k, v in d.items()} | dict(activation="gelu", n_layer=2, n_head=4, n_kv_head=2),
+    {k: v for d in TRAIN_VARIANTS.values() for k, v in d.items()},
+)
+CASES = {name: (m, {}) for name, m in MODEL_VARIANTS.items()} | {name: ({}, t) for name, t in TRAIN_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("model, train", [*CASES.values(), ALL_AT_ONCE], ids=[*CASES, "all_at_once"])
+def test_variant_against_the_scalar_engine(names, model, train):
+    docs, vocab, _ = names
+    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, block_size=8, **model)
+    params = init_params_reference(cfg, random.Random(21))
+    tcfg = TrainConfig(**{"batch_size": 2} | train)
+    rows = run_check(cfg, params, [vocab.encode(d) for d in docs[:12]], steps=3, tcfg=tcfg)
+    assert_rows_pass(rows)
+    assert len(rows) == 1 + 1 + len(params) + 1 + len(params)  # logits, loss, gradients, losses, weights: all compared

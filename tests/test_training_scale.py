@@ -94,7 +94,7 @@ def test_attention_in_query_blocks_matches_the_scalar_engine():
 
     vocab = Vocab("abcdefghijklmnopqrstuvwxyz")
     cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
-    rows = run_check(cfg, init_params_reference(cfg, random.Random(3)), vocab.encode(vocab.chars * 3))
+    rows = run_check(cfg, init_params_reference(cfg, random.Random(3)), [vocab.encode(vocab.chars * 3)])
     assert len(rows) == 2 + len(init_params_reference(cfg, random.Random(3)))
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
