@@ -326,6 +326,76 @@ def large():
     return mfu_case("large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 5, 2048)
 
 
+# --- what each variant (issue 11) does: validation loss after the nanoGPT CPU recipe, and speed ---
+
+VARIANT_RECIPE = "configs/nanogpt-cpu.toml"  # 4 layers, 128 wide, block 64, batch 12, 2000 steps, stream mode
+VARIANTS = {  # name -> (model fields, training fields), each alone over the recipe
+    "baseline": ({}, {}),
+    "layernorm": ({"norm": "layernorm"}, {}),
+    "gelu": ({"activation": "gelu"}, {}),
+    "relu2": ({"activation": "relu2"}, {}),
+    "rope": ({"pos": "rope"}, {}),
+    "tied": ({"tie_embeddings": True}, {}),
+    "qk_norm": ({"qk_norm": True}, {}),
+    "gqa_1kv": ({"n_kv_head": 1}, {}),
+    "softcap_15": ({"logit_softcap": 15.0}, {}),
+    "dropout_0.1": ({"dropout": 0.1}, {}),
+    "weight_decay_0.1": ({}, {"weight_decay": 0.1}),
+    "grad_clip_1": ({}, {"grad_clip": 1.0}),
+    "cosine": ({}, {"schedule": "cosine", "min_lr": 1e-4}),
+    "grad_accum_2": ({}, {"grad_accum": 2}),
+}
+
+
+def variant_run(model, train, steps=None, chunk=50):
+    """(validation loss at the end, trained tokens/s after the first chunk) of the recipe with these fields over it."""
+    import dataclasses
+    from pathlib import Path
+
+    import jax
+
+    from microgpt_jax.checkpoint import CheckpointConfig
+    from microgpt_jax.config import read_toml
+    from microgpt_jax.data import DataConfig, load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import TrainConfig, Trainer, run_steps
+
+    classes = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+    tables = read_toml(Path(__file__).parents[1] / VARIANT_RECIPE, classes)
+    tcfg = TrainConfig(**tables["train"] | train)
+    tcfg = dataclasses.replace(tcfg, steps=steps or tcfg.steps)
+    cfg = GPTConfig(**tables["model"] | model)
+    vocab, data = load_train_data(text_path(), DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
+    cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
+    trainer = Trainer(cfg, tcfg)
+    state = trainer.init(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
+    tokens, start = 0, None
+    for c in run_steps(trainer, state, data, stop=tcfg.steps, length=chunk):
+        state = c.state
+        if start is None:
+            start = time.perf_counter()  # after the first chunk: compilation apart
+        else:
+            tokens += c.tokens
+    jax.block_until_ready(state)
+    tokens_per_s = tokens / (time.perf_counter() - start)
+    return float(trainer.evaluate(state.params, trainer.put(data.eval_set()))), tokens_per_s
+
+
+@case
+def variants():
+    """Each variant alone over the nanoGPT CPU recipe on the text: validation loss after its steps, tokens/s, both against the baseline."""
+    results = {}
+    for name, (model, train) in VARIANTS.items():
+        val_loss, rate = variant_run(model, train)
+        results[f"variants_{name}_val_loss"] = val_loss
+        results[f"variants_{name}_tokens_per_s"] = rate
+    base_loss, base_rate = results["variants_baseline_val_loss"], results["variants_baseline_tokens_per_s"]
+    for name in VARIANTS:
+        results[f"variants_{name}_val_loss_minus_baseline"] = results[f"variants_{name}_val_loss"] - base_loss
+        results[f"variants_{name}_speed_vs_baseline"] = results[f"variants_{name}_tokens_per_s"] / base_rate
+    return results
+
+
 @case
 def gpu():
     """GPT-2 small shape (n_layer 12, n_embd 768, block 1024), bfloat16, stream mode: only on a GPU."""
