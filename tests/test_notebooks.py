@@ -85,5 +85,18 @@ def test_notebook_is_committed_without_outputs(path):
             assert cell.execution_count is None, f"{path.name}: a cell has an execution count"
 
 
-def test_both_notebooks_exist():
-    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == ["01_quickstart.ipynb", "02_computation_graph.ipynb"]
+def test_prototype_a_change_runs(names_path, monkeypatch):
+    book = execute(NOTEBOOKS / "03_prototype_a_change.ipynb", names_path, monkeypatch)
+    text = "".join(outputs(book, "stream"))
+    assert "'silu']" in text  # added to both tables
+    assert "grad layer0.mlp_fc1" in text and "after 5 steps wte" in text and "FAIL" not in text  # the cross-check, on silu
+    assert "relu: last training loss" in text and "silu: last training loss" in text
+    assert len(outputs(book, "image/png")) == 1  # the overlaid curves
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == [
+        "01_quickstart.ipynb",
+        "02_computation_graph.ipynb",
+        "03_prototype_a_change.ipynb",
+    ]
