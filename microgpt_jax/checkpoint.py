@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from microgpt_jax import parallel
-from microgpt_jax.config import field, positive, validate
+from microgpt_jax.config import field, positive, validate, with_added_defaults
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig
 from microgpt_jax.train import TrainConfig, TrainState, abstract_state
@@ -256,6 +256,7 @@ class CheckpointStore:
         if not isinstance(meta, dict) or meta.get("step") != step or not isinstance(meta.get("sha256"), dict):
             raise Damaged("its meta/metadata does not describe this step")
         model = meta.get("model")
+        model = with_added_defaults(GPTConfig, model) if isinstance(model, dict) else model  # a checkpoint older than a field
         if isinstance(model, dict) and model != dataclasses.asdict(self.cfg):
             name = next((k for k in sorted(model) if model[k] != getattr(self.cfg, k, None)), "model")
             raise UserError(

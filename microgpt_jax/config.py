@@ -83,6 +83,11 @@ def from_dict(cls, values: dict):
     return cls(**values)
 
 
+def with_added_defaults(cls, values: dict) -> dict:
+    """values with the default of every field added `since` that they lack (what an older run used)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("since")} | values
+
+
 def resumable_fields(cls) -> set:
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
 

@@ -4,6 +4,7 @@ Each case is what a user does by accident; each must end in one line and a
 non-zero exit, with nothing already saved lost, moved or overwritten.
 """
 
+import dataclasses
 import errno
 import itertools
 import json
@@ -297,3 +298,35 @@ def test_config_errors_name_the_field_not_a_flag():
     assert (e.value.field, str(e.value)) == ("lr", "lr must be a finite number, got inf")
     with pytest.raises(UserError, match="^keep must be positive"):
         checkpoint.CheckpointConfig(keep=0)
+
+
+def test_a_run_from_before_the_variants_resumes_and_samples(tmp_path, capsys, monkeypatch):
+    """run.json and checkpoints written before the fields added `since` 0.2 read as those fields' defaults."""
+    from microgpt_jax import checkpoint
+    from microgpt_jax.model import GPTConfig
+    from microgpt_jax.train import TrainConfig
+
+    added = {
+        t: [f.name for f in dataclasses.fields(c) if f.metadata.get("since")] for t, c in (("model", GPTConfig), ("train", TrainConfig))
+    }
+    assert "n_kv_head" in added["model"] and "grad_accum" in added["train"]
+
+    class Before:  # the checkpoints' meta as 0.1 wrote it: the model config without the added fields
+        def __getattr__(self, name):
+            return getattr(dataclasses, name)
+
+        def asdict(self, cfg):
+            return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in added["model"]}
+
+    monkeypatch.setattr(checkpoint, "dataclasses", Before())
+    run_dir = tmp_path / "run"
+    assert run_in_process(capsys, "train", *FLAGS, "--out", run_dir)[0] == 0
+    monkeypatch.undo()
+    edit_run_json(run_dir, lambda meta: [meta[t].pop(k) for t, keys in added.items() for k in keys])
+    code, out = run_in_process(capsys, "sample", run_dir, "--num-samples", "2")
+    assert code == 0, out.err
+    code, out = run_in_process(capsys, "train", "--resume", run_dir, "--steps", "8")
+    assert code == 0, out.err
+    edit_run_json(run_dir, lambda meta: meta["model"].pop("n_embd"))  # a field every run.json has is still required
+    code, out = run_in_process(capsys, "sample", run_dir)
+    assert_one_line_error(code, out.err, "model.n_embd is missing")
