@@ -232,12 +232,16 @@ def scalar_samples(params, cfg, rng, n, temperature, prompt):
     return out
 
 
-@pytest.mark.parametrize("prompt", [(), PROMPT])
-def test_reference_draws_the_scalar_engines_samples(prompt):
-    params = random_params(CFG, scale=3.0)
+# the variants that change the KV cache: rotated keys, shared key heads, normed keys (and softcapped, tied logits)
+CACHE_VARIANTS = GPTConfig(vocab_size=VOCAB.size, pos="rope", n_kv_head=2, qk_norm=True, logit_softcap=5.0, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("prompt, cfg", [((), CFG), (PROMPT, CFG), (PROMPT, CACHE_VARIANTS)], ids=["seed", "prompt", "cache_variants"])
+def test_reference_draws_the_scalar_engines_samples(prompt, cfg):
+    params = random_params(cfg, scale=3.0)
     rng_ref, rng_jax = random.Random(5), random.Random(5)
-    want = scalar_samples(params, CFG, rng_ref, 6, 0.5, prompt)
-    assert [s.ids for s in sample_reference(params, CFG, rng_jax, 6, 0.5, prompt)] == want
+    want = scalar_samples(params, cfg, rng_ref, 6, 0.5, prompt)
+    assert [s.ids for s in sample_reference(params, cfg, rng_jax, 6, 0.5, prompt)] == want
     assert rng_jax.getstate() == rng_ref.getstate()  # the stream goes on exactly where microgpt's does
 
 
