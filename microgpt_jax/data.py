@@ -263,7 +263,7 @@ def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_mu
     if Path(path).is_dir():
         from microgpt_jax.prepare import load_prepared
 
-        return load_prepared(path, dcfg, batch_size, block_size, seed, row_multiple, local_rows)
+        return load_prepared(path, dcfg, batch_size, block_size, seed, row_multiple, local_rows, vocab_size)
     if dcfg.mode == "stream":
         text = read_text(path)
         train, val = split(text, dcfg.val_fraction, "characters")

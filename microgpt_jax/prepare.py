@@ -36,7 +36,7 @@ from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, split_point
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Docs
-from microgpt_jax.text import REFERENCE_SEED, Vocab, decode_utf8, no_docs, read_blocks, split_docs, text_sha256, utf32
+from microgpt_jax.text import REFERENCE_SEED, Vocab, code_points, decode_utf8, no_docs, read_blocks, split_docs, text_sha256
 from microgpt_jax.tokenizer import ByteTokenizer, from_json, train_bpe
 
 FORMAT = "microgpt-jax dataset"
@@ -178,7 +178,11 @@ def scan(texts, mode, chars: bool):
         else:
             count += len(text)
         if chars:
-            seen[utf32(text)] = True
+            codes = code_points(text)
+            if codes.dtype == np.uint8:  # ASCII: a count of 128 values is quicker than marking each
+                seen[:128] |= np.bincount(codes, minlength=128) > 0
+            else:
+                seen[codes] = True
     return count, seen
 
 
@@ -220,7 +224,9 @@ def write_docs(texts, tok, directory, dtype):
             docs = split_docs(text)
             if not docs:
                 continue
-            ids = np.append(tok.joined(docs), tok.bos).astype(dtype)
+            joined = tok.joined(docs)
+            ids = np.empty(len(joined) + 1, dtype)  # the documents, then the BOS after the last
+            ids[:-1], ids[-1] = joined, tok.bos
             bos_at = np.flatnonzero(ids == tok.bos) + written
             for length, n in zip(*np.unique(np.diff(bos_at, prepend=last_bos) - 1, return_counts=True)):
                 counts[int(length)] = counts.get(int(length), 0) + int(n)
