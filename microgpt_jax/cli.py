@@ -247,6 +247,7 @@ def cmd_export(args):
 def cmd_bench(args):
     from microgpt_jax import bench
 
+    bench.CORPUS["mb"] = args.corpus_mb
     bench.run(args.cases, args.json, data=args.data, text=args.text)
 
 
@@ -419,6 +420,13 @@ def build_parser():
         default=None,
         metavar="FILE",
         help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)",
+    )
+    p.add_argument(
+        "--corpus-mb",
+        type=positive_int,
+        default=1024,
+        metavar="MB",
+        help="size in MiB of the text the prepared case generates in a temporary directory (default %(default)s)",
     )
     p.set_defaults(func=cmd_bench)
     return parser

@@ -247,3 +247,14 @@ def test_bad_input_is_one_line(datasets, names_path, monkeypatch, capsys, args, 
     code, out = run_in_process(capsys, *[str(names_path) if a == "NAMES" else a for a in args])
     assert_one_line_error(code, out.err, message)
     assert not (datasets / "ds2").exists()
+
+
+def test_the_prepared_bench_case_measures_in_fresh_processes(tmp_path):
+    from microgpt_jax import bench
+
+    size = bench.generate_text(tmp_path / "corpus.txt", 1)
+    docs = load_docs(tmp_path / "corpus.txt")
+    assert size >= 2**20 and 20_000 < len(docs) < 40_000 and len(set(docs)) > 0.9 * len(docs)  # single words repeat
+    prepare(tmp_path / "corpus.txt", tmp_path / "ds", DataConfig())
+    done = bench.in_process("startup_worker", tmp_path / "ds", "docs")
+    assert done["seconds"] < 10 and 20 < done["peak_rss_mb"] < 1000
