@@ -345,7 +345,9 @@ def build_parser():
         help="tokenize a text once into a dataset directory that `train --data DIR` memory-maps (corpora larger than memory)",
     )
     p.add_argument("text", metavar="TEXT", help="the text file (UTF-8, plain or .gz), read in chunks: any size")
-    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="the new dataset directory, which must not exist (required: no default)")
+    p.add_argument(
+        "--out", required=True, metavar="DATASET_DIR", help="the new dataset directory, which must not exist (required: no default)"
+    )
     add_config_flags(p, ["data"], only=("mode", "tokenizer", "val_fraction"))
     p.add_argument("--vocab-size", dest="vocab_size", action=GivenFlag, type=positive_int, default=None, help=vocab_help)
     p.add_argument(

@@ -35,6 +35,7 @@ import numpy as np
 from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, split_point
 from microgpt_jax.errors import UserError
+from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.layout import Docs
 from microgpt_jax.text import REFERENCE_SEED, Vocab, code_points, decode_utf8, no_docs, read_blocks, split_docs, text_sha256
 from microgpt_jax.tokenizer import ByteTokenizer, from_json, train_bpe
@@ -288,20 +289,12 @@ def open_dataset(path) -> Dataset:
         raise UserError(
             f"{path} is a directory but no dataset (no {META}); pass a text file or a directory written by `microgpt-jax prepare`"
         )
-    try:
-        meta = json.loads(meta_file.read_text())
-    except OSError as e:
-        raise UserError(f"could not read {meta_file} ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_file} is damaged ({e}); prepare the dataset again") from None
+    meta = read_json(meta_file, "prepare the dataset again")
 
     def bad(key, problem):
         return UserError(f"{meta_file}: {key} {problem}; prepare the dataset again")
 
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise bad("format", f"is not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise bad("version", f"is {meta.get('version')!r}; this microgpt-jax reads datasets of version {VERSION}")
+    check_format(meta, FORMAT, VERSION, "datasets", bad)
     counts = ["tokens"] + (["docs"] if meta.get("mode") == "docs" else [])
     for key, ok in [("mode", meta.get("mode") in ("docs", "stream")), ("dtype", meta.get("dtype") in ("uint16", "uint32"))] + [
         (key, isinstance(meta.get(key), int) and meta[key] >= 0) for key in counts

@@ -32,6 +32,7 @@ from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore
 from microgpt_jax.config import ConfigError, from_dict, resumable_fields
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
+from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.prepare import data_sha256, is_dataset
 from microgpt_jax.text import Vocab
@@ -135,13 +136,7 @@ class RunDir:
         run_file = path / RUN_FILE
         if not run_file.is_file():
             raise UserError(f"{path} is not a run directory (no {RUN_FILE}); pass one written by `microgpt-jax train --out DIR`")
-        try:
-            meta = json.loads(run_file.read_text())
-        except OSError as e:
-            raise UserError(f"could not read {run_file} ({e.strerror or e})") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{run_file} is damaged ({e}); restore it from a copy, or start a new run with --out") from None
-        return cls.from_json(path, meta)
+        return cls.from_json(path, read_json(run_file, "restore it from a copy, or start a new run with --out"))
 
     @classmethod
     def from_json(cls, path, meta) -> "RunDir":
@@ -150,10 +145,7 @@ class RunDir:
         def bad(key, problem):
             return UserError(f"{run_file}: {key} {problem}; correct it (or restore run.json from a copy)")
 
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise bad("format", f"is not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise bad("version", f"is {meta.get('version')!r}; this microgpt-jax reads run directories of version {VERSION}")
+        check_format(meta, FORMAT, VERSION, "run directories", bad)
         if isinstance(meta.get("data"), dict):  # run.json written before the tokenizer field: the seed's char
             meta = {**meta, "data": {"tokenizer": "char", **meta["data"]}}
         configs = {}
