@@ -392,7 +392,7 @@ def scaling_worker(text):
     print(json.dumps({"steps_per_s": steps_per_s, "compile_s": compile_s}))
 
 
-# --- prepared datasets: a corpus larger than memory, memory-mapped ---
+# --- prepared datasets: a corpus larger than memory, read a step at a time ---
 
 CORPUS = {"mb": 1024, "plain_mb": 256}  # the generated corpus and the plain-text comparison, in MiB (bench --corpus-mb)
 WORDS = 2000  # distinct words of the generated text
@@ -435,10 +435,15 @@ def in_process(worker, *args) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def _report(result: dict):
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM, its own address space's. (ru_maxrss is no good in a child:
+    Linux carries the parent's peak over into it, through fork and exec.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
-    print(json.dumps({**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+def _report(result: dict):
+    print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
 
 
 def prepare_worker(text, out, mode):
@@ -476,7 +481,7 @@ def head(path, out, size_mb) -> Path:
 @case
 def prepared():
     """A generated text of 1 GiB (bench --corpus-mb): prepare's MB/s and memory, train's start-up on it
-    prepared against the same text plain (its first 256 MiB) and names, steady tokens/s memory-mapped against in memory."""
+    prepared against the same text plain (its first 256 MiB) and names, steady tokens/s read from the dataset against in memory."""
     return prepared_case(**CORPUS)
 
 
@@ -504,7 +509,7 @@ def prepared_case(mb=1024, plain_mb=256):
 
 
 def steady_prepared(dataset, text):
-    """Trained tokens/s of the same model on the dataset (memory-mapped) and on a text (in memory): docs, packed."""
+    """Trained tokens/s of the same model on the dataset (read step by step) and on a text (in memory): docs, packed."""
     import jax
 
     from microgpt_jax.data import DataConfig, load_train_data

@@ -342,7 +342,7 @@ def build_parser():
 
     p = sub.add_parser(
         "prepare",
-        help="tokenize a text once into a dataset directory that `train --data DIR` memory-maps (corpora larger than memory)",
+        help="tokenize a text once into a dataset directory that `train --data DIR` reads step by step (corpora larger than memory)",
     )
     p.add_argument("text", metavar="TEXT", help="the text file (UTF-8, plain or .gz), read in chunks: any size")
     p.add_argument(

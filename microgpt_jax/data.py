@@ -10,7 +10,7 @@ batch 1. `StreamSource`: continuous text, step s trains batch_size windows
 of block_size + 1 tokens at offsets drawn from (seed, s).
 
 The data is a text file (read whole, tokenized here) or a dataset
-directory written by `microgpt-jax prepare` (prepare.py: memory-mapped,
+directory written by `microgpt-jax prepare` (prepare.py: read as needed,
 read a step's rows at a time). Either way a process reads the tokens of
 its own rows only (`local_rows`).
 """
@@ -77,9 +77,11 @@ def split_point(count, val_fraction, what) -> int:
 
 
 def row_mask(rows, local_rows=None):
-    """The rows a process reads the tokens of: local_rows(rows) (a slice, parallel.local_rows), or all."""
+    """The rows a process reads the tokens of: a mask of local_rows(rows) (a slice, parallel.local_rows); None: all."""
+    if local_rows is None:
+        return None
     mask = np.zeros(rows, bool)
-    mask[slice(None) if local_rows is None else local_rows(rows)] = True
+    mask[local_rows(rows)] = True
     return mask
 
 

@@ -42,7 +42,7 @@ class Docs:
 
     Document k is flat[starts[k] : ends[k] + 1], a BOS at each end; the
     i-th document in training order is k = order[i] (i itself without an
-    order). Every array may be a np.memmap: only what a step asks for is read.
+    order). Every array may be a prepare.FileArray: only what a step asks for is read.
     """
 
     def __init__(self, flat, starts, ends, order=None):
@@ -73,6 +73,15 @@ class Docs:
         return np.asarray(self.ends, np.int64) - np.asarray(self.starts, np.int64) + 1
 
 
+def read_spans(flat, starts, lengths):
+    """(local, at): the spans flat[starts[i] : starts[i] + lengths[i]] are local[at[i] : at[i] + lengths[i]].
+
+    An array in memory is its own local copy; a file (prepare.FileArray) reads
+    the spans, and nothing else.
+    """
+    return flat.spans(starts, lengths) if hasattr(flat, "spans") else (flat, np.asarray(starts))
+
+
 def trained_positions(lengths, block_size):
     """n = min(block_size, len - 1): how many positions of an encoded document are trained (spec section 4)."""
     return np.minimum(block_size, np.asarray(lengths) - 1)
@@ -98,10 +107,15 @@ def fill(flat, starts, n, rows, offsets, num_rows, block_size, batches=None, rea
     weights = np.zeros(shape, np.float64)
     doc = np.repeat(np.arange(len(n)), n)  # which document each trained position belongs to
     within = np.arange(len(doc)) - np.repeat(np.cumsum(n) - n, n)  # its position inside that document
-    r, c, src = rows[doc], offsets[doc] + within, starts[doc] + within
-    read = slice(None) if read_rows is None else np.asarray(read_rows)[r]
-    tokens[r[read], c[read]] = flat[src[read]]
-    targets[r[read], c[read]] = flat[src[read] + 1]
+    r, c = rows[doc], offsets[doc] + within
+    read = np.ones(len(n), bool) if read_rows is None else np.asarray(read_rows)[rows]
+    local, at = read_spans(flat, starts[read], n[read] + 1)  # each document read: its positions and last target
+    first = np.zeros(len(n), np.int64)
+    first[read] = at
+    mine = read[doc]
+    src = first[doc[mine]] + within[mine]
+    tokens[r[mine], c[mine]] = local[src]
+    targets[r[mine], c[mine]] = local[src + 1]
     positions[r, c] = within
     # a document's segment id: 1 + how many documents sit before it in its row (0 is padding)
     order = np.lexsort((offsets, rows))
@@ -203,7 +217,8 @@ def windows_batch(ids, offsets, block_size, windows_per_batch=None, read_rows=No
     offsets = np.asarray(offsets)
     read = np.ones(len(offsets), bool) if read_rows is None else np.asarray(read_rows)
     window = np.zeros((len(offsets), T + 1), np.int32)
-    window[read] = ids[offsets[read][:, None] + np.arange(T + 1)]
+    local, at = read_spans(ids, offsets[read], np.full(int(read.sum()), T + 1))
+    window[read] = local[at[:, None] + np.arange(T + 1)]
     shape = window[:, :T].shape
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy()
     weights = np.full(shape, 1.0 / ((windows_per_batch or shape[0]) * T))

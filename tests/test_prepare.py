@@ -1,4 +1,4 @@
-"""Prepared datasets: what `prepare` writes, numpy alone reads; training on one is training on the text file
+"""Prepared datasets: what `prepare` writes, numpy alone reads (np.memmap); training on one is training on the text file
 (same batches, exact resume); memory bounded by the chunk; a process reads only its own rows; bad input is one line."""
 
 import json
@@ -14,7 +14,7 @@ import pytest
 from microgpt_jax import cli
 from microgpt_jax.data import DataConfig, load_train_data
 from microgpt_jax.errors import UserError
-from microgpt_jax.prepare import adopt, open_dataset, prepare
+from microgpt_jax.prepare import FileArray, adopt, open_dataset, prepare
 from microgpt_jax.rundir import RunDir, load_weights
 from microgpt_jax.text import load_docs
 from microgpt_jax.tokenizer import train_bpe
@@ -62,7 +62,7 @@ def test_a_prepared_dataset_gives_the_batches_of_its_text_file(request, tmp_path
     tok, plain = load_train_data(path, dcfg, 8, 16, 42, vocab_size=size)
     tok_dir, prepared = load_train_data(tmp_path / "ds", dcfg, 8, 16, 42)
     mapped = prepared.text if mode == "stream" else prepared.train.flat
-    assert tok_dir == tok and type(prepared) is type(plain) and isinstance(mapped, np.memmap)
+    assert tok_dir == tok and type(prepared) is type(plain) and isinstance(mapped, FileArray)
     same_batches(plain, prepared)
 
 
