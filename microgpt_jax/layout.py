@@ -45,8 +45,8 @@ class Docs:
     order). Every array may be a prepare.FileArray: only what a step asks for is read.
     """
 
-    def __init__(self, flat, starts, ends, order=None):
-        self.flat, self.starts, self.ends, self.order = flat, starts, ends, order
+    def __init__(self, flat, starts, ends, order=None, bounds=None):
+        self.flat, self.starts, self.ends, self.order, self.bounds = flat, starts, ends, order, bounds
 
     @classmethod
     def of(cls, encoded_docs) -> "Docs":
@@ -57,7 +57,7 @@ class Docs:
     @classmethod
     def separated(cls, flat, bos_at, order=None) -> "Docs":
         """flat = BOS doc BOS doc ... BOS, with bos_at the index of every BOS: neighbours share the BOS between them."""
-        return cls(flat, bos_at[:-1], bos_at[1:], order)
+        return cls(flat, bos_at[:-1], bos_at[1:], order, bounds=bos_at)
 
     def __len__(self):
         return len(self.starts) if self.order is None else len(self.order)
@@ -65,8 +65,12 @@ class Docs:
     def locate(self, idx):
         """(starts, lengths) of the documents at positions idx of the training order."""
         k = np.asarray(idx) if self.order is None else np.asarray(self.order[np.asarray(idx)], np.int64)
-        starts = np.asarray(self.starts[k], np.int64)
-        return starts, np.asarray(self.ends[k], np.int64) - starts + 1
+        if self.bounds is None:
+            starts, ends = np.asarray(self.starts[k], np.int64), np.asarray(self.ends[k], np.int64)
+        else:  # a document's two BOS are neighbours in bounds: one read for both
+            local, at = read_spans(self.bounds, k, np.full(len(k), 2))
+            starts, ends = np.asarray(local[at], np.int64), np.asarray(local[at + 1], np.int64)
+        return starts, ends - starts + 1
 
     def lengths(self):
         """Every document's length, BOS included (reads the whole boundary array)."""

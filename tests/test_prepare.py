@@ -172,6 +172,10 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
     assert code == 0 and "passed, 0 failed" in out.out
     other = train_bpe(["abc abd"], 300)  # a run resumed (or fine-tuned) goes on with its own tokenizer, not a new one
     assert load_train_data(small_text, run.dcfg, 1, 8, 42, tokenizer=other)[0] is other
+    code, out = run_in_process(
+        capsys, "train", "--init-from", tmp_path / "run", "--data", small_text, "--steps", "1", "--out", tmp_path / "b"
+    )
+    assert code == 0 and load_weights(tmp_path / "b").vocab == tok, out  # fine-tuned: the weights' bpe, without --tokenizer
 
 
 def test_training_with_the_byte_tokenizer(tmp_path, small_text, capsys):
