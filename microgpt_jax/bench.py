@@ -421,15 +421,15 @@ def generate_text(path, size_mb, seed=0) -> int:
 
 
 def in_process(worker, *args) -> dict:
-    """worker(*args) (a function of this module printing a JSON object) in a fresh process: its result, with the
-    process's own peak RSS (peak_rss_mb), so that no case's memory shows in another's."""
+    """worker(*args) (a function of this module printing a JSON object last) in a fresh process: its result, with
+    the process's own peak RSS (peak_rss_mb), so that no case's memory shows in another's. The compilation cache
+    is off there: every process compiles what it runs."""
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), JAX_ENABLE_COMPILATION_CACHE="false")
     code = f"import sys; from microgpt_jax.bench import {worker}; {worker}(*sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.splitlines()[-1])
@@ -470,6 +470,15 @@ def startup_worker(path, mode):
     _report({"seconds": time.perf_counter() - start})
 
 
+def train_worker(data):
+    """The whole `microgpt-jax train --data DATA --steps 1` (microgpt's model): prints {seconds, peak_rss_mb}."""
+    from microgpt_jax.cli import main
+
+    start = time.perf_counter()
+    main(["train", "--data", data, "--steps", "1", "--eval-size", "64"])
+    _report({"seconds": time.perf_counter() - start})
+
+
 def head(path, out, size_mb) -> Path:
     """The first size_mb MiB of the text at path (whole lines), written to out."""
     with open(path, "rb") as f:
@@ -504,6 +513,10 @@ def prepared_case(mb=1024, plain_mb=256):
                 done = in_process("startup_worker", path, mode)
                 out |= {f"startup_{mode}_{name}_s": done["seconds"], f"startup_{mode}_{name}_peak_rss_mb": done["peak_rss_mb"]}
         out["startup_docs_prepared_vs_names_rss_mb"] = out["startup_docs_prepared_peak_rss_mb"] - out["startup_docs_names_peak_rss_mb"]
+        for name, path in (("names", names_path()), ("prepared", tmp / "docs")):
+            done = in_process("train_worker", path)
+            out |= {f"train_cmd_{name}_s": done["seconds"], f"train_cmd_{name}_peak_rss_mb": done["peak_rss_mb"]}
+        out["train_cmd_prepared_vs_names_rss_mb"] = out["train_cmd_prepared_peak_rss_mb"] - out["train_cmd_names_peak_rss_mb"]
         out |= steady_prepared(tmp / "docs", head(plain, tmp / "steady.txt", min(64, plain_mb)))
     return out
 
@@ -518,11 +531,11 @@ def steady_prepared(dataset, text):
 
     tcfg = TrainConfig(steps=100, batch_size=STARTUP["batch_size"])
     rates = {}
-    for name, path in (("prepared", dataset), ("in_memory", text)):
+    for name, path in (("prepared", dataset), ("in_memory", text)) * 2:  # twice each, in turn: the best of two
         vocab, data = load_train_data(path, DataConfig(), tcfg.batch_size, STARTUP["block_size"], tcfg.seed)
         cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_embd=32, n_head=4, block_size=STARTUP["block_size"])
         params = init_params(cfg, jax.random.key(0))
-        rates[name] = steady_rate(Trainer(cfg, tcfg), params, data, 10, 6)[1]
+        rates[name] = max(rates.get(name, 0.0), steady_rate(Trainer(cfg, tcfg), params, data, 10, 6)[1])
     return {
         "steady_prepared_tokens_per_s": rates["prepared"],
         "steady_in_memory_tokens_per_s": rates["in_memory"],
