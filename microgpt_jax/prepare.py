@@ -43,7 +43,7 @@ from microgpt_jax.tokenizer import ByteTokenizer, from_json, train_bpe
 FORMAT = "microgpt-jax dataset"
 VERSION = 1
 META, TOKENS, DOCS, ORDER = "meta.json", "tokens.bin", "docs.bin", "order.bin"
-CHUNK = 16 << 20  # bytes of text read at a time
+CHUNK = 4 << 20  # bytes of text read at a time (larger is no faster, and holds more)
 ADOPTED = ("mode", "tokenizer", "val_fraction")  # the DataConfig fields a dataset fixes
 # A stream chunk ends before a space or newline that follows a printable ASCII character: a cut that
 # changes no token of any tokenizer (see tokenizer.SAFE_CUT). Failing one near the end, at a character.
