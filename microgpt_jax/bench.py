@@ -8,6 +8,7 @@ apart from steady-state time.
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -459,6 +460,157 @@ def scaling_worker(text):
     params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))
     steps_per_s, _, compile_s, _ = steady_rate(trainer, params, data, chunk, chunks)
     print(json.dumps({"steps_per_s": steps_per_s, "compile_s": compile_s}))
+
+
+# --- prepared datasets: a corpus larger than memory, read a step at a time ---
+
+CORPUS = {"mb": 1024, "plain_mb": 256}  # the generated corpus and the plain-text comparison, in MiB (bench --corpus-mb)
+WORDS = 2000  # distinct words of the generated text
+
+
+def generate_text(path, size_mb, seed=0) -> int:
+    """A text of size_mb MiB or a little more: lines of 1 to 12 lowercase words (40 bytes on average, like
+    tinyshakespeare's), an 8 MiB block written again and again, each time with its letters shifted (all
+    different, the same statistics). Returns its bytes."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(WORDS)]
+    lines, size = [], 0
+    while size < min(size_mb, 8) << 20:
+        line = " ".join(words[i] for i in rng.integers(0, WORDS, rng.integers(1, 13)))
+        lines.append(line)
+        size += len(line) + 1
+    block = ("\n".join(lines) + "\n").encode()
+    alphabet = bytes(range(ord("a"), ord("z") + 1))
+    written = 0
+    with open(path, "wb") as f:
+        for shift in range(-(-size_mb // min(size_mb, 8))):
+            f.write(block.translate(bytes.maketrans(alphabet, alphabet[shift % 26 :] + alphabet[: shift % 26])))
+            written += len(block)
+    return written
+
+
+def in_process(worker, *args) -> dict:
+    """worker(*args) (a function of this module printing a JSON object last) in a fresh process: its result, with
+    the process's own peak RSS (peak_rss_mb), so that no case's memory shows in another's. The compilation cache
+    is off there: every process compiles what it runs."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), JAX_ENABLE_COMPILATION_CACHE="false")
+    code = f"import sys; from microgpt_jax.bench import {worker}; {worker}(*sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM, its own address space's. (ru_maxrss is no good in a child:
+    Linux carries the parent's peak over into it, through fork and exec.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _report(result: dict):
+    print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+
+
+def prepare_worker(text, out, mode):
+    """`microgpt-jax prepare TEXT --mode MODE`: prints {seconds, peak_rss_mb}."""
+    from microgpt_jax.data import DataConfig
+    from microgpt_jax.prepare import prepare
+
+    start = time.perf_counter()
+    prepare(text, out, DataConfig(mode=mode))
+    _report({"seconds": time.perf_counter() - start})
+
+
+STARTUP = {"batch_size": 128, "block_size": 64}
+
+
+def startup_worker(path, mode):
+    """What `train` does with its data before the first step: load it, lay out the first chunk of batches
+    (10 steps) and the validation set. Prints {seconds, peak_rss_mb}."""
+    from microgpt_jax.data import DataConfig, load_train_data
+
+    start = time.perf_counter()
+    _, data = load_train_data(path, DataConfig(mode=mode), STARTUP["batch_size"], STARTUP["block_size"], 42)
+    data.batches(0, 10, 10), data.eval_set(), data.describe(), data.notes()
+    _report({"seconds": time.perf_counter() - start})
+
+
+def train_worker(data):
+    """The whole `microgpt-jax train --data DATA --steps 1` (microgpt's model): prints {seconds, peak_rss_mb}."""
+    from microgpt_jax.cli import main
+
+    start = time.perf_counter()
+    main(["train", "--data", data, "--steps", "1", "--eval-size", "64"])
+    _report({"seconds": time.perf_counter() - start})
+
+
+def head(path, out, size_mb) -> Path:
+    """The first size_mb MiB of the text at path (whole lines), written to out."""
+    with open(path, "rb") as f:
+        data = f.read(size_mb << 20)
+    Path(out).write_bytes(data[: data.rfind(b"\n") + 1])
+    return Path(out)
+
+
+@case
+def prepared():
+    """A generated text of 1 GiB (bench --corpus-mb): prepare's MB/s and memory, train's start-up on it
+    prepared against the same text plain (its first 256 MiB) and names, steady tokens/s read from the dataset against in memory."""
+    return prepared_case(**CORPUS)
+
+
+def prepared_case(mb=1024, plain_mb=256):
+    """The `prepared` case on a text of mb MiB, the plain text measured on its first plain_mb MiB."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="microgpt-jax-bench-") as tmp:
+        tmp = Path(tmp)
+        size = generate_text(tmp / "corpus.txt", mb)
+        plain = head(tmp / "corpus.txt", tmp / "plain.txt", min(mb, plain_mb))
+        out = {"corpus_mb": size / 2**20, "plain_mb": plain.stat().st_size / 2**20}
+        for mode in ("docs", "stream"):
+            done = in_process("prepare_worker", tmp / "corpus.txt", tmp / mode, mode)
+            out |= {f"prepare_{mode}_mb_per_s": size / 2**20 / done["seconds"], f"prepare_{mode}_peak_rss_mb": done["peak_rss_mb"]}
+        for mode in ("docs", "stream"):
+            for name, path in (("prepared", tmp / mode), ("plain", plain), ("names", names_path())):
+                if name == "names" and mode == "stream":
+                    continue
+                done = in_process("startup_worker", path, mode)
+                out |= {f"startup_{mode}_{name}_s": done["seconds"], f"startup_{mode}_{name}_peak_rss_mb": done["peak_rss_mb"]}
+        out["startup_docs_prepared_vs_names_rss_mb"] = out["startup_docs_prepared_peak_rss_mb"] - out["startup_docs_names_peak_rss_mb"]
+        for name, path in (("names", names_path()), ("prepared", tmp / "docs")):
+            done = in_process("train_worker", path)
+            out |= {f"train_cmd_{name}_s": done["seconds"], f"train_cmd_{name}_peak_rss_mb": done["peak_rss_mb"]}
+        out["train_cmd_prepared_vs_names_rss_mb"] = out["train_cmd_prepared_peak_rss_mb"] - out["train_cmd_names_peak_rss_mb"]
+        out |= steady_prepared(tmp / "docs", head(plain, tmp / "steady.txt", min(64, plain_mb)))
+    return out
+
+
+def steady_prepared(dataset, text):
+    """Trained tokens/s of the same model on the dataset (read step by step) and on a text (in memory): docs, packed."""
+    import jax
+
+    from microgpt_jax.data import DataConfig, load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import TrainConfig, Trainer
+
+    tcfg = TrainConfig(steps=100, batch_size=STARTUP["batch_size"])
+    rates = {}
+    for name, path in (("prepared", dataset), ("in_memory", text)) * 2:  # twice each, in turn: the best of two
+        vocab, data = load_train_data(path, DataConfig(), tcfg.batch_size, STARTUP["block_size"], tcfg.seed)
+        cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_embd=32, n_head=4, block_size=STARTUP["block_size"])
+        params = init_params(cfg, jax.random.key(0))
+        rates[name] = max(rates.get(name, 0.0), steady_rate(Trainer(cfg, tcfg), params, data, 10, 6)[1])
+    return {
+        "steady_prepared_tokens_per_s": rates["prepared"],
+        "steady_in_memory_tokens_per_s": rates["in_memory"],
+        "steady_prepared_vs_in_memory_ratio": rates["prepared"] / rates["in_memory"],
+    }
 
 
 # --- sampling: the KV-cache generation loop against the scalar engine and against recomputing ---

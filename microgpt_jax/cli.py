@@ -95,7 +95,9 @@ def configs_from_args(args, tables=tuple(CONFIGS)) -> dict:
 def open_run(args, held):
     """(run, configs, data file, weights to start from): --resume's run (locked) and its configs with the
     given ones over them; else the given configs, with --init-from's model (and --data, None for the default)."""
+    from microgpt_jax.prepare import adopt, is_dataset
     from microgpt_jax.rundir import RunDir, load_weights
+    from microgpt_jax.text import resolve_data_path
 
     if args.resume and (args.out or args.init_from):
         raise UserError("--resume continues a run as it is; --out (with --init-from) starts a new one: pass one of them")
@@ -105,6 +107,11 @@ def open_run(args, held):
         run.check_data(data_path)
         return run, run.resumed_configs(given_configs(args)), data_path, None
     configs, init = configs_from_args(args), load_weights(args.init_from) if args.init_from else None
+    given_data = given_configs(args)["data"]
+    if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
+        configs["data"] = dataclasses.replace(configs["data"], tokenizer=init.vocab.kind)
+    if is_dataset(resolve_data_path(args.data)):  # a prepared dataset fixes the data's mode, tokenizer and split
+        configs["data"] = adopt(resolve_data_path(args.data), configs["data"], given_data)
     if init:  # the model is the weights' own: a flag or config value that disagrees is refused
         for name, value in given_configs(args)["model"].items():
             if getattr(init.cfg, name) != value:
@@ -147,7 +154,9 @@ def cmd_train(args):
             return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
         saving = bool(args.out or args.resume)
-        session = Session(configs, resolve_data_path(data_path), args.devices)
+        tokenizer = run.vocab if run else init.vocab if init else None  # a bpe run goes on with its own
+        vocab_size = given_configs(args)["model"].get("vocab_size")
+        session = Session(configs, resolve_data_path(data_path), args.devices, vocab_size, tokenizer)
         print(session.describe())
         if args.dry_run:
             return print(session.dry_run(saving=saving))
@@ -156,6 +165,23 @@ def cmd_train(args):
         if args.out:
             run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
         session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=start, loggers=loggers)
+
+
+def cmd_prepare(args):
+    import time
+
+    from microgpt_jax.prepare import prepare
+
+    start = time.perf_counter()
+    meta = prepare(args.text, args.out, configs_from_args(args, ["data"])["data"], getattr(args, "vocab_size", None), args.seed)
+    counts = f"{meta['docs']:,} documents, " if meta["mode"] == "docs" else ""
+    split = meta["split"]
+    print(
+        f"wrote {args.out}: {counts}{meta['tokens']:,} tokens ({meta['dtype']}), {meta['tokenizer']['kind']} tokenizer of "
+        f"{meta['vocab_size']} ids; {split['train']:,} training and {split['validation']:,} validation {split['unit']}; "
+        f"{meta['source']['bytes'] / 2**20:.1f} MiB in {time.perf_counter() - start:.1f}s"
+    )
+    print(f"train on it with: microgpt-jax train --data {args.out}")
 
 
 def cmd_plot(args):
@@ -203,7 +229,7 @@ def cmd_sample(args):
     framed = not args.json and breaks_lines(vocab)
 
     def render(number, s):
-        text = args.prompt + vocab.decode(s.ids)
+        text = vocab.decode([*prompt, *s.ids])  # decoded together: a character may span the prompt's last id and the next
         if args.json:
             return json.dumps({"sample": text, "logprob": s.logprob, "ids": [*prompt, *s.ids]})
         return frame(number, text) if framed else text
@@ -223,13 +249,14 @@ def cmd_check(args):
     set_precision("float64")
     from microgpt_jax.check import format_table, run_check
     from microgpt_jax.model import init_params_reference
+    from microgpt_jax.prepare import first_document, is_dataset
     from microgpt_jax.rundir import load_weights
     from microgpt_jax.text import Vocab, load_docs, reference_docs, resolve_data_path
 
-    if args.run_dir:  # a run's (or an export's) config, vocabulary and weights; the documents from its data
+    if args.run_dir:  # a run's (or an export's) config, tokenizer and weights; the documents from its data
         cfg, vocab, params, _, run = load_weights(args.run_dir)
         data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
-        docs = load_docs(data_path) if args.doc is None else []
+        docs = [] if args.doc is not None else [first_document(data_path)] if is_dataset(data_path) else load_docs(data_path)
     else:  # microgpt's initial weights for the flags' config
         docs, rng = reference_docs(resolve_data_path(args.data))
         vocab = Vocab.from_docs(docs)
@@ -237,7 +264,7 @@ def cmd_check(args):
         params = init_params_reference(cfg, rng)
     tcfg = dataclasses.replace(configs_from_args(args, ["train"])["train"], steps=args.steps)
     docs = [args.doc] if args.doc is not None else docs[: args.steps * tcfg.batch_size]
-    unknown = sorted(set(docs[0]) - set(vocab.chars)) if args.doc is not None else []
+    unknown = vocab.unknown(args.doc) if args.doc is not None else []
     if unknown:
         raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
     rows = run_check(cfg, params, [vocab.encode(d) for d in docs], steps=args.steps, tcfg=tcfg)
@@ -260,12 +287,13 @@ def cmd_export(args):
     from microgpt_jax.rundir import export_safetensors
 
     step = export_safetensors(args.run_dir, args.out)
-    print(f"wrote {args.out}: the parameters of step {step}, vocabulary and configs in its metadata")
+    print(f"wrote {args.out}: the parameters of step {step}, tokenizer and configs in its metadata")
 
 
 def cmd_bench(args):
     from microgpt_jax import bench
 
+    bench.CORPUS["mb"] = args.corpus_mb
     bench.run(args.cases, args.json, data=args.data, text=args.text)
 
 
@@ -279,11 +307,20 @@ def build_parser():
     )
     parser.add_argument("--version", action="version", version=f"microgpt-jax {__version__}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=ArgumentParser, help="one of:")
-    data_help = "text file, one document per line (default: the names dataset, downloaded and cached)"
+    data_help = "text file, one document per line (default: the names dataset shipped with the package)"
+    vocab_help = (
+        "the vocabulary of --tokenizer bpe, BOS included, at least 257 (default 512); with char and byte it comes "
+        "from the data, and a value given must match it"
+    )
 
     p = sub.add_parser("train", help="train a model (default: microgpt's model and hyperparameters on names)")
     add_config_flags(p, CONFIGS)
-    p.add_argument("--data", default=None, help=data_help + "; with --mode stream, any text")
+    p.add_argument("--vocab-size", dest="vocab_size", action=GivenFlag, type=positive_int, default=None, help=vocab_help)
+    p.add_argument(
+        "--data",
+        default=None,
+        help=data_help + "; with --mode stream, any text; or a dataset directory written by `microgpt-jax prepare`",
+    )
     p.add_argument(
         "--out", default=None, metavar="RUN_DIR", help="a new run directory: configs, vocabulary, checkpoints (default: nothing is saved)"
     )
@@ -348,6 +385,24 @@ def build_parser():
         help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default %(default)s)",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a text once into a dataset directory that `train --data DIR` reads step by step (corpora larger than memory)",
+    )
+    p.add_argument("text", metavar="TEXT", help="the text file (UTF-8, plain or .gz), read in chunks: any size")
+    p.add_argument(
+        "--out", required=True, metavar="DATASET_DIR", help="the new dataset directory, which must not exist (required: no default)"
+    )
+    add_config_flags(p, ["data"], only=("mode", "tokenizer", "val_fraction"))
+    p.add_argument("--vocab-size", dest="vocab_size", action=GivenFlag, type=positive_int, default=None, help=vocab_help)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="docs mode: the seed of microgpt's shuffle of the documents, which fixes their training order (default %(default)s)",
+    )
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("plot", help="training and validation loss curves of one or more runs, overlaid")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `microgpt-jax train --out`")
@@ -461,19 +516,30 @@ def build_parser():
         metavar="FILE",
         help="continuous text for the large case (default: tinyshakespeare.txt beside the names file)",
     )
+    p.add_argument(
+        "--corpus-mb",
+        type=positive_int,
+        default=1024,
+        metavar="MB",
+        help="size in MiB of the text the prepared case generates in a temporary directory (default %(default)s)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cache_dir() -> Path:
+    """$MICROGPT_JAX_CACHE, else $XDG_CACHE_HOME/microgpt-jax, else ~/.cache/microgpt-jax."""
+    if os.environ.get("MICROGPT_JAX_CACHE"):
+        return Path(os.environ["MICROGPT_JAX_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "microgpt-jax"
 
 
 def use_compilation_cache():
     """Keep compiled programs on disk in CACHE/xla, so a command run again skips XLA's compilation.
 
-    CACHE is $MICROGPT_JAX_CACHE or ~/.cache/microgpt-jax; JAX's own
-    JAX_COMPILATION_CACHE_DIR, when set, wins.
+    CACHE is cache_dir(); JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins.
     """
     import jax
-
-    from microgpt_jax.text import cache_dir
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

@@ -73,17 +73,16 @@ class Evaluation(NamedTuple):
 def token_units(vocab) -> tuple[str, np.ndarray]:
     """(unit, how many of it each token id stands for [V]): what bits per character (or byte) divides by.
 
-    BOS counts 1: as a target it is the newline that ends a document. For the
-    character vocabulary each other token is one character.
+    BOS counts 1: as a target it is the newline that ends a document.
     """
-    lengths_V = np.array([len(vocab.decode([i])) for i in range(vocab.size)], np.int64)
+    lengths_V = np.array(vocab.unit_lengths(), np.int64)
     lengths_V[vocab.bos] = 1
-    return "char", lengths_V
+    return {"character": "char", "byte": "byte"}[vocab.unit], lengths_V
 
 
 def check_encodable(vocab, text, path):
     """A UserError naming the characters of text (what is to be encoded) the run's tokenizer cannot encode, if any."""
-    unknown = sorted(set(text) - set(vocab.chars))
+    unknown = vocab.unknown(text)
     if unknown:
         shown = "".join(unknown[:20]) + ("..." if len(unknown) > 20 else "")
         raise UserError(

@@ -37,19 +37,70 @@ def flatten(encoded_docs):
     return flat, starts, lengths
 
 
+class Docs:
+    """Documents as spans of one flat token array, in training order: what a DocumentSource reads.
+
+    Document k is flat[starts[k] : ends[k] + 1], a BOS at each end; the
+    i-th document in training order is k = order[i] (i itself without an
+    order). Every array may be a prepare.FileArray: only what a step asks for is read.
+    """
+
+    def __init__(self, flat, starts, ends, order=None, bounds=None):
+        self.flat, self.starts, self.ends, self.order, self.bounds = flat, starts, ends, order, bounds
+
+    @classmethod
+    def of(cls, encoded_docs) -> "Docs":
+        """Encoded documents ([BOS] + ids + [BOS] each), in training order."""
+        flat, starts, lengths = flatten(encoded_docs)
+        return cls(flat, starts, starts + lengths - 1)
+
+    @classmethod
+    def separated(cls, flat, bos_at, order=None) -> "Docs":
+        """flat = BOS doc BOS doc ... BOS, with bos_at the index of every BOS: neighbours share the BOS between them."""
+        return cls(flat, bos_at[:-1], bos_at[1:], order, bounds=bos_at)
+
+    def __len__(self):
+        return len(self.starts) if self.order is None else len(self.order)
+
+    def locate(self, idx):
+        """(starts, lengths) of the documents at positions idx of the training order."""
+        k = np.asarray(idx) if self.order is None else np.asarray(self.order[np.asarray(idx)], np.int64)
+        if self.bounds is None:
+            starts, ends = np.asarray(self.starts[k], np.int64), np.asarray(self.ends[k], np.int64)
+        else:  # a document's two BOS are neighbours in bounds: one read for both
+            local, at = read_spans(self.bounds, k, np.full(len(k), 2))
+            starts, ends = np.asarray(local[at], np.int64), np.asarray(local[at + 1], np.int64)
+        return starts, ends - starts + 1
+
+    def lengths(self):
+        """Every document's length, BOS included (reads the whole boundary array)."""
+        return np.asarray(self.ends, np.int64) - np.asarray(self.starts, np.int64) + 1
+
+
+def read_spans(flat, starts, lengths):
+    """(local, at): the spans flat[starts[i] : starts[i] + lengths[i]] are local[at[i] : at[i] + lengths[i]].
+
+    An array in memory is its own local copy; a file (prepare.FileArray) reads
+    the spans, and nothing else.
+    """
+    return flat.spans(starts, lengths) if hasattr(flat, "spans") else (flat, np.asarray(starts))
+
+
 def trained_positions(lengths, block_size):
     """n = min(block_size, len - 1): how many positions of an encoded document are trained (spec section 4)."""
     return np.minimum(block_size, np.asarray(lengths) - 1)
 
 
-def fill(flat, starts, n, rows, offsets, num_rows, block_size, batches=None) -> Batch:
+def fill(flat, starts, n, rows, offsets, num_rows, block_size, batches=None, read_rows=None) -> Batch:
     """Lay documents out in rows: document i's n[i] positions go to row rows[i] from column offsets[i].
 
     Documents with rows[i] < 0 are left out. Each document gets its own
     segment id within its row and positions 0..n-1, and every document of a
     batch weighs the same in its loss, whatever its length. `batches[i]`
     says which batch document i belongs to (default: all in one), for
-    laying out several steps' batches in one go.
+    laying out several steps' batches in one go. read_rows: a mask of the
+    rows whose tokens are read from flat (default all; the others keep
+    token 0, with their positions, segments and weights).
     """
     keep = np.flatnonzero(rows >= 0)
     n, rows, offsets, starts = n[keep], rows[keep], offsets[keep], starts[keep]
@@ -60,9 +111,15 @@ def fill(flat, starts, n, rows, offsets, num_rows, block_size, batches=None) -> 
     weights = np.zeros(shape, np.float64)
     doc = np.repeat(np.arange(len(n)), n)  # which document each trained position belongs to
     within = np.arange(len(doc)) - np.repeat(np.cumsum(n) - n, n)  # its position inside that document
-    r, c, src = rows[doc], offsets[doc] + within, starts[doc] + within
-    tokens[r, c] = flat[src]
-    targets[r, c] = flat[src + 1]
+    r, c = rows[doc], offsets[doc] + within
+    read = np.ones(len(n), bool) if read_rows is None else np.asarray(read_rows)[rows]
+    local, at = read_spans(flat, starts[read], n[read] + 1)  # each document read: its positions and last target
+    first = np.zeros(len(n), np.int64)
+    first[read] = at
+    mine = read[doc]
+    src = first[doc[mine]] + within[mine]
+    tokens[r[mine], c[mine]] = local[src]
+    targets[r[mine], c[mine]] = local[src + 1]
     positions[r, c] = within
     # a document's segment id: 1 + how many documents sit before it in its row (0 is padding)
     order = np.lexsort((offsets, rows))
@@ -136,7 +193,7 @@ def stack(batches) -> Batch:
     return Batch(*(np.stack(field) for field in zip(*batches)))
 
 
-def packed_rows(n, batch_size, block_size, samples=64):
+def packed_rows(n_of, num_docs, batch_size, block_size, samples=64):
     """How many rows of block_size hold any step's batch_size documents, packed.
 
     The batch shape must not change from step to step (one compiled step),
@@ -144,22 +201,28 @@ def packed_rows(n, batch_size, block_size, samples=64):
     needs over `samples` steps spread across the whole cycle through the
     documents, plus 4% and 2 rows of room. A step whose documents still do
     not fit (not seen on names or tinyshakespeare at any batch size we
-    tried) leaves the last ones out, with a warning.
+    tried) leaves the last ones out, with a warning. n_of(idx): the trained
+    positions of the documents at positions idx of num_docs.
     """
-    period = len(n) // np.gcd(len(n), batch_size)
+    period = num_docs // np.gcd(num_docs, batch_size)
     steps = np.unique(np.linspace(0, period - 1, min(samples, period)).astype(np.int64))
-    most = max(int(pack(n[step_docs(s, batch_size, len(n))], block_size)[0].max()) + 1 for s in steps)
+    most = max(int(pack(n_of(step_docs(s, batch_size, num_docs)), block_size)[0].max()) + 1 for s in steps)
     return min(batch_size, int(np.ceil(most * 1.04)) + 2)
 
 
-def windows_batch(ids, offsets, block_size, windows_per_batch=None) -> Batch:
+def windows_batch(ids, offsets, block_size, windows_per_batch=None, read_rows=None) -> Batch:
     """One window of block_size + 1 tokens per row from ids at each offset; every position trained.
 
     Each position weighs 1 / (windows_per_batch * block_size): the mean
-    over a batch of that many windows (default: all of them).
+    over a batch of that many windows (default: all of them). read_rows: a
+    mask of the rows read from ids (default all; the others hold token 0).
     """
     T = block_size
-    window = ids[np.asarray(offsets)[:, None] + np.arange(T + 1)]
+    offsets = np.asarray(offsets)
+    read = np.ones(len(offsets), bool) if read_rows is None else np.asarray(read_rows)
+    window = np.zeros((len(offsets), T + 1), np.int32)
+    local, at = read_spans(ids, offsets[read], np.full(int(read.sum()), T + 1))
+    window[read] = local[at[:, None] + np.arange(T + 1)]
     shape = window[:, :T].shape
     positions = np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy()
     weights = np.full(shape, 1.0 / ((windows_per_batch or shape[0]) * T))

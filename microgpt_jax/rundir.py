@@ -1,8 +1,9 @@
 """A run directory: run.json (create, open, validate), the lock, and where the rest lives.
 
     RUN_DIR/
-      run.json          the configs (model, train, data, checkpoint tables), the vocabulary,
-                        the data file (absolute path and sha256)
+      run.json          the configs (model, train, data, checkpoint tables), the vocabulary
+                        (char tokenizer), the data file or dataset (absolute path and sha256)
+      tokenizer.json    the bpe tokenizer (Hugging Face `tokenizers` format), for --tokenizer bpe
       checkpoints/      the checkpoint store (checkpoint.py)
       damaged/          checkpoints that failed their check, moved aside on resume
       metrics.jsonl     one record per line, appended (metrics.py)
@@ -27,15 +28,19 @@ from typing import NamedTuple
 import numpy as np
 
 from microgpt_jax import parallel
-from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore, file_sha256
+from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore
 from microgpt_jax.config import ConfigError, from_dict, resumable_fields
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
+from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
+from microgpt_jax.prepare import data_sha256, is_dataset
 from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import BPETokenizer, from_json
 from microgpt_jax.train import TrainConfig
 
 RUN_FILE = "run.json"
+TOKENIZER_FILE = "tokenizer.json"
 LOCK_FILE = ".lock"
 FORMAT = "microgpt-jax run"
 VERSION = 2
@@ -56,9 +61,9 @@ def _atomic_write(path: Path, text: str):
 
 
 class RunDir:
-    """An open run directory: its configs (by table name), vocabulary and data file."""
+    """An open run directory: its configs (by table name), tokenizer (`vocab`) and data file."""
 
-    def __init__(self, path, configs: dict, vocab: Vocab, data_path, data_sha256, history=None):
+    def __init__(self, path, configs: dict, vocab, data_path, data_sha256, history=None):
         self.path, self.configs, self.vocab = Path(path), configs, vocab
         self.data_path, self.data_sha256 = Path(data_path), data_sha256
         self.history = dict(history or {})  # "init_from": where the weights came from; "extensions": steps added
@@ -86,7 +91,7 @@ class RunDir:
     # -- create and open ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, configs: dict, vocab: Vocab, data_path, init_from=None) -> "RunDir":
+    def create(cls, path, configs: dict, vocab, data_path, init_from=None) -> "RunDir":
         """A new run directory, locked. Refuses a path that holds anything, above all an existing run.
 
         In a multi-process run every process checks, then process 0 writes.
@@ -97,13 +102,15 @@ class RunDir:
         if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
             raise UserError(f"{path} already exists and is not empty; pass a new directory so nothing is overwritten")
         data_path = Path(data_path).resolve()
-        run = cls(path, configs, vocab, data_path, file_sha256(data_path), {"init_from": init_from} if init_from else None)
+        run = cls(path, configs, vocab, data_path, data_sha256(data_path), {"init_from": init_from} if init_from else None)
         parallel.barrier("run-create-checked")  # no process checks a directory process 0 has begun writing
         if parallel.is_main_process():
             made = not path.exists()
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 run.lock()
+                if isinstance(vocab, BPETokenizer):  # before run.json: a run never lacks its tokenizer
+                    _atomic_write(path / TOKENIZER_FILE, vocab.hf_json)
                 _atomic_write(path / RUN_FILE, json.dumps(run.to_json(), indent=2) + "\n")
             except OSError as e:
                 run.unlock()
@@ -118,7 +125,7 @@ class RunDir:
             "format": FORMAT,
             "version": VERSION,
             **{table: dataclasses.asdict(self.configs[table]) for table in TABLES},
-            "vocab": self.vocab.chars,
+            **({"vocab": self.vocab.chars} if self.vocab.kind == "char" else {}),
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
             **self.history,
         }
@@ -129,13 +136,7 @@ class RunDir:
         run_file = path / RUN_FILE
         if not run_file.is_file():
             raise UserError(f"{path} is not a run directory (no {RUN_FILE}); pass one written by `microgpt-jax train --out DIR`")
-        try:
-            meta = json.loads(run_file.read_text())
-        except OSError as e:
-            raise UserError(f"could not read {run_file} ({e.strerror or e})") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{run_file} is damaged ({e}); restore it from a copy, or start a new run with --out") from None
-        return cls.from_json(path, meta)
+        return cls.from_json(path, read_json(run_file, "restore it from a copy, or start a new run with --out"))
 
     @classmethod
     def from_json(cls, path, meta) -> "RunDir":
@@ -144,25 +145,39 @@ class RunDir:
         def bad(key, problem):
             return UserError(f"{run_file}: {key} {problem}; correct it (or restore run.json from a copy)")
 
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise bad("format", f"is not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise bad("version", f"is {meta.get('version')!r}; this microgpt-jax reads run directories of version {VERSION}")
+        check_format(meta, FORMAT, VERSION, "run directories", bad)
         configs = {}
         for table, config_class in TABLES.items():
             try:
                 configs[table] = from_dict(config_class, meta.get(table))
             except ConfigError as e:
                 raise bad(f"{table}.{e.field}".rstrip("."), e.problem) from None
-        vocab, data = meta.get("vocab"), meta.get("data_file")
-        if not isinstance(vocab, str) or len(set(vocab)) != len(vocab) or "".join(sorted(vocab)) != vocab:
-            raise bad("vocab", "must be a string of distinct characters in sorted order")
-        if len(vocab) + 1 != configs["model"].vocab_size:
-            raise bad("vocab", f"has {len(vocab)} characters (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
+        vocab = cls.read_tokenizer(path, configs["data"].tokenizer, meta.get("vocab"), bad)
+        if vocab.size != configs["model"].vocab_size:
+            what = "characters" if vocab.kind == "char" else "ids"
+            raise bad("vocab", f"has {vocab.size - 1} {what} (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
+        data = meta.get("data_file")
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
         history = {key: meta[key] for key in ("init_from", "extensions") if key in meta}
-        return cls(path, configs, Vocab(vocab), data["path"], data["sha256"], history)
+        return cls(path, configs, vocab, data["path"], data["sha256"], history)
+
+    @staticmethod
+    def read_tokenizer(path, kind, chars, bad):
+        """The run's tokenizer: char from run.json's vocab, byte, or bpe from RUN_DIR/tokenizer.json."""
+        if kind == "char":
+            if not isinstance(chars, str) or len(set(chars)) != len(chars) or "".join(sorted(chars)) != chars:
+                raise bad("vocab", "must be a string of distinct characters in sorted order")
+            return Vocab(chars)
+        if kind == "byte":
+            return from_json({"kind": kind})
+        tokenizer_file = Path(path) / TOKENIZER_FILE
+        try:
+            return BPETokenizer(tokenizer_file.read_text())
+        except OSError as e:
+            raise UserError(f"could not read the run's tokenizer {tokenizer_file} ({e.strerror or e}); restore it from a copy") from None
+        except UserError as e:
+            raise UserError(f"{tokenizer_file}: {e}") from None
 
     # -- one process at a time --------------------------------------------------------------
 
@@ -240,11 +255,11 @@ class RunDir:
         self.extends = None
 
     def check_data(self, data_path):
-        """The data must be the very file the run was trained on: its order and vocabulary decide every step."""
+        """The data must be the very file (or dataset) the run was trained on: its order and vocabulary decide every step."""
         data_path = Path(data_path)
-        if not data_path.is_file():
+        if not (data_path.is_file() or is_dataset(data_path)):
             raise UserError(f"the run's data file {data_path} is missing; pass a copy of it (train --data PATH)")
-        if file_sha256(data_path) != self.data_sha256:
+        if data_sha256(data_path) != self.data_sha256:
             raise UserError(
                 f"data file {data_path} differs from the one the run was trained on ({self.data_path}, "
                 f"sha256 {self.data_sha256[:12]}...); pass that file"
@@ -252,10 +267,10 @@ class RunDir:
 
 
 class Weights(NamedTuple):
-    """A model to sample, check or start from: its config, vocabulary, params and where they come from."""
+    """A model to sample, check or start from: its config, tokenizer (`vocab`), params and where they come from."""
 
     cfg: GPTConfig
-    vocab: Vocab
+    vocab: object  # text.Vocab or a tokenizer.py tokenizer
     params: dict
     origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
     run: "RunDir | None" = None
@@ -286,8 +301,8 @@ def _load_safetensors(path) -> Weights:
         with safe_open(str(path), "np") as f:
             meta, params = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         cfg = from_dict(GPTConfig, json.loads(meta["model"]))
-        vocab = Vocab(meta["vocab"])
-    except (OSError, SafetensorError, KeyError, ValueError, TypeError, ConfigError) as e:
+        vocab = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else Vocab(meta["vocab"])
+    except (OSError, SafetensorError, KeyError, ValueError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
     if vocab.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
         raise UserError(f"{path} does not hold the weights its metadata describes; export it again")
@@ -317,7 +332,8 @@ def export_safetensors(run_dir, out_path) -> int:
         raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP) to export")
     run, step = weights.run, weights.origin["step"]
     meta = run.to_json()
-    metadata = {"format": "microgpt-jax", "vocab": run.vocab.chars, "step": str(step)}
+    metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.vocab.to_json()), "step": str(step)}
+    metadata |= {"vocab": run.vocab.chars} if run.vocab.kind == "char" else {}
     metadata |= {table: json.dumps(meta[table]) for table in TABLES}
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:

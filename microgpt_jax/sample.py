@@ -56,16 +56,16 @@ def check_options(temperature, top_k=None, top_p=None):
 
 def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
     """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
-    unknown = sorted(set(text) - set(vocab.chars))
+    unknown = vocab.unknown(text)
     if unknown:
         raise ConfigError("prompt", f"has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
-    if len(text) >= cfg.block_size:
+    ids = [int(i) for i in vocab.ids(text)]
+    if len(ids) >= cfg.block_size:
         raise ConfigError(
             "prompt",
-            f"is {len(text)} characters but the model's block_size is {cfg.block_size}; "
-            f"use a prompt of at most {cfg.block_size - 1} characters",
+            f"is {len(ids)} tokens but the model's block_size is {cfg.block_size}; use a prompt of at most {cfg.block_size - 1} tokens",
         )
-    return vocab.encode(text)[1:-1]
+    return ids
 
 
 # --- drawing a token ---

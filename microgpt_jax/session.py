@@ -33,9 +33,14 @@ from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumu
 
 
 class Session:
-    """configs ({table: config}) and a data file -> the mesh, the data source, the trainer."""
+    """configs ({table: config}) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
 
-    def __init__(self, configs: dict, data_path, devices=None):
+    vocab_size: the vocabulary asked for (--vocab-size), if any; tokenizer:
+    the bpe tokenizer of the run resumed or the weights started from (a
+    new run trains its own).
+    """
+
+    def __init__(self, configs: dict, data_path, devices=None, vocab_size=None, tokenizer=None):
         cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
@@ -43,8 +48,17 @@ class Session:
         chunk = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
         fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, grad_accum=tcfg.grad_accum)
         memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
+        local = parallel.local_rows if jax.process_count() > 1 else None  # each process reads only its own rows
         self.vocab, self.data = load_train_data(
-            data_path, dcfg, tcfg.batch_size, cfg.block_size, tcfg.seed, row_multiple=self.mesh.devices.size * tcfg.grad_accum
+            data_path,
+            dcfg,
+            tcfg.batch_size,
+            cfg.block_size,
+            tcfg.seed,
+            self.mesh.devices.size * tcfg.grad_accum,
+            local,
+            vocab_size,
+            tokenizer,
         )
         cfg = dataclasses.replace(cfg, vocab_size=self.vocab.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
@@ -59,11 +73,12 @@ class Session:
         return "\n".join(
             [
                 self.data.describe(),
-                f"vocab size: {self.vocab.size}",
+                f"vocab size: {self.vocab.size}" + ("" if self.vocab.kind == "char" else f" ({self.vocab.kind} tokenizer)"),
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
                 f"device kind: {kind}, {bench.describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
+                *self.data.notes(),
             ]
         )
 
@@ -143,8 +158,9 @@ class Session:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
         if weights.vocab != self.vocab:
             raise UserError(
-                f"the data's vocabulary ({self.vocab.size - 1} characters) differs from that of the weights "
-                f"({weights.vocab.size - 1}, {weights.origin}); fine-tune on data with the same characters"
+                f"the data's vocabulary ({self.vocab.kind}, {self.vocab.size - 1} ids + BOS) differs from that of the weights "
+                f"({weights.vocab.kind}, {weights.vocab.size - 1}, {weights.origin}); fine-tune on data with the same characters "
+                "and --tokenizer"
             )
         dtype = self.configs["train"].param_dtype
         return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))

@@ -1,92 +1,103 @@
 """Text files, documents and the character vocabulary (spec section 1). No jax here.
 
-A data file is UTF-8 text with one document per line. The default dataset is
-makemore's names.txt: downloaded once from its public address, checked
-against its sha256 and cached.
+A data file is UTF-8 text with one document per line, plain or gzipped. The
+default dataset is makemore's names.txt (github.com/karpathy/makemore, MIT),
+shipped with the package as microgpt_jax/datasets/names.txt.gz and checked
+against its sha256 whenever it is read: nothing is downloaded.
 """
 
+import functools
+import gzip
 import hashlib
 import os
 import random
-import urllib.error
-import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 
-NAMES_URL = "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt"
-NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
+NAMES_PATH = Path(__file__).resolve().parent / "datasets" / "names.txt.gz"
+NAMES_SHA256 = "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"  # of the decompressed text
 DATA_ENV = "MICROGPT_JAX_DATA"  # a local file to use instead of the default dataset
-CACHE_ENV = "MICROGPT_JAX_CACHE"  # where the downloaded dataset is cached
 REFERENCE_SEED = 42
-
-
-def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "microgpt-jax"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def default_dataset() -> Path:
-    """The names dataset: from the cache if it is there and intact, else downloaded."""
-    path = cache_dir() / "names.txt"
-    if path.is_file() and _sha256(path) == NAMES_SHA256:
-        return path
-    offline_fix = f"pass a local copy as the data file (or set {DATA_ENV}=PATH)"
-    try:
-        with urllib.request.urlopen(NAMES_URL, timeout=30) as response:
-            payload = response.read()
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"could not download the names dataset from {NAMES_URL} ({reason}); {offline_fix}") from None
-    if hashlib.sha256(payload).hexdigest() != NAMES_SHA256:
-        raise UserError(f"the download from {NAMES_URL} does not match its sha256 {NAMES_SHA256}; {offline_fix}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)  # atomic: a half-written cache file never has the final name
-    return path
+BLOCK = 1 << 20  # bytes read at a time when hashing
 
 
 def resolve_data_path(path=None) -> Path:
-    """--data if given, else $MICROGPT_JAX_DATA, else the cached names dataset."""
+    """--data if given, else $MICROGPT_JAX_DATA, else the names dataset shipped with the package."""
     if path is not None:
         return Path(path)
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
-    return default_dataset()
+    return NAMES_PATH
+
+
+def read_blocks(path, size=BLOCK):
+    """The file's bytes, gzip-decompressed for a .gz file, `size` at a time (the last block may be shorter).
+
+    A missing or damaged file is a one-line error; the shipped names
+    dataset is checked against its sha256 as it is read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("data", f"file not found: {path}; pass an existing text file")
+    shipped = hashlib.sha256() if path.resolve() == NAMES_PATH else None
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            for block in iter(lambda: f.read(size), b""):
+                if shipped:
+                    shipped.update(block)
+                yield block
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged gzip stream
+        raise UserError(f"could not read {path} ({e}); pass an intact file") from None
+    if shipped and shipped.hexdigest() != NAMES_SHA256:
+        raise UserError(f"the shipped names dataset {path} does not match its sha256 {NAMES_SHA256}; reinstall microgpt-jax")
+
+
+def text_sha256(path) -> str:
+    """sha256 of the file's text (decompressed for a .gz file): what a run records of its data."""
+    h = hashlib.sha256()
+    for block in read_blocks(path):
+        h.update(block)
+    return h.hexdigest()
+
+
+def decode_utf8(raw: bytes, path, line_offset=0) -> str:
+    """raw as text; bytes that are not UTF-8 are a one-line error naming the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line_offset + raw[: e.start].count(b"\n") + 1
+        raise UserError(f"data file {path} is not valid UTF-8 at line {line}; re-encode it as UTF-8") from None
 
 
 def read_text(path) -> str:
     """The whole file as text, with a one-line error for each way it can be unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("data", f"file not found: {path}; pass an existing text file")
-    raw = path.read_bytes()
+    raw = b"".join(read_blocks(path, -1))  # one block: the file is never held twice
     if not raw:
         raise UserError(f"data file is empty: {path}; pass a text file with one document per line")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"data file {path} is not valid UTF-8 at line {line}; re-encode it as UTF-8") from None
+    return decode_utf8(raw, path)
+
+
+def split_docs(text: str) -> list[str]:
+    """Spec section 1: split on newlines, strip each line, drop empty ones."""
+    return list(filter(None, map(str.strip, text.split("\n"))))  # C loops: this runs over whole corpora
+
+
+def no_docs(path):
+    return UserError(f"data file {path} has no non-blank line; pass a file with one document per line")
 
 
 def load_docs(path) -> list[str]:
-    """Spec section 1: strip the text, split on newlines, strip each line, drop empty ones."""
-    docs = [line.strip() for line in read_text(path).strip().split("\n")]
-    docs = [d for d in docs if d]
+    """The documents of a data file (spec section 1)."""
+    docs = split_docs(read_text(path))
     if not docs:
-        raise UserError(f"data file {path} has no non-blank line; pass a file with one document per line")
+        raise no_docs(path)
     return docs
 
 
@@ -103,15 +114,38 @@ def bos_id(vocab_size: int) -> int:
     return vocab_size - 1
 
 
+def utf32(text: str) -> np.ndarray:
+    """The code points of text, one uint32 each."""
+    return np.frombuffer(text.encode("utf-32-le"), np.uint32)
+
+
+def code_points(text: str) -> np.ndarray:
+    """The code points of text: uint8 for ASCII text (the common case, 4x less to go through), else uint32."""
+    return np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else utf32(text)
+
+
 @dataclass(frozen=True)
 class Vocab:
-    """Characters sorted; a character's id is its index; BOS is the last id."""
+    """The char tokenizer (the seed's): characters sorted; a character's id is its index; BOS is the last id.
+
+    Every tokenizer (tokenizer.py) answers as this one does: size, bos,
+    encode (a document with its BOS), ids (text, no BOS), joined (documents
+    with a BOS between them), decode, unit and unit_lengths (for bits per
+    character or byte), unknown, to_json.
+    """
 
     chars: str
+    kind: ClassVar[str] = "char"
+    unit: ClassVar[str] = "character"  # what one token of text is made of
 
     @classmethod
     def from_docs(cls, docs):
         return cls("".join(sorted(set("".join(docs)))))
+
+    @classmethod
+    def from_codes(cls, codes):
+        """From the code points that occur (a set or an array of them)."""
+        return cls("".join(map(chr, sorted(int(c) for c in codes))))
 
     @property
     def bos(self) -> int:
@@ -121,16 +155,45 @@ class Vocab:
     def size(self) -> int:
         return len(self.chars) + 1
 
-    def encode(self, doc: str) -> list[int]:
-        """[BOS] + ids + [BOS]."""
-        index = {ch: i for i, ch in enumerate(self.chars)}
-        return [self.bos] + [index[ch] for ch in doc] + [self.bos]
+    def unknown(self, text: str) -> list[str]:
+        """The characters of text outside the vocabulary, sorted."""
+        return sorted(set(text) - set(self.chars))
+
+    @functools.cached_property
+    def _lut(self) -> np.ndarray:
+        """Code point -> id, for code points up to 255 at least; those outside the vocabulary -> -1."""
+        codes = utf32(self.chars)
+        lut = np.full(max(int(codes.max(initial=0)) + 1, 256), -1, np.int32)
+        lut[codes] = np.arange(len(codes), dtype=np.int32)
+        return lut
+
+    def _map(self, text: str, newline_is_bos=False) -> np.ndarray:
+        codes = code_points(text)
+        ids = self._lut[codes if codes.dtype == np.uint8 else np.minimum(codes, len(self._lut) - 1)]
+        if newline_is_bos:
+            ids[codes == 10] = self.bos
+        if len(ids) and (ids.min() < 0 or codes.max() >= len(self._lut)):
+            raise UserError(f"the text has characters outside the vocabulary {self.unknown(text)}; the vocabulary is {self.chars!r}")
+        return ids
 
     def ids(self, text: str) -> np.ndarray:
         """The ids of every character of text, no BOS (stream mode)."""
-        lut = np.zeros(max(map(ord, self.chars)) + 1, np.int32)
-        lut[[ord(ch) for ch in self.chars]] = np.arange(len(self.chars))
-        return lut[np.frombuffer(text.encode("utf-32-le"), np.uint32)] if text else np.zeros(0, np.int32)
+        return self._map(text)
+
+    def joined(self, docs) -> np.ndarray:
+        """The ids of the documents (lines: no newline inside) with one BOS between consecutive ones, none around them."""
+        return self._map("\n".join(docs), newline_is_bos=True)
+
+    def encode(self, doc: str) -> list[int]:
+        """[BOS] + ids + [BOS]."""
+        return [self.bos, *self.ids(doc).tolist(), self.bos]
 
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids if i != self.bos)
+
+    def unit_lengths(self) -> np.ndarray:
+        """Characters of text each id stands for: 1, and 0 for BOS."""
+        return np.append(np.ones(self.size - 1, np.int64), 0)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}

@@ -1,4 +1,4 @@
-"""Test setup: float64 everywhere, and the datasets from ../shared/data (never downloaded)."""
+"""Test setup: float64 everywhere, and the datasets from ../shared/data."""
 
 import os
 import tempfile
@@ -12,7 +12,7 @@ from tests.helpers import NAMES, SHAKESPEARE
 jax.config.update("jax_enable_x64", True)
 # Every command and test reads names from ../shared/data; nothing goes to the network.
 os.environ.setdefault("MICROGPT_JAX_DATA", str(NAMES))
-# The download cache and the compiled-program cache of this test session: never the user's.
+# The compiled-program cache of this test session: never the user's.
 os.environ["MICROGPT_JAX_CACHE"] = tempfile.mkdtemp(prefix="microgpt-jax-test-cache-")
 
 

@@ -1,9 +1,8 @@
-"""Documents, vocabulary and batches (spec section 1), and the default dataset's download."""
+"""Documents, vocabulary and batches (spec section 1), and the default dataset shipped with the package."""
 
+import gzip
 import hashlib
-import io
 import random
-import urllib.error
 
 import numpy as np
 import pytest
@@ -75,46 +74,24 @@ def test_docs_mode_batches_take_docs_in_order():
     np.testing.assert_array_equal(b.tokens[:, :, 1], [[1, 2], [3, 4]])
 
 
-class FakeResponse(io.BytesIO):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_default_dataset_downloads_verifies_and_caches(names_path, tmp_path, monkeypatch):
-    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path / "cache"))
-    calls = []
-
-    def fake_urlopen(url, timeout):
-        calls.append(url)
-        return FakeResponse(names_path.read_bytes())
-
-    monkeypatch.setattr(text.urllib.request, "urlopen", fake_urlopen)
-    path = text.default_dataset()
-    assert path == tmp_path / "cache" / "names.txt" and path.read_bytes() == names_path.read_bytes()
-    assert text.default_dataset() == path and calls == [text.NAMES_URL]  # the second time from the cache
-
-
-def test_a_corrupt_download_is_refused_and_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(text.urllib.request, "urlopen", lambda url, timeout: FakeResponse(b"not names\n"))
-    with pytest.raises(UserError, match="does not match its sha256.*pass a local copy as the data file"):
-        text.default_dataset()
-    assert not (tmp_path / "names.txt").exists()
-
-
-def test_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
-    monkeypatch.setenv(text.CACHE_ENV, str(tmp_path))
-
-    def offline(url, timeout):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(text.urllib.request, "urlopen", offline)
+def test_the_names_dataset_ships_with_the_package(names_path, monkeypatch):
     monkeypatch.delenv(text.DATA_ENV, raising=False)
-    with pytest.raises(UserError, match="could not download.*pass a local copy as the data file"):
-        text.resolve_data_path(None)
+    assert text.resolve_data_path(None) == text.NAMES_PATH and text.NAMES_PATH.is_file()
+    assert text.read_text(text.NAMES_PATH) == names_path.read_text()  # makemore's names.txt, byte for byte
+    assert text.text_sha256(text.NAMES_PATH) == text.NAMES_SHA256 == text.text_sha256(names_path)
+
+
+def test_a_damaged_shipped_dataset_is_one_line(names_path, tmp_path, monkeypatch):
+    changed = tmp_path / "names.txt.gz"
+    changed.write_bytes(gzip.compress(names_path.read_bytes().replace(b"emma", b"emmy"), mtime=0))
+    monkeypatch.setattr(text, "NAMES_PATH", changed)
+    with pytest.raises(UserError, match="does not match its sha256.*reinstall") as e:
+        text.load_docs(changed)
+    truncated = tmp_path / "cut.txt.gz"
+    truncated.write_bytes(changed.read_bytes()[:5000])
+    with pytest.raises(UserError, match="could not read .*cut.txt.gz") as cut:
+        text.load_docs(truncated)
+    assert "\n" not in str(e.value) + str(cut.value)
 
 
 def test_data_env_and_flag_take_precedence(tmp_path, monkeypatch):
