@@ -27,6 +27,7 @@ import numpy as np
 from microgpt_jax.data import DocumentSource, Source
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, windows_batch
+from microgpt_jax.prepare import is_dataset
 from microgpt_jax.text import load_docs, read_text
 
 
@@ -119,8 +120,6 @@ class Windows(Source):
 def read_checked(path) -> str:
     """The text of --data FILE, with a one-line error for each way it can be unusable."""
     path = Path(path)
-    if path.is_dir():  # the integration of prepared datasets (DATASET_DIR) plugs in here
-        raise UserError(f"--data {path} is a directory; pass a text file")
     try:
         return read_text(path)
     except OSError as e:
@@ -146,20 +145,26 @@ def file_source(path, vocab, cfg, tcfg, dcfg) -> tuple[Source, str]:
     return DocumentSource(encoded, encoded, every, tcfg.batch_size, cfg.block_size), f"{path} ({len(encoded)} documents)"
 
 
-def validation_session(run):
-    """The training's own data source and trainer for run: its eval set is the one val_loss was measured on."""
+def validation_session(run, data_path=None):
+    """The training's own data source and trainer for run: its eval set is the one val_loss was measured on.
+
+    data_path: another prepared dataset (its validation split, tokenized with the run's tokenizer)."""
     from microgpt_jax.session import Session
 
-    data_path = Path(run.data_path)
-    if not data_path.is_file():
+    path = Path(data_path or run.data_path)
+    if not path.exists():
         raise UserError(
-            f"the run's data file {data_path} is missing (its validation split comes from it); "
+            f"the run's data file {path} is missing (its validation split comes from it); "
             "restore it, or evaluate on another file with --data FILE"
         )
-    run.check_data(data_path)
+    if data_path is None:
+        run.check_data(path)
     # the training's devices: all of them, unless they do not divide the batch (then the run had --devices)
     devices = None if run.tcfg.batch_size % jax.device_count() == 0 else 1
-    return Session(run.configs, data_path, devices)
+    session = Session(run.configs, path, devices, tokenizer=run.vocab)  # the run's own tokenizer, not one trained anew
+    if session.vocab != run.vocab:
+        raise UserError(f"{path} is tokenized with another tokenizer than the run's; prepare it with the run's --tokenizer")
+    return session
 
 
 def evaluate(trainer, params, eval_set: Batch, lengths_V) -> tuple[float, float, int, int]:
@@ -188,12 +193,12 @@ def evaluate_run(spec, data=None, step=None) -> Evaluation:
     if run is None:
         raise UserError(f"{spec} is an exported file; pass a run directory (or RUN_DIR@STEP): evaluating needs the run's data config")
     set_precision(run.tcfg.dtype, allow_cpu_bfloat16=True)
-    if data is None:
-        session = validation_session(run)
+    if data is None or is_dataset(data):  # a prepared dataset: its validation split
+        session = validation_session(run, data)
         trainer, eval_set = session.trainer, session.data.eval_set()
         if eval_set is None:
-            raise UserError(f"{run.path} holds out no validation data (val_fraction 0); evaluate on a file with --data FILE")
-        what = f"the validation split of {run.data_path}"
+            raise UserError(f"{data or run.path} holds out no validation data (val_fraction 0); evaluate on a file with --data FILE")
+        what = f"the validation split of {data or run.data_path}"
     else:
         source, what = file_source(data, run.vocab, run.cfg, run.tcfg, run.dcfg)
         trainer, eval_set = Trainer(run.cfg, run.tcfg), source.eval_set()

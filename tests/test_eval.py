@@ -28,10 +28,13 @@ def eval_json(capsys, *args):
     return json.loads(line)
 
 
-@pytest.mark.parametrize("mode", ["docs", "stream"])
+@pytest.mark.parametrize("mode", ["docs", "stream", "prepared"])
 def test_eval_reproduces_the_val_loss_the_training_recorded(tmp_path, capsys, mode):
     run = tmp_path / "run"
     data = ["--data", helpers.SHAKESPEARE, "--mode", "stream", "--batch-size", "4"] if mode == "stream" else []
+    if mode == "prepared":  # names as a prepared dataset: the same documents and split as the text file
+        assert helpers.run_in_process(capsys, "prepare", helpers.NAMES, "--out", tmp_path / "ds")[0] == 0
+        data = ["--data", tmp_path / "ds"]
     cadence = ["--steps", "4", "--eval-every", "2", "--save-every", "2", "--log-every", "2"]
     code, out = helpers.run_in_process(capsys, "train", *helpers.TINY, *cadence, *data, "--out", run)
     assert code == 0, out.err
@@ -40,6 +43,8 @@ def test_eval_reproduces_the_val_loss_the_training_recorded(tmp_path, capsys, mo
     for args, step in (([f"{run}@2"], 2), ([run, "--step", "2"], 2), ([run], 4)):
         result = eval_json(capsys, *args)
         assert result["step"] == step and result["loss"] == recorded[step]  # the very float, not a close one
+    if mode == "prepared":  # --data DATASET_DIR: that dataset's validation split
+        assert eval_json(capsys, run, "--data", tmp_path / "ds")["loss"] == recorded[4]
     # the eval set is the training's: at most eval_size (1024) documents or windows
     assert result["tokens"] == (1024 * T if mode == "stream" else sum(min(len(d) + 1, T) for d in validation_docs()))
     if mode == "stream":  # every window position weighs the same: the loss is the mean per token
@@ -121,7 +126,7 @@ def run_dir(tmp_path_factory):
         (["{run}", "--step", "3"], "has no checkpoint 3"),
         (["{run}@1", "--step", "1"], "give the step once"),
         (["{run}", "--data", "{tmp}/missing.txt"], "--data file not found"),
-        (["{run}", "--data", "{tmp}"], "is a directory; pass a text file"),
+        (["{run}", "--data", "{tmp}"], "is a directory but no dataset (no meta.json)"),
         (["{run}", "--data", "{tmp}/accents.txt"], "outside the run's vocabulary ('É')"),
         (["{run}", "--data", "{tmp}/empty.txt"], "data file is empty"),
     ],

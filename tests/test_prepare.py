@@ -170,6 +170,13 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
     assert code == 0 and load_weights(tmp_path / "m.safetensors").vocab == tok
     code, out = run_in_process(capsys, "check", tmp_path / "run", "--steps", "1", "--doc", "é世")  # a BPE-tokenized document
     assert code == 0 and "passed, 0 failed" in out.out
+    code, out = run_in_process(capsys, "sample", tmp_path / "run", "--prompt", "Caf", "--num-samples", "3", "--json")
+    samples = [json.loads(line) for line in out.out.splitlines()]
+    assert code == 0 and len(samples) == 3, out.err
+    assert all(s["sample"] == tok.decode(s["ids"]) and s["sample"].startswith("Caf") for s in samples)  # decoded whole
+    code, out = run_in_process(capsys, "eval", tmp_path / "run", "--json")
+    result = json.loads(out.out)
+    assert code == 0 and result["bytes"] > result["tokens"] > 0 and "bits_per_byte" in result, out.err  # bpe: per byte
     other = train_bpe(["abc abd"], 300)  # a run resumed (or fine-tuned) goes on with its own tokenizer, not a new one
     assert load_train_data(small_text, run.dcfg, 1, 8, 42, tokenizer=other)[0] is other
     code, out = run_in_process(

@@ -291,7 +291,7 @@ def test_cli_plain_output_and_reference(run_dir, capsys):
     [
         (["--prompt", "kA"], "outside the run's vocabulary ['A']; the vocabulary is 'abcdefghijklmnopqrstuvwxyz'"),
         (["--prompt", "a" * 16], "block_size is 16"),
-        (["--prompt", "a" * 20], "at most 15 characters"),
+        (["--prompt", "a" * 20], "at most 15 tokens"),
         (["--temperature", "-0.5"], "--temperature must be a number >= 0"),
         (["--temperature", "nan"], "--temperature must be a number >= 0"),
         (["--top-k", "0"], "--top-k must be at least 1"),
