@@ -205,6 +205,7 @@ def cmd_sample(args):
         print_samples,
         sample_batches,
         sample_reference,
+        start_token,
     )
 
     if args.reference:
@@ -216,7 +217,7 @@ def cmd_sample(args):
                 "(microgpt draws one sample at a time from the whole softmax, until the block is full); drop them"
             )
     check_options(args.temperature, args.top_k, args.top_p)
-    cfg, vocab, params, *_ = load_weights(args.run_dir)
+    cfg, vocab, params, _, run = load_weights(args.run_dir)
     prompt = encode_prompt(vocab, args.prompt, cfg)
     if args.reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
         set_precision("float64")  # microgpt's Python floats, or the run's own float64
@@ -225,6 +226,7 @@ def cmd_sample(args):
     else:
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         options |= dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        options |= dict(start=start_token(vocab, run.dcfg.mode if run else "docs"))  # an export: BOS
         batches = sample_batches(params, cfg, args.num_samples, prompt=prompt, **options)
     framed = not args.json and breaks_lines(vocab)
 

@@ -187,6 +187,13 @@ def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw, new_tokens=Non
     return seq_BL[:, P:], logp_B, pos - (P - 1)
 
 
+def start_token(vocab, mode) -> int:
+    """The token a sample starts from: BOS, as in training, except in stream mode, whose training never
+    sees BOS: there a line break (when the tokenizer has it as one token), the start of a line of the text."""
+    ids = [] if mode != "stream" or vocab.unknown("\n") else vocab.ids("\n")
+    return int(ids[0]) if len(ids) == 1 else vocab.bos
+
+
 def _with_bos(cfg: GPTConfig, prompt):
     return jnp.asarray([cfg.bos, *prompt], jnp.int32)
 
@@ -242,9 +249,11 @@ def sample_batches(
     seed=0,
     batch_size=None,
     max_new_tokens=None,
+    start=None,
 ):
     """num_samples samples continuing the prompt ids: an iterator of one list per batch, each as soon as it is drawn.
 
+    start: the token before the prompt, at position 0 (default BOS; see start_token).
     batch_size defaults to default_batch_size. Every batch has the same
     shape (the last one runs padded), so this compiles once per
     (batch_size, max_new_tokens); the next batch is dispatched before the
@@ -257,7 +266,7 @@ def sample_batches(
     batch_size = batch_size or default_batch_size(num_samples, new_tokens, fits=len(prompt) + new_tokens <= cfg.block_size)
     params = jax.tree.map(jnp.asarray, params)
     dtype, V = params["wte"].dtype, cfg.vocab_size
-    prompt_P, key = _with_bos(cfg, prompt), jax.random.key(seed)
+    prompt_P, key = jnp.asarray([cfg.bos if start is None else start, *prompt], jnp.int32), jax.random.key(seed)
     knobs = (
         jnp.asarray(temperature, dtype),
         jnp.int32(min(top_k or V, V)),

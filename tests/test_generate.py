@@ -145,7 +145,8 @@ def text_run(tmp_path_factory):
 def test_cli_text_run_samples_are_framed_and_json(text_run, capsys):
     args = ["sample", text_run, "--prompt", "ab", "--max-new-tokens", N, "--num-samples", "5", "--batch-size", "4", "--seed", "3"]
     params = random_params(CFG, seed=1, scale=2.0)  # the run's
-    want = sample(params, CFG, 5, prompt=PROMPT, temperature=0.5, seed=3, batch_size=4, max_new_tokens=N)
+    start = int(VOCAB.ids("\n")[0])  # a stream run's samples start from a line break
+    want = sample(params, CFG, 5, prompt=PROMPT, temperature=0.5, seed=3, batch_size=4, max_new_tokens=N, start=start)
     texts = ["ab" + VOCAB.decode(s.ids) for s in want]
     assert any("\n" in t for t in texts) and max(map(len, texts)) > T  # what framing and sliding are for
     cli.main(list(map(str, args)))
@@ -159,3 +160,15 @@ def test_cli_text_run_samples_are_framed_and_json(text_run, capsys):
 def test_cli_reference_refuses_max_new_tokens(text_run, capsys):
     code, out = helpers.run_in_process(capsys, "sample", text_run, "--reference", "--max-new-tokens", "50")
     helpers.assert_one_line_error(code, out.err, "--max-new-tokens cannot be used with --reference")
+
+
+def test_stream_runs_start_from_a_line_break_not_bos():
+    """Stream training never sees BOS as an input: a stream run's samples start where a line of its text does."""
+    newline = int(VOCAB.ids("\n")[0])
+    assert sampling.start_token(VOCAB, "stream") == newline
+    assert sampling.start_token(VOCAB, "docs") == VOCAB.bos  # documents start at BOS, as in training
+    assert sampling.start_token(Vocab("abc"), "stream") == Vocab("abc").bos  # no line break to start from
+    params = random_params(CFG, seed=4, scale=3.0)
+    for start in (newline, VOCAB.bos):  # greedy: the first token is the argmax after the start token
+        (s,) = sample(params, CFG, 1, temperature=0.0, start=start, max_new_tokens=1)
+        assert s.ids == [int(jnp.argmax(full(params, jnp.asarray([[start]]), CFG)[0, 0]))]
