@@ -85,3 +85,22 @@ def save_run(path, params, configs, vocab, data_text):
     with RunDir.create(path, configs, vocab, data) as run:
         run.store.save(TrainState(params, make_optimizer(configs["train"]).init(params), np.int32(1)), data_position=0)
     return path
+
+
+# The model variants of issue 11, each alone: the one table the scalar engine's, the JAX model's and the cross-check's tests use.
+MODEL_VARIANTS = {
+    "layernorm": dict(norm="layernorm"),
+    "gelu": dict(activation="gelu"),
+    "relu2": dict(activation="relu2"),
+    "rope": dict(pos="rope"),
+    "tied": dict(tie_embeddings=True),
+    "qk_norm": dict(qk_norm=True),
+    "gqa": dict(n_kv_head=1),
+    "softcap": dict(logit_softcap=2.0),
+    "dropout": dict(dropout=0.3),
+}
+
+
+def all_variants(**over) -> dict:
+    """Every model variant at once (the last activation of the table), with `over` on top."""
+    return {k: v for fields in MODEL_VARIANTS.values() for k, v in fields.items()} | over

@@ -26,6 +26,7 @@ from microgpt_jax.check import (
 from microgpt_jax.model import GPTConfig, forward, init_params_reference
 from microgpt_jax.text import Vocab, reference_docs
 from microgpt_jax.train import TrainConfig
+from tests.helpers import MODEL_VARIANTS, all_variants
 
 assert (ATOL, RTOL, PARAM_ATOL) == (1e-12, 1e-10, 1e-10)  # the issue's tolerances, never looser
 
@@ -129,17 +130,6 @@ def test_vectorized_forward_of_a_batch_equals_each_row_alone(names):
 
 
 # Every variant (issue 11) alone, then all at once: logits, loss, every gradient and a few training steps.
-MODEL_VARIANTS = {
-    "layernorm": dict(norm="layernorm"),
-    "gelu": dict(activation="gelu"),
-    "relu2": dict(activation="relu2"),
-    "rope": dict(pos="rope"),
-    "tied": dict(tie_embeddings=True),
-    "qk_norm": dict(qk_norm=True),
-    "gqa": dict(n_kv_head=1),
-    "softcap": dict(logit_softcap=2.0),
-    "dropout": dict(dropout=0.3),
-}
 TRAIN_VARIANTS = {
     "weight_decay": dict(weight_decay=0.5),
     "grad_clip": dict(grad_clip=0.05),
@@ -147,7 +137,7 @@ TRAIN_VARIANTS = {
     "grad_accum": dict(batch_size=4, grad_accum=2),
 }
 ALL_AT_ONCE = (
-    {k: v for d in MODEL_VARIANTS.values() for k, v in d.items()} | dict(activation="gelu", n_layer=2, n_head=4, n_kv_head=2),
+    all_variants(activation="gelu", n_layer=2, n_head=4, n_kv_head=2),
     {k: v for d in TRAIN_VARIANTS.values() for k, v in d.items()},
 )
 CASES = {name: (m, {}) for name, m in MODEL_VARIANTS.items()} | {name: ({}, t) for name, t in TRAIN_VARIANTS.items()}

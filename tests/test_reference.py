@@ -16,7 +16,7 @@ import reference.__main__ as program
 from reference.engine import Value, topological_order
 from reference.gpt import backward_batch, dropout_masks, rope
 from tests import seed_program
-from tests.helpers import ROOT, assert_one_line_error
+from tests.helpers import MODEL_VARIANTS, ROOT, all_variants, assert_one_line_error
 
 SMALL = ["--n-layer", "2", "--n-embd", "8", "--n-head", "2", "--block-size", "8"]
 QUICK = ["--n-embd", "4", "--n-head", "2", "--block-size", "4"]  # where only the program's behaviour matters
@@ -102,19 +102,9 @@ def test_the_order_is_the_seeds_recursive_order(ops):
 TINY = reference.Config(vocab_size=5, n_embd=4, n_head=2, n_layer=1, block_size=5)
 TOKENS = [4, 0, 3, 1, 1, 2, 4]  # cut to 5 positions
 VARIANTS = {
-    "layernorm": dict(norm="layernorm"),
-    "gelu": dict(activation="gelu"),
-    "relu2": dict(activation="relu2"),
-    "rope": dict(pos="rope"),
-    "tied": dict(tie_embeddings=True),
-    "qk_norm": dict(qk_norm=True),
-    "gqa": dict(n_kv_head=1),
-    "softcap": dict(logit_softcap=0.5),
+    **MODEL_VARIANTS,
     "silu, one new table entry": dict(activation="silu"),
-    "dropout": dict(dropout=0.3),
-    "all": dict(
-        norm="layernorm", activation="gelu", pos="rope", tie_embeddings=True, qk_norm=True, n_kv_head=1, logit_softcap=0.5, dropout=0.3
-    ),
+    "all": all_variants(activation="gelu"),
 }
 
 

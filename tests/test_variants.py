@@ -51,34 +51,14 @@ from microgpt_jax.train import (
     make_schedule,
     micro_batches,
 )
-from tests.helpers import assert_one_line_error, reference_batches, run_in_process
+from tests.helpers import MODEL_VARIANTS, all_variants, assert_one_line_error, reference_batches, run_in_process
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
 VOCAB = Vocab.from_docs(DOCS)
 ENCODED = [VOCAB.encode(d) for d in DOCS]
 BASE = dict(vocab_size=VOCAB.size, n_embd=8, n_head=4, n_layer=2, block_size=8)  # head size 2: rope fits
-ALL = dict(
-    norm="layernorm",
-    activation="gelu",
-    pos="rope",
-    tie_embeddings=True,
-    qk_norm=True,
-    n_kv_head=2,
-    logit_softcap=3.0,
-    dropout=0.25,
-)
-VARIANTS = {
-    "layernorm": dict(norm="layernorm"),
-    "gelu": dict(activation="gelu"),
-    "relu2": dict(activation="relu2"),
-    "rope": dict(pos="rope"),
-    "tied": dict(tie_embeddings=True),
-    "qk_norm": dict(qk_norm=True),
-    "gqa": dict(n_kv_head=1),
-    "softcap": dict(logit_softcap=3.0),
-    "dropout": dict(dropout=0.25),
-    "all": ALL,
-}
+ALL = all_variants(activation="gelu", n_kv_head=2)
+VARIANTS = {**MODEL_VARIANTS, "all": ALL}
 CACHED = ["rope", "gqa", "qk_norm", "all"]  # the variants that change what the KV cache holds
 
 full = jax.jit(forward, static_argnames=("cfg", "attention"))
