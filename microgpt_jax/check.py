@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import reference
-from microgpt_jax.layout import padded_batch
+from microgpt_jax.layout import padded_batch, step_docs
 from microgpt_jax.model import GPTConfig, dropout_masks, forward, loss_fn
 from microgpt_jax.train import TrainConfig, Trainer, dropout_key
 
@@ -63,9 +63,9 @@ def step_masks(cfg, tcfg, step, rows):
     return masks, [{name: np.asarray(m[b]).tolist() for name, m in masks.items()} for b in range(rows)]
 
 
-def step_docs(docs, step, batch_size):
-    """The documents of training step `step`: docs[(step * B + b) % len(docs)], the order training uses."""
-    return [docs[(step * batch_size + b) % len(docs)] for b in range(batch_size)]
+def batch_docs(docs, step, batch_size):
+    """The documents of training step `step`, in the order training uses (layout.step_docs)."""
+    return [docs[i] for i in step_docs(step, batch_size, len(docs))]
 
 
 @dataclass
@@ -110,17 +110,17 @@ def reference_optimizer(params, tcfg: TrainConfig):
 
 
 def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
-    """tcfg.steps steps on both engines, step s on step_docs(docs, s, batch_size): losses, then final weights."""
+    """tcfg.steps steps on both engines, step s on batch_docs(docs, s, batch_size): losses, then final weights."""
     state = to_reference_state(params)
     adam = reference_optimizer(state, tcfg)
     trainer = Trainer(cfg, tcfg)
     train_state = trainer.init(jax.tree.map(jnp.asarray, params))
     ref_losses, jax_losses = [], []
     for s in range(tcfg.steps):
-        batch_docs = step_docs(docs, s, tcfg.batch_size)
+        this_step = batch_docs(docs, s, tcfg.batch_size)
         row_masks = step_masks(cfg, tcfg, s, tcfg.batch_size)[1]
-        ref_losses.append(reference.train_batch(state, cfg, adam, s, batch_docs, tcfg.grad_accum, row_masks))
-        train_state, loss = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(batch_docs, cfg.block_size)))
+        ref_losses.append(reference.train_batch(state, cfg, adam, s, this_step, tcfg.grad_accum, row_masks))
+        train_state, loss = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(this_step, cfg.block_size)))
         jax_losses.append(float(loss))
     p = train_state.params
     final = from_reference_state(state)
@@ -142,7 +142,7 @@ def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = 
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)
     masks = step_masks(cfg, tcfg, 0, tcfg.batch_size)
     rows = [check_logits(params, cfg, docs[0], masks)]
-    rows += check_grads(params, cfg, step_docs(docs, 0, tcfg.batch_size), tcfg.grad_accum, masks)
+    rows += check_grads(params, cfg, batch_docs(docs, 0, tcfg.batch_size), tcfg.grad_accum, masks)
     if steps:
         rows += check_training(params, cfg, tcfg, docs)
     return rows

@@ -194,8 +194,9 @@ def start_token(vocab, mode) -> int:
     return int(ids[0]) if len(ids) == 1 else vocab.bos
 
 
-def _with_bos(cfg: GPTConfig, prompt):
-    return jnp.asarray([cfg.bos, *prompt], jnp.int32)
+def _with_start(cfg: GPTConfig, prompt, start=None):
+    """The prompt after its start token at position 0: BOS unless another is given (start_token)."""
+    return jnp.asarray([cfg.bos if start is None else start, *prompt], jnp.int32)
 
 
 def _cut(out_NW, logp_N, bos) -> list[Sample]:
@@ -266,7 +267,7 @@ def sample_batches(
     batch_size = batch_size or default_batch_size(num_samples, new_tokens, fits=len(prompt) + new_tokens <= cfg.block_size)
     params = jax.tree.map(jnp.asarray, params)
     dtype, V = params["wte"].dtype, cfg.vocab_size
-    prompt_P, key = jnp.asarray([cfg.bos if start is None else start, *prompt], jnp.int32), jax.random.key(seed)
+    prompt_P, key = _with_start(cfg, prompt, start), jax.random.key(seed)
     knobs = (
         jnp.asarray(temperature, dtype),
         jnp.int32(min(top_k or V, V)),
@@ -322,7 +323,7 @@ def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.
     state = rng.getstate()
     uniforms = np.array([rng.random() for _ in range(num_samples * W)])
     used, out_NW, logp_N = _sample_reference(
-        params, _with_bos(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
+        params, _with_start(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
     )
     rng.setstate(state)
     for _ in range(int(used)):  # leave rng exactly where microgpt's draws would
