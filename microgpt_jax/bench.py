@@ -159,12 +159,13 @@ def scalar_docs():
     """microgpt's model on the scalar engine, with its initial state and documents in spec order."""
     import reference
     from microgpt_jax.model import GPTConfig
-    from microgpt_jax.text import Vocab, reference_docs
+    from microgpt_jax.text import reference_docs
+    from microgpt_jax.tokenizer import CharTokenizer
 
     docs, rng = reference_docs(names_path())
-    vocab = Vocab.from_docs(docs)
-    cfg = GPTConfig(vocab_size=vocab.size)
-    return cfg, reference.init_state(cfg, rng), [vocab.encode(d) for d in docs]
+    tokenizer = CharTokenizer.from_docs(docs)
+    cfg = GPTConfig(vocab_size=tokenizer.size)
+    return cfg, reference.init_state(cfg, rng), [tokenizer.encode(d) for d in docs]
 
 
 _SCALAR = {}
@@ -266,8 +267,8 @@ def packing():
     out = {}
     for layout in ("padded", "packed"):
         tcfg = TrainConfig(steps=220, batch_size=256)
-        vocab, data = load_train_data(names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
-        cfg = GPTConfig(vocab_size=vocab.size)
+        tokenizer, data = load_train_data(names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
+        cfg = GPTConfig(vocab_size=tokenizer.size)
         params = init_params(cfg, jax.random.key(0))
         _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 20, 11)
         out |= {f"{layout}_tokens_per_s": tokens_per_s, f"{layout}_compile_s": compile_s, f"{layout}_peak_mb": mem}
@@ -301,8 +302,8 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
     from microgpt_jax.train import TrainConfig, Trainer, flops_per_token
 
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
-    vocab, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
-    cfg = GPTConfig(vocab_size=vocab.size, **cfg_kwargs)
+    tokenizer, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
     peak_before = matmul_peak(peak_n, dtype)
     _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
@@ -366,8 +367,8 @@ def variant_run(model, train, steps=None, chunk=50):
     tcfg = TrainConfig(**tables["train"] | train)
     tcfg = dataclasses.replace(tcfg, steps=steps or tcfg.steps)
     cfg = GPTConfig(**tables["model"] | model)
-    vocab, data = load_train_data(text_path(), DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
-    cfg = dataclasses.replace(cfg, vocab_size=vocab.size)
+    tokenizer, data = load_train_data(text_path(), DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
+    cfg = dataclasses.replace(cfg, vocab_size=tokenizer.size)
     trainer = Trainer(cfg, tcfg)
     state = trainer.init(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
     tokens, start = 0, None
@@ -454,8 +455,8 @@ def scaling_worker(text):
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=64)
     parallel.check_batch(tcfg.batch_size, mesh)
     dcfg = DataConfig(mode="stream")
-    vocab, data = load_train_data(text, dcfg, tcfg.batch_size, 128, tcfg.seed, row_multiple=mesh.devices.size)
-    cfg = GPTConfig(vocab_size=vocab.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
+    tokenizer, data = load_train_data(text, dcfg, tcfg.batch_size, 128, tcfg.seed, row_multiple=mesh.devices.size)
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
     trainer = Trainer(cfg, tcfg, mesh)
     params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))
     steps_per_s, _, compile_s, _ = steady_rate(trainer, params, data, chunk, chunks)
@@ -602,8 +603,8 @@ def steady_prepared(dataset, text):
     tcfg = TrainConfig(steps=100, batch_size=STARTUP["batch_size"])
     rates = {}
     for name, path in (("prepared", dataset), ("in_memory", text)) * 2:  # twice each, in turn: the best of two
-        vocab, data = load_train_data(path, DataConfig(), tcfg.batch_size, STARTUP["block_size"], tcfg.seed)
-        cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_embd=32, n_head=4, block_size=STARTUP["block_size"])
+        tokenizer, data = load_train_data(path, DataConfig(), tcfg.batch_size, STARTUP["block_size"], tcfg.seed)
+        cfg = GPTConfig(vocab_size=tokenizer.size, n_layer=2, n_embd=32, n_head=4, block_size=STARTUP["block_size"])
         params = init_params(cfg, jax.random.key(0))
         rates[name] = max(rates.get(name, 0.0), steady_rate(Trainer(cfg, tcfg), params, data, 10, 6)[1])
     return {

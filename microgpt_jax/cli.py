@@ -109,7 +109,7 @@ def open_run(args, held):
     configs, init = configs_from_args(args), load_weights(args.init_from) if args.init_from else None
     given_data = given_configs(args)["data"]
     if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
-        configs["data"] = dataclasses.replace(configs["data"], tokenizer=init.vocab.kind)
+        configs["data"] = dataclasses.replace(configs["data"], tokenizer=init.tokenizer.kind)
     if is_dataset(resolve_data_path(args.data)):  # a prepared dataset fixes the data's mode, tokenizer and split
         configs["data"] = adopt(resolve_data_path(args.data), configs["data"], given_data)
     if init:  # the model is the weights' own: a flag or config value that disagrees is refused
@@ -154,7 +154,7 @@ def cmd_train(args):
             return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
         saving = bool(args.out or args.resume)
-        tokenizer = run.vocab if run else init.vocab if init else None  # a bpe run goes on with its own
+        tokenizer = run.tokenizer if run else init.tokenizer if init else None  # a bpe run goes on with its own
         vocab_size = given_configs(args)["model"].get("vocab_size")
         session = Session(configs, resolve_data_path(data_path), args.devices, vocab_size, tokenizer)
         print(session.describe())
@@ -163,7 +163,7 @@ def cmd_train(args):
         session.compile_step(saving=saving)  # XLA's own figure refuses a step that cannot fit, before anything is made
         start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
-            run = held.enter_context(RunDir.create(args.out, session.configs, session.vocab, session.data_path, init and init.origin))
+            run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, init and init.origin))
         session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=start, loggers=loggers)
 
 
@@ -217,8 +217,8 @@ def cmd_sample(args):
                 "(microgpt draws one sample at a time from the whole softmax, until the block is full); drop them"
             )
     check_options(args.temperature, args.top_k, args.top_p)
-    cfg, vocab, params, _, run = load_weights(args.run_dir)
-    prompt = encode_prompt(vocab, args.prompt, cfg)
+    cfg, tokenizer, params, _, run = load_weights(args.run_dir)
+    prompt = encode_prompt(tokenizer, args.prompt, cfg)
     if args.reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
         set_precision("float64")  # microgpt's Python floats, or the run's own float64
     if args.reference:
@@ -226,12 +226,12 @@ def cmd_sample(args):
     else:
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         options |= dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-        options |= dict(start=start_token(vocab, run.dcfg.mode if run else "docs"))  # an export: BOS
+        options |= dict(start=start_token(tokenizer, run.dcfg.mode if run else "docs"))  # an export: BOS
         batches = sample_batches(params, cfg, args.num_samples, prompt=prompt, **options)
-    framed = not args.json and breaks_lines(vocab)
+    framed = not args.json and breaks_lines(tokenizer)
 
     def render(number, s):
-        text = vocab.decode([*prompt, *s.ids])  # decoded together: a character may span the prompt's last id and the next
+        text = tokenizer.decode([*prompt, *s.ids])  # decoded together: a character may span the prompt's last id and the next
         if args.json:
             return json.dumps({"sample": text, "logprob": s.logprob, "ids": [*prompt, *s.ids]})
         return frame(number, text) if framed else text
@@ -253,23 +253,24 @@ def cmd_check(args):
     from microgpt_jax.model import init_params_reference
     from microgpt_jax.prepare import first_document, is_dataset
     from microgpt_jax.rundir import load_weights
-    from microgpt_jax.text import Vocab, load_docs, reference_docs, resolve_data_path
+    from microgpt_jax.text import load_docs, reference_docs, resolve_data_path
+    from microgpt_jax.tokenizer import CharTokenizer
 
     if args.run_dir:  # a run's (or an export's) config, tokenizer and weights; the documents from its data
-        cfg, vocab, params, _, run = load_weights(args.run_dir)
+        cfg, tokenizer, params, _, run = load_weights(args.run_dir)
         data_path = Path(args.data) if args.data else run.data_path if run else resolve_data_path()
         docs = [] if args.doc is not None else [first_document(data_path)] if is_dataset(data_path) else load_docs(data_path)
     else:  # microgpt's initial weights for the flags' config
         docs, rng = reference_docs(resolve_data_path(args.data))
-        vocab = Vocab.from_docs(docs)
-        cfg = dataclasses.replace(configs_from_args(args, ["model"])["model"], vocab_size=vocab.size)
+        tokenizer = CharTokenizer.from_docs(docs)
+        cfg = dataclasses.replace(configs_from_args(args, ["model"])["model"], vocab_size=tokenizer.size)
         params = init_params_reference(cfg, rng)
     tcfg = dataclasses.replace(configs_from_args(args, ["train"])["train"], steps=args.steps)
     docs = [args.doc] if args.doc is not None else docs[: args.steps * tcfg.batch_size]
-    unknown = vocab.unknown(args.doc) if args.doc is not None else []
+    unknown = tokenizer.unknown(args.doc) if args.doc is not None else []
     if unknown:
-        raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
-    rows = run_check(cfg, params, [vocab.encode(d) for d in docs], steps=args.steps, tcfg=tcfg)
+        raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {tokenizer.chars!r}")
+    rows = run_check(cfg, params, [tokenizer.encode(d) for d in docs], steps=args.steps, tcfg=tcfg)
     print(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print(f"training: {json.dumps({k: getattr(tcfg, k) for k in CHECKED_TRAINING})}  first document: {docs[0]!r}")
     print(format_table(rows))

@@ -32,8 +32,8 @@ from microgpt_jax.layout import (
     trained_positions,
     windows_batch,
 )
-from microgpt_jax.text import Vocab, read_text, reference_docs
-from microgpt_jax.tokenizer import KINDS, ByteTokenizer, check_size, train_bpe
+from microgpt_jax.text import read_text, reference_docs
+from microgpt_jax.tokenizer import KINDS, ByteTokenizer, CharTokenizer, check_size, train_bpe
 
 MODES = ("docs", "stream")  # one document per line, or continuous text cut into windows
 LAYOUTS = ("packed", "padded")  # several documents per row, or one
@@ -240,13 +240,13 @@ def make_tokenizer(dcfg: DataConfig, all_docs, train_docs, vocab_size=None, give
     """The run's tokenizer: char from the characters of all_docs (both sides), byte, or bpe: `given` (the
     run's or the weights' own), else trained on train_docs (to vocab_size ids, default BPE_VOCAB_SIZE)."""
     if dcfg.tokenizer == "char":
-        tok = Vocab.from_docs(all_docs)
+        tokenizer = CharTokenizer.from_docs(all_docs)
     elif dcfg.tokenizer == "byte":
-        tok = ByteTokenizer()
+        tokenizer = ByteTokenizer()
     else:
-        tok = given if given is not None and given.kind == "bpe" else train_bpe(train_docs, *([vocab_size] if vocab_size else []))
-    check_size(tok, vocab_size)
-    return tok
+        tokenizer = given if given is not None and given.kind == "bpe" else train_bpe(train_docs, *([vocab_size] if vocab_size else []))
+    check_size(tokenizer, vocab_size)
+    return tokenizer
 
 
 def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_multiple=1, local_rows=None, vocab_size=None, tokenizer=None):
@@ -270,16 +270,16 @@ def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_mu
     if dcfg.mode == "stream":
         text = read_text(path)
         train, val = split(text, dcfg.val_fraction, "characters")
-        tok = make_tokenizer(dcfg, [text], [train], vocab_size, tokenizer)
-        return tok, StreamSource(tok.ids(train), tok.ids(val), dcfg, batch_size, block_size, seed, local_rows)
+        tokenizer = make_tokenizer(dcfg, [text], [train], vocab_size, tokenizer)
+        return tokenizer, StreamSource(tokenizer.ids(train), tokenizer.ids(val), dcfg, batch_size, block_size, seed, local_rows)
     docs, _ = reference_docs(path, seed)
     train, val = split(docs, dcfg.val_fraction, "documents")
-    tok = make_tokenizer(dcfg, docs, train, vocab_size, tokenizer)
-    sides = [Docs.separated(*separated(tok, side)) for side in (train, val)]
-    return tok, DocumentSource(*sides, dcfg, batch_size, block_size, row_multiple, local_rows)
+    tokenizer = make_tokenizer(dcfg, docs, train, vocab_size, tokenizer)
+    sides = [Docs.separated(*separated(tokenizer, side)) for side in (train, val)]
+    return tokenizer, DocumentSource(*sides, dcfg, batch_size, block_size, row_multiple, local_rows)
 
 
-def separated(tok, docs):
+def separated(tokenizer, docs):
     """(flat, bos_at): BOS doc BOS doc ... BOS, and where each BOS is."""
-    flat = np.concatenate([[tok.bos], tok.joined(docs), [tok.bos]]).astype(np.int32) if docs else np.zeros(0, np.int32)
-    return flat, np.flatnonzero(flat == tok.bos)
+    flat = np.concatenate([[tokenizer.bos], tokenizer.joined(docs), [tokenizer.bos]]).astype(np.int32) if docs else np.zeros(0, np.int32)
+    return flat, np.flatnonzero(flat == tokenizer.bos)

@@ -71,19 +71,19 @@ class Evaluation(NamedTuple):
 # --- the tokenizer: what the integration of other tokenizers points at ---
 
 
-def token_units(vocab) -> tuple[str, np.ndarray]:
+def token_units(tokenizer) -> tuple[str, np.ndarray]:
     """(unit, how many of it each token id stands for [V]): what bits per character (or byte) divides by.
 
     BOS counts 1: as a target it is the newline that ends a document.
     """
-    lengths_V = np.array(vocab.unit_lengths(), np.int64)
-    lengths_V[vocab.bos] = 1
-    return {"character": "char", "byte": "byte"}[vocab.unit], lengths_V
+    lengths_V = np.array(tokenizer.unit_lengths(), np.int64)
+    lengths_V[tokenizer.bos] = 1
+    return {"character": "char", "byte": "byte"}[tokenizer.unit], lengths_V
 
 
-def check_encodable(vocab, text, path):
+def check_encodable(tokenizer, text, path):
     """A UserError naming the characters of text (what is to be encoded) the run's tokenizer cannot encode, if any."""
-    unknown = vocab.unknown(text)
+    unknown = tokenizer.unknown(text)
     if unknown:
         shown = "".join(unknown[:20]) + ("..." if len(unknown) > 20 else "")
         raise UserError(
@@ -126,12 +126,12 @@ def read_checked(path) -> str:
         raise UserError(f"could not read {path} ({e.strerror or e}); pass a readable text file") from None
 
 
-def file_source(path, vocab, cfg, tcfg, dcfg) -> tuple[Source, str]:
+def file_source(path, tokenizer, cfg, tcfg, dcfg) -> tuple[Source, str]:
     """(a source whose eval_set is the whole file laid out as the run's data, a description of it)."""
     text = read_checked(path)
     if dcfg.mode == "stream":
-        check_encodable(vocab, text, path)
-        ids = vocab.ids(text)
+        check_encodable(tokenizer, text, path)
+        ids = tokenizer.ids(text)
         if len(ids) < cfg.block_size + 1:
             raise UserError(
                 f"{path} has {len(ids)} tokens, fewer than the run's block_size + 1 = {cfg.block_size + 1} "
@@ -139,8 +139,8 @@ def file_source(path, vocab, cfg, tcfg, dcfg) -> tuple[Source, str]:
             )
         return Windows(ids, cfg.block_size, tcfg.batch_size), f"{path} ({len(ids)} tokens, stream)"
     docs = load_docs(path)
-    check_encodable(vocab, "".join(docs), path)
-    encoded = [vocab.encode(doc) for doc in docs]
+    check_encodable(tokenizer, "".join(docs), path)
+    encoded = [tokenizer.encode(doc) for doc in docs]
     every = dataclasses.replace(dcfg, eval_size=len(encoded))  # the whole file, not eval_size documents of it
     return DocumentSource(encoded, encoded, every, tcfg.batch_size, cfg.block_size), f"{path} ({len(encoded)} documents)"
 
@@ -161,8 +161,8 @@ def validation_session(run, data_path=None):
         run.check_data(path)
     # the training's devices: all of them, unless they do not divide the batch (then the run had --devices)
     devices = None if run.tcfg.batch_size % jax.device_count() == 0 else 1
-    session = Session(run.configs, path, devices, tokenizer=run.vocab)  # the run's own tokenizer, not one trained anew
-    if session.vocab != run.vocab:
+    session = Session(run.configs, path, devices, tokenizer=run.tokenizer)  # the run's own tokenizer, not one trained anew
+    if session.tokenizer != run.tokenizer:
         raise UserError(f"{path} is tokenized with another tokenizer than the run's; prepare it with the run's --tokenizer")
     return session
 
@@ -200,8 +200,8 @@ def evaluate_run(spec, data=None, step=None) -> Evaluation:
             raise UserError(f"{data or run.path} holds out no validation data (val_fraction 0); evaluate on a file with --data FILE")
         what = f"the validation split of {data or run.data_path}"
     else:
-        source, what = file_source(data, run.vocab, run.cfg, run.tcfg, run.dcfg)
+        source, what = file_source(data, run.tokenizer, run.cfg, run.tcfg, run.dcfg)
         trainer, eval_set = Trainer(run.cfg, run.tcfg), source.eval_set()
     params = trainer.replicate({k: np.asarray(w, run.tcfg.param_dtype) for k, w in weights.params.items()})
-    unit, lengths_V = token_units(run.vocab)
+    unit, lengths_V = token_units(run.tokenizer)
     return Evaluation(*evaluate(trainer, params, eval_set, lengths_V), unit, weights.origin["step"], what)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
-from microgpt_jax.text import bos_id
+from microgpt_jax.tokenizer import bos_id
 
 INIT_STD = 0.08
 NORM_EPS = 1e-5

@@ -37,8 +37,8 @@ from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, split_po
 from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.layout import Docs
-from microgpt_jax.text import REFERENCE_SEED, Vocab, code_points, decode_utf8, no_docs, read_blocks, split_docs, text_sha256
-from microgpt_jax.tokenizer import ByteTokenizer, from_json, train_bpe
+from microgpt_jax.text import REFERENCE_SEED, code_points, decode_utf8, no_docs, read_blocks, split_docs, text_sha256
+from microgpt_jax.tokenizer import ByteTokenizer, CharTokenizer, from_json, train_bpe
 
 FORMAT = "microgpt-jax dataset"
 VERSION = 1
@@ -116,32 +116,32 @@ def prepare(path, out, dcfg: DataConfig, vocab_size=None, seed=REFERENCE_SEED, c
     n_train = split_point(count, dcfg.val_fraction, unit)
     order = shuffled(count, seed) if dcfg.mode == "docs" else None
     if dcfg.tokenizer == "char":
-        tok = Vocab.from_codes(np.flatnonzero(seen))
+        tokenizer = CharTokenizer.from_codes(np.flatnonzero(seen))
     elif dcfg.tokenizer == "byte":
-        tok = ByteTokenizer()
+        tokenizer = ByteTokenizer()
     else:
-        tok = train_bpe(training_texts(read(), dcfg.mode, n_train, order), *([vocab_size] if vocab_size else []))
-    dtype = np.dtype("<u2" if tok.size <= 1 << 16 else "<u4")
+        tokenizer = train_bpe(training_texts(read(), dcfg.mode, n_train, order), *([vocab_size] if vocab_size else []))
+    dtype = np.dtype("<u2" if tokenizer.size <= 1 << 16 else "<u4")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
         if dcfg.mode == "docs":
-            tokens, lengths = write_docs(read(), tok, tmp, dtype)
+            tokens, lengths = write_docs(read(), tokenizer, tmp, dtype)
             width = np.dtype("<u4" if count < 1 << 32 else "<u8")
             (tmp / ORDER).write_bytes(np.frombuffer(order, width).tobytes())
             split = {"unit": "documents", "train": n_train, "validation": count - n_train, "seed": seed}
             extra = {"docs": count, "doc_lengths": {"tokens": lengths[0].tolist(), "count": lengths[1].tolist()}}
         else:
-            tokens, train_tokens = write_stream(read(), tok, tmp / TOKENS, dtype, n_train)
+            tokens, train_tokens = write_stream(read(), tokenizer, tmp / TOKENS, dtype, n_train)
             split = {"unit": "tokens", "train": train_tokens, "validation": tokens - train_tokens, "train_characters": n_train}
             extra = {}
         meta = {
             "format": FORMAT,
             "version": VERSION,
             "mode": dcfg.mode,
-            "tokenizer": tok.to_json(),
-            "vocab_size": tok.size,
-            "bos": tok.bos,
+            "tokenizer": tokenizer.to_json(),
+            "vocab_size": tokenizer.size,
+            "bos": tokenizer.bos,
             "dtype": dtype.name,
             "tokens": tokens,
             **extra,
@@ -214,21 +214,21 @@ def training_texts(texts, mode, n_train, order):
         seen += len(text)
 
 
-def write_docs(texts, tok, directory, dtype):
+def write_docs(texts, tokenizer, directory, dtype):
     """tokens.bin (BOS doc BOS doc ... BOS) and docs.bin (where each BOS is): (tokens, (lengths, counts))."""
     counts = {}
     with open(directory / TOKENS, "wb") as tokens, open(directory / DOCS, "wb") as bounds:
-        tokens.write(np.array([tok.bos], dtype).tobytes())
+        tokens.write(np.array([tokenizer.bos], dtype).tobytes())
         bounds.write(np.zeros(1, "<u8").tobytes())
         written, last_bos = 1, 0
         for text in texts:
             docs = split_docs(text)
             if not docs:
                 continue
-            joined = tok.joined(docs)
+            joined = tokenizer.joined(docs)
             ids = np.empty(len(joined) + 1, dtype)  # the documents, then the BOS after the last
-            ids[:-1], ids[-1] = joined, tok.bos
-            bos_at = np.flatnonzero(ids == tok.bos) + written
+            ids[:-1], ids[-1] = joined, tokenizer.bos
+            bos_at = np.flatnonzero(ids == tokenizer.bos) + written
             for length, n in zip(*np.unique(np.diff(bos_at, prepend=last_bos) - 1, return_counts=True)):
                 counts[int(length)] = counts.get(int(length), 0) + int(n)
             tokens.write(ids.tobytes())
@@ -238,14 +238,14 @@ def write_docs(texts, tok, directory, dtype):
     return written, (lengths, np.array([counts[k] for k in lengths.tolist()], np.int64))
 
 
-def write_stream(texts, tok, path, dtype, n_train):
+def write_stream(texts, tokenizer, path, dtype, n_train):
     """tokens.bin: the training side's tokens, then the validation side's: (tokens, training tokens)."""
     written, train_tokens, seen = 0, 0, 0
     with open(path, "wb") as f:
         for text in texts:
             cut = min(max(n_train - seen, 0), len(text))  # the sides are tokenized apart, as from the text file
             for part, training in ((text[:cut], True), (text[cut:], False)):
-                ids = tok.ids(part).astype(dtype)
+                ids = tokenizer.ids(part).astype(dtype)
                 f.write(ids.tobytes())
                 written += len(ids)
                 train_tokens += len(ids) if training else 0
@@ -362,18 +362,18 @@ def open_dataset(path) -> Dataset:
     if meta["mode"] == "docs" and not isinstance(split.get("seed"), int):
         raise bad("split.seed", f"is {split.get('seed')!r}")
     try:
-        tok = from_json(meta.get("tokenizer"))
+        tokenizer = from_json(meta.get("tokenizer"))
     except UserError as e:
         raise bad("tokenizer", f"is unusable ({e})") from None
-    if tok.size != meta.get("vocab_size"):
-        raise bad("vocab_size", f"is {meta.get('vocab_size')!r}, but the tokenizer has {tok.size} ids")
+    if tokenizer.size != meta.get("vocab_size"):
+        raise bad("vocab_size", f"is {meta.get('vocab_size')!r}, but the tokenizer has {tokenizer.size} ids")
     tokens = _file_array(path / TOKENS, "<" + ("u2" if meta["dtype"] == "uint16" else "u4"), meta["tokens"])
     if meta["mode"] == "stream":
-        return Dataset(path, meta, tok, tokens)
+        return Dataset(path, meta, tokenizer, tokens)
     n = meta["docs"]
     docs = _file_array(path / DOCS, "<u8", n + 1)
     order = _file_array(path / ORDER, "<u4" if n < 1 << 32 else "<u8", n)
-    return Dataset(path, meta, tok, tokens, docs, order)
+    return Dataset(path, meta, tokenizer, tokens, docs, order)
 
 
 def dataset_fields(dataset: Dataset) -> dict:

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from microgpt_jax.data import DataConfig, DocumentSource
 from microgpt_jax.model import GPTConfig, init_params_reference, param_shapes
 from microgpt_jax.sample import sample_reference
-from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.text import reference_docs
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, run_steps
 
 NUM_SAMPLES, TEMPERATURE = 20, 0.5
@@ -20,17 +21,17 @@ NUM_SAMPLES, TEMPERATURE = 20, 0.5
 def reproduce(data_path, steps=1000, print=print):
     jax.config.update("jax_enable_x64", True)  # the scalar engine computes in Python floats
     docs, rng = reference_docs(data_path)
-    vocab = Vocab.from_docs(docs)
+    tokenizer = CharTokenizer.from_docs(docs)
     print(f"num docs: {len(docs)}")
-    print(f"vocab size: {vocab.size}")
-    cfg = GPTConfig(vocab_size=vocab.size)
+    print(f"vocab size: {tokenizer.size}")
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     params = jax.tree.map(jnp.asarray, init_params_reference(cfg, rng))
     print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
 
     tcfg = TrainConfig(steps=steps, dtype="float64")
     trainer = Trainer(cfg, tcfg)
     dcfg = DataConfig(layout="padded", val_fraction=0.0)
-    data = DocumentSource([vocab.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
+    data = DocumentSource([tokenizer.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
     # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
     for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
         params = chunk.state.params
@@ -39,4 +40,4 @@ def reproduce(data_path, steps=1000, print=print):
 
     print("\n--- inference (new, hallucinated names) ---")
     for i, s in enumerate(sample_reference(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):
-        print(f"sample {i + 1:2d}: {vocab.decode(s.ids)}")
+        print(f"sample {i + 1:2d}: {tokenizer.decode(s.ids)}")

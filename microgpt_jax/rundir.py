@@ -35,8 +35,7 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.prepare import data_sha256, is_dataset
-from microgpt_jax.text import Vocab
-from microgpt_jax.tokenizer import BPETokenizer, from_json
+from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json
 from microgpt_jax.train import TrainConfig
 
 RUN_FILE = "run.json"
@@ -61,10 +60,10 @@ def _atomic_write(path: Path, text: str):
 
 
 class RunDir:
-    """An open run directory: its configs (by table name), tokenizer (`vocab`) and data file."""
+    """An open run directory: its configs (by table name), tokenizer and data file."""
 
-    def __init__(self, path, configs: dict, vocab, data_path, data_sha256, history=None):
-        self.path, self.configs, self.vocab = Path(path), configs, vocab
+    def __init__(self, path, configs: dict, tokenizer, data_path, data_sha256, history=None):
+        self.path, self.configs, self.tokenizer = Path(path), configs, tokenizer
         self.data_path, self.data_sha256 = Path(data_path), data_sha256
         self.history = dict(history or {})  # "init_from": where the weights came from; "extensions": steps added
         self.extends = None  # the steps this session extends the run from (resumed_configs)
@@ -91,7 +90,7 @@ class RunDir:
     # -- create and open ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, configs: dict, vocab, data_path, init_from=None) -> "RunDir":
+    def create(cls, path, configs: dict, tokenizer, data_path, init_from=None) -> "RunDir":
         """A new run directory, locked. Refuses a path that holds anything, above all an existing run.
 
         In a multi-process run every process checks, then process 0 writes.
@@ -102,15 +101,15 @@ class RunDir:
         if path.exists() and (not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir())):
             raise UserError(f"{path} already exists and is not empty; pass a new directory so nothing is overwritten")
         data_path = Path(data_path).resolve()
-        run = cls(path, configs, vocab, data_path, data_sha256(data_path), {"init_from": init_from} if init_from else None)
+        run = cls(path, configs, tokenizer, data_path, data_sha256(data_path), {"init_from": init_from} if init_from else None)
         parallel.barrier("run-create-checked")  # no process checks a directory process 0 has begun writing
         if parallel.is_main_process():
             made = not path.exists()
             try:
                 path.mkdir(parents=True, exist_ok=True)
                 run.lock()
-                if isinstance(vocab, BPETokenizer):  # before run.json: a run never lacks its tokenizer
-                    _atomic_write(path / TOKENIZER_FILE, vocab.hf_json)
+                if isinstance(tokenizer, BPETokenizer):  # before run.json: a run never lacks its tokenizer
+                    _atomic_write(path / TOKENIZER_FILE, tokenizer.hf_json)
                 _atomic_write(path / RUN_FILE, json.dumps(run.to_json(), indent=2) + "\n")
             except OSError as e:
                 run.unlock()
@@ -125,7 +124,7 @@ class RunDir:
             "format": FORMAT,
             "version": VERSION,
             **{table: dataclasses.asdict(self.configs[table]) for table in TABLES},
-            **({"vocab": self.vocab.chars} if self.vocab.kind == "char" else {}),
+            **({"vocab": self.tokenizer.chars} if self.tokenizer.kind == "char" else {}),
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
             **self.history,
         }
@@ -152,15 +151,15 @@ class RunDir:
                 configs[table] = from_dict(config_class, meta.get(table))
             except ConfigError as e:
                 raise bad(f"{table}.{e.field}".rstrip("."), e.problem) from None
-        vocab = cls.read_tokenizer(path, configs["data"].tokenizer, meta.get("vocab"), bad)
-        if vocab.size != configs["model"].vocab_size:
-            what = "characters" if vocab.kind == "char" else "ids"
-            raise bad("vocab", f"has {vocab.size - 1} {what} (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
+        tokenizer = cls.read_tokenizer(path, configs["data"].tokenizer, meta.get("vocab"), bad)
+        if tokenizer.size != configs["model"].vocab_size:
+            what = "characters" if tokenizer.kind == "char" else "ids"
+            raise bad("vocab", f"has {tokenizer.size - 1} {what} (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
         data = meta.get("data_file")
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
         history = {key: meta[key] for key in ("init_from", "extensions") if key in meta}
-        return cls(path, configs, vocab, data["path"], data["sha256"], history)
+        return cls(path, configs, tokenizer, data["path"], data["sha256"], history)
 
     @staticmethod
     def read_tokenizer(path, kind, chars, bad):
@@ -168,7 +167,7 @@ class RunDir:
         if kind == "char":
             if not isinstance(chars, str) or len(set(chars)) != len(chars) or "".join(sorted(chars)) != chars:
                 raise bad("vocab", "must be a string of distinct characters in sorted order")
-            return Vocab(chars)
+            return CharTokenizer(chars)
         if kind == "byte":
             return from_json({"kind": kind})
         tokenizer_file = Path(path) / TOKENIZER_FILE
@@ -267,10 +266,10 @@ class RunDir:
 
 
 class Weights(NamedTuple):
-    """A model to sample, check or start from: its config, tokenizer (`vocab`), params and where they come from."""
+    """A model to sample, check or start from: its config, tokenizer, params and where they come from."""
 
     cfg: GPTConfig
-    vocab: object  # text.Vocab or a tokenizer.py tokenizer
+    tokenizer: object  # text.Vocab or a tokenizer.py tokenizer
     params: dict
     origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
     run: "RunDir | None" = None
@@ -291,7 +290,7 @@ def load_weights(spec) -> Weights:
         return _load_safetensors(path)
     run = RunDir.open(path)
     checkpoint = run.store.restore(with_opt_state=False) if step is None else run.store.checkpoint(step)
-    return Weights(run.cfg, run.vocab, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run)
+    return Weights(run.cfg, run.tokenizer, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run)
 
 
 def _load_safetensors(path) -> Weights:
@@ -301,12 +300,12 @@ def _load_safetensors(path) -> Weights:
         with safe_open(str(path), "np") as f:
             meta, params = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         cfg = from_dict(GPTConfig, json.loads(meta["model"]))
-        vocab = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else Vocab(meta["vocab"])
+        tokenizer = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else CharTokenizer(meta["vocab"])
     except (OSError, SafetensorError, KeyError, ValueError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
-    if vocab.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
+    if tokenizer.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
         raise UserError(f"{path} does not hold the weights its metadata describes; export it again")
-    return Weights(cfg, vocab, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
+    return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
 
 
 def load_run(run_dir):
@@ -332,8 +331,8 @@ def export_safetensors(run_dir, out_path) -> int:
         raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP) to export")
     run, step = weights.run, weights.origin["step"]
     meta = run.to_json()
-    metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.vocab.to_json()), "step": str(step)}
-    metadata |= {"vocab": run.vocab.chars} if run.vocab.kind == "char" else {}
+    metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.tokenizer.to_json()), "step": str(step)}
+    metadata |= {"vocab": run.tokenizer.chars} if run.tokenizer.kind == "char" else {}
     metadata |= {table: json.dumps(meta[table]) for table in TABLES}
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:

@@ -54,12 +54,12 @@ def check_options(temperature, top_k=None, top_p=None):
         raise ConfigError("top_p", f"must be in (0, 1] (the probability mass kept), got {top_p}")
 
 
-def encode_prompt(vocab, text, cfg: GPTConfig) -> list[int]:
+def encode_prompt(tokenizer, text, cfg: GPTConfig) -> list[int]:
     """The prompt's token ids (BOS not included), or a UserError if the model cannot continue it."""
-    unknown = vocab.unknown(text)
+    unknown = tokenizer.unknown(text)
     if unknown:
-        raise ConfigError("prompt", f"has characters outside the run's vocabulary {unknown}; the vocabulary is {vocab.chars!r}")
-    ids = [int(i) for i in vocab.ids(text)]
+        raise ConfigError("prompt", f"has characters outside the run's vocabulary {unknown}; the vocabulary is {tokenizer.chars!r}")
+    ids = [int(i) for i in tokenizer.ids(text)]
     if len(ids) >= cfg.block_size:
         raise ConfigError(
             "prompt",
@@ -187,11 +187,11 @@ def _generate(params, prompt_P, cfg: GPTConfig, batch_size, draw, new_tokens=Non
     return seq_BL[:, P:], logp_B, pos - (P - 1)
 
 
-def start_token(vocab, mode) -> int:
+def start_token(tokenizer, mode) -> int:
     """The token a sample starts from: BOS, as in training, except in stream mode, whose training never
     sees BOS: there a line break (when the tokenizer has it as one token), the start of a line of the text."""
-    ids = [] if mode != "stream" or vocab.unknown("\n") else vocab.ids("\n")
-    return int(ids[0]) if len(ids) == 1 else vocab.bos
+    ids = [] if mode != "stream" or tokenizer.unknown("\n") else tokenizer.ids("\n")
+    return int(ids[0]) if len(ids) == 1 else tokenizer.bos
 
 
 def _with_start(cfg: GPTConfig, prompt, start=None):
@@ -334,9 +334,9 @@ def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.
 # --- printing ---
 
 
-def breaks_lines(vocab) -> bool:
+def breaks_lines(tokenizer) -> bool:
     """Whether a sample can hold a line break (a token decodes to one): then printed samples need framing."""
-    return any(len(("." + vocab.decode([i]) + ".").splitlines()) > 1 for i in range(vocab.size))
+    return any(len(("." + tokenizer.decode([i]) + ".").splitlines()) > 1 for i in range(tokenizer.size))
 
 
 def frame(number, text) -> str:

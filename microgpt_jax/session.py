@@ -49,7 +49,7 @@ class Session:
         fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, grad_accum=tcfg.grad_accum)
         memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
         local = parallel.local_rows if jax.process_count() > 1 else None  # each process reads only its own rows
-        self.vocab, self.data = load_train_data(
+        self.tokenizer, self.data = load_train_data(
             data_path,
             dcfg,
             tcfg.batch_size,
@@ -60,7 +60,7 @@ class Session:
             vocab_size,
             tokenizer,
         )
-        cfg = dataclasses.replace(cfg, vocab_size=self.vocab.size)
+        cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
         self.configs, self.data_path = {**configs, "model": cfg}, data_path
         self.trainer = Trainer(cfg, tcfg, self.mesh)
@@ -73,7 +73,7 @@ class Session:
         return "\n".join(
             [
                 self.data.describe(),
-                f"vocab size: {self.vocab.size}" + ("" if self.vocab.kind == "char" else f" ({self.vocab.kind} tokenizer)"),
+                f"vocab size: {self.tokenizer.size}" + ("" if self.tokenizer.kind == "char" else f" ({self.tokenizer.kind} tokenizer)"),
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
@@ -156,10 +156,10 @@ class Session:
 
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
-        if weights.vocab != self.vocab:
+        if weights.tokenizer != self.tokenizer:
             raise UserError(
-                f"the data's vocabulary ({self.vocab.kind}, {self.vocab.size - 1} ids + BOS) differs from that of the weights "
-                f"({weights.vocab.kind}, {weights.vocab.size - 1}, {weights.origin}); fine-tune on data with the same characters "
+                f"the data's vocabulary ({self.tokenizer.kind}, {self.tokenizer.size - 1} ids + BOS) differs from that of the weights "
+                f"({weights.tokenizer.kind}, {weights.tokenizer.size - 1}, {weights.origin}); fine-tune on data with the same characters "
                 "and --tokenizer"
             )
         dtype = self.configs["train"].param_dtype
@@ -172,7 +172,7 @@ class Session:
         the checkpoint's data position must be where this data puts its
         step. Every process continues from the same checkpoint.
         """
-        if run.vocab != self.vocab:
+        if run.tokenizer != self.tokenizer:
             raise UserError(f"the data's vocabulary differs from the run's ({run.run_file}); pass the run's data file")
         store = run.store
         store.remove_partial()

@@ -1,4 +1,4 @@
-"""Text files, documents and the character vocabulary (spec section 1). No jax here.
+"""Text files and documents (spec section 1). No jax here.
 
 A data file is UTF-8 text with one document per line, plain or gzipped. The
 default dataset is makemore's names.txt (github.com/karpathy/makemore, MIT),
@@ -6,15 +6,12 @@ shipped with the package as microgpt_jax/datasets/names.txt.gz and checked
 against its sha256 whenever it is read: nothing is downloaded.
 """
 
-import functools
 import gzip
 import hashlib
 import os
 import random
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
@@ -109,11 +106,6 @@ def reference_docs(path, seed=REFERENCE_SEED):
     return docs, rng
 
 
-def bos_id(vocab_size: int) -> int:
-    """BOS (beginning and end of a document) is the last id of a vocabulary: the one place that says so."""
-    return vocab_size - 1
-
-
 def utf32(text: str) -> np.ndarray:
     """The code points of text, one uint32 each."""
     return np.frombuffer(text.encode("utf-32-le"), np.uint32)
@@ -122,78 +114,3 @@ def utf32(text: str) -> np.ndarray:
 def code_points(text: str) -> np.ndarray:
     """The code points of text: uint8 for ASCII text (the common case, 4x less to go through), else uint32."""
     return np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii() else utf32(text)
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """The char tokenizer (the seed's): characters sorted; a character's id is its index; BOS is the last id.
-
-    Every tokenizer (tokenizer.py) answers as this one does: size, bos,
-    encode (a document with its BOS), ids (text, no BOS), joined (documents
-    with a BOS between them), decode, unit and unit_lengths (for bits per
-    character or byte), unknown, to_json.
-    """
-
-    chars: str
-    kind: ClassVar[str] = "char"
-    unit: ClassVar[str] = "character"  # what one token of text is made of
-
-    @classmethod
-    def from_docs(cls, docs):
-        return cls("".join(sorted(set("".join(docs)))))
-
-    @classmethod
-    def from_codes(cls, codes):
-        """From the code points that occur (a set or an array of them)."""
-        return cls("".join(map(chr, sorted(int(c) for c in codes))))
-
-    @property
-    def bos(self) -> int:
-        return bos_id(self.size)
-
-    @property
-    def size(self) -> int:
-        return len(self.chars) + 1
-
-    def unknown(self, text: str) -> list[str]:
-        """The characters of text outside the vocabulary, sorted."""
-        return sorted(set(text) - set(self.chars))
-
-    @functools.cached_property
-    def _lut(self) -> np.ndarray:
-        """Code point -> id, for code points up to 255 at least; those outside the vocabulary -> -1."""
-        codes = utf32(self.chars)
-        lut = np.full(max(int(codes.max(initial=0)) + 1, 256), -1, np.int32)
-        lut[codes] = np.arange(len(codes), dtype=np.int32)
-        return lut
-
-    def _map(self, text: str, newline_is_bos=False) -> np.ndarray:
-        codes = code_points(text)
-        ids = self._lut[codes if codes.dtype == np.uint8 else np.minimum(codes, len(self._lut) - 1)]
-        if newline_is_bos:
-            ids[codes == 10] = self.bos
-        if len(ids) and (ids.min() < 0 or codes.max() >= len(self._lut)):
-            raise UserError(f"the text has characters outside the vocabulary {self.unknown(text)}; the vocabulary is {self.chars!r}")
-        return ids
-
-    def ids(self, text: str) -> np.ndarray:
-        """The ids of every character of text, no BOS (stream mode)."""
-        return self._map(text)
-
-    def joined(self, docs) -> np.ndarray:
-        """The ids of the documents (lines: no newline inside) with one BOS between consecutive ones, none around them."""
-        return self._map("\n".join(docs), newline_is_bos=True)
-
-    def encode(self, doc: str) -> list[int]:
-        """[BOS] + ids + [BOS]."""
-        return [self.bos, *self.ids(doc).tolist(), self.bos]
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids if i != self.bos)
-
-    def unit_lengths(self) -> np.ndarray:
-        """Characters of text each id stands for: 1, and 0 for BOS."""
-        return np.append(np.ones(self.size - 1, np.int64), 0)
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "chars": self.chars}

@@ -1,6 +1,6 @@
-"""Tokenizers: char (the seed's, text.Vocab), byte (UTF-8 bytes) and bpe (byte-level BPE). No jax here.
+"""Tokenizers: char (the seed's), byte (UTF-8 bytes) and bpe (byte-level BPE). No jax here.
 
-Each answers as text.Vocab does: `size` ids, the last one BOS (`bos`);
+Each answers the same questions: `size` ids, the last one BOS (`bos`);
 `encode(doc)` is [BOS] + ids + [BOS]; `ids(text)` the ids of a text, no
 BOS; `joined(docs)` the ids of documents with a BOS between consecutive
 ones; `decode(ids)` the text, BOS skipped, never failing on a cut UTF-8
@@ -14,6 +14,7 @@ text: GPT-2's byte-level pre-tokenizer (text split into words, spaces and
 punctuation, each as UTF-8 bytes), then merges up to the vocabulary size.
 """
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
-from microgpt_jax.text import Vocab, bos_id
+from microgpt_jax.text import code_points, utf32
 
 KINDS = ("char", "byte", "bpe")
 BYTES = 256
@@ -32,6 +33,80 @@ BPE_VOCAB_SIZE = 512  # bpe's vocabulary without --vocab-size, BOS included
 # whitespace. The pre-tokenizer's pieces never end in whitespace unless they are all whitespace, so a
 # piece ends there in the whole text and in each part alike.
 SAFE_CUT = re.compile(r"(?<=\S)(?=\n)")
+
+
+def bos_id(vocab_size: int) -> int:
+    """BOS (beginning and end of a document) is the last id of a vocabulary: the one place that says so."""
+    return vocab_size - 1
+
+
+@dataclass(frozen=True)
+class CharTokenizer:
+    """The char tokenizer (the seed's): characters sorted; a character's id is its index; BOS is the last id."""
+
+    chars: str
+    kind: ClassVar[str] = "char"
+    unit: ClassVar[str] = "character"  # what one token of text is made of
+
+    @classmethod
+    def from_docs(cls, docs):
+        return cls("".join(sorted(set("".join(docs)))))
+
+    @classmethod
+    def from_codes(cls, codes):
+        """From the code points that occur (a set or an array of them)."""
+        return cls("".join(map(chr, sorted(int(c) for c in codes))))
+
+    @property
+    def bos(self) -> int:
+        return bos_id(self.size)
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) + 1
+
+    def unknown(self, text: str) -> list[str]:
+        """The characters of text outside the vocabulary, sorted."""
+        return sorted(set(text) - set(self.chars))
+
+    @functools.cached_property
+    def _lut(self) -> np.ndarray:
+        """Code point -> id, for code points up to 255 at least; those outside the vocabulary -> -1."""
+        codes = utf32(self.chars)
+        lut = np.full(max(int(codes.max(initial=0)) + 1, 256), -1, np.int32)
+        lut[codes] = np.arange(len(codes), dtype=np.int32)
+        return lut
+
+    def _map(self, text: str, newline_is_bos=False) -> np.ndarray:
+        codes = code_points(text)
+        ids = self._lut[codes if codes.dtype == np.uint8 else np.minimum(codes, len(self._lut) - 1)]
+        if newline_is_bos:
+            ids[codes == 10] = self.bos
+        if len(ids) and (ids.min() < 0 or codes.max() >= len(self._lut)):
+            raise UserError(f"the text has characters outside the vocabulary {self.unknown(text)}; the vocabulary is {self.chars!r}")
+        return ids
+
+    def ids(self, text: str) -> np.ndarray:
+        """The ids of every character of text, no BOS (stream mode)."""
+        return self._map(text)
+
+    def joined(self, docs) -> np.ndarray:
+        """The ids of the documents (lines: no newline inside) with one BOS between consecutive ones, none around them."""
+        return self._map("\n".join(docs), newline_is_bos=True)
+
+    def encode(self, doc: str) -> list[int]:
+        """[BOS] + ids + [BOS]."""
+        return [self.bos, *self.ids(doc).tolist(), self.bos]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids if i != self.bos)
+
+    def unit_lengths(self) -> np.ndarray:
+        """Characters of text each id stands for: 1, and 0 for BOS."""
+        return np.append(np.ones(self.size - 1, np.int64), 0)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
 
 
 def _decode_bytes(data: bytes) -> str:
@@ -96,11 +171,11 @@ class BPETokenizer:
             raise UserError(f"not a tokenizer saved by microgpt-jax ({str(e).splitlines()[0]}); prepare or train again") from None
         self.hf_json = self.hf.to_str()  # the library's own serialization: equal tokenizers, equal strings
         by_char = byte_chars()
-        vocab = self.hf.get_vocab()
-        self.pieces = [b""] * len(vocab)
-        for token, i in vocab.items():
+        hf_vocab = self.hf.get_vocab()
+        self.pieces = [b""] * len(hf_vocab)
+        for token, i in hf_vocab.items():
             self.pieces[i] = bytes(by_char[c] for c in token)
-        self.size = len(vocab) + 1
+        self.size = len(hf_vocab) + 1
         self.bos = bos_id(self.size)
 
     def __eq__(self, other):
@@ -158,14 +233,14 @@ def train_bpe(texts, vocab_size=BPE_VOCAB_SIZE) -> BPETokenizer:
     return BPETokenizer(hf.to_str())
 
 
-def from_json(meta) -> "Vocab | ByteTokenizer | BPETokenizer":
+def from_json(meta) -> "CharTokenizer | ByteTokenizer | BPETokenizer":
     """A tokenizer from its to_json(); a value that is none is a one-line error."""
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "char" and isinstance(meta.get("chars"), str):
         chars = meta["chars"]
         if len(set(chars)) != len(chars) or "".join(sorted(chars)) != chars:
             raise UserError("a char tokenizer's chars must be distinct characters in sorted order")
-        return Vocab(chars)
+        return CharTokenizer(chars)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe" and isinstance(meta.get("hf"), dict):

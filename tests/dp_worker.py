@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from microgpt_jax import parallel  # noqa: E402
 from microgpt_jax.model import GPTConfig, init_params  # noqa: E402
-from microgpt_jax.text import Vocab  # noqa: E402
+from microgpt_jax.tokenizer import CharTokenizer  # noqa: E402
 from microgpt_jax.train import TrainConfig, Trainer  # noqa: E402
 from tests.helpers import reference_batches  # noqa: E402
 
@@ -24,13 +24,13 @@ DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amel
 
 
 def train(num_devices, steps=10, batch_size=8):
-    vocab = Vocab.from_docs(DOCS)
-    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, n_layer=2, block_size=8)
+    tokenizer = CharTokenizer.from_docs(DOCS)
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=2, block_size=8)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, dtype="float64")
     mesh = parallel.make_mesh(num_devices)
     trainer = Trainer(cfg, tcfg, mesh)
     state = trainer.init(trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64)))
-    batches = trainer.put(reference_batches([vocab.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
+    batches = trainer.put(reference_batches([tokenizer.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
     state, losses = trainer.steps(state, batches, steps)
     assert int(state.step) == steps
     shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}

@@ -72,7 +72,7 @@ def reference_batches(encoded_docs, start_step, num_steps, batch_size, block_siz
     return DocumentSource(encoded_docs, [], dcfg, batch_size, block_size).batches(start_step, num_steps, num_steps)
 
 
-def save_run(path, params, configs, vocab, data_text):
+def save_run(path, params, configs, tokenizer, data_text):
     """A run directory as `train --out` writes it: run.json (configs, vocabulary, a data file of data_text) and a
     checkpoint of params at step 1."""
     import numpy as np
@@ -82,7 +82,7 @@ def save_run(path, params, configs, vocab, data_text):
 
     data = path.parent / f"{path.name}-data.txt"
     data.write_text(data_text)
-    with RunDir.create(path, configs, vocab, data) as run:
+    with RunDir.create(path, configs, tokenizer, data) as run:
         run.store.save(TrainState(params, make_optimizer(configs["train"]).init(params), np.int32(1)), data_position=0)
     return path
 

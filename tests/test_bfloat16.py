@@ -61,7 +61,7 @@ def test_bfloat16_loss_is_near_float32s(names_path):
 def test_bfloat16_runs_save_read_resume_bitwise_and_sample(tmp_path, names_path):
     train.set_precision("bfloat16", allow_cpu_bfloat16=True)
     session = Session(configs("bfloat16"), names_path)
-    with RunDir.create(tmp_path / "run", session.configs, session.vocab, names_path) as run:
+    with RunDir.create(tmp_path / "run", session.configs, session.tokenizer, names_path) as run:
         state = session.initial_state()
         whole = train.fit(session.trainer, state, session.data, session.hooks(state, run))
     assert run.store.steps() == [2, 4, 6]
@@ -79,4 +79,4 @@ def test_bfloat16_runs_save_read_resume_bitwise_and_sample(tmp_path, names_path)
     weights = load_weights(run.path)
     drawn = sample(weights.params, weights.cfg, 8, temperature=1.0, seed=0)
     assert len(drawn) == 8 and all(np.isfinite(s.logprob) for s in drawn)
-    assert any(s.ids for s in drawn) and all(0 <= i < weights.vocab.bos for s in drawn for i in s.ids)
+    assert any(s.ids for s in drawn) and all(0 <= i < weights.tokenizer.bos for s in drawn for i in s.ids)

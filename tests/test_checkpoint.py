@@ -422,13 +422,13 @@ def test_export_safetensors(tmp_path, finished_run, capsys):
     out = tmp_path / "model.safetensors"
     cli.main(["export", str(finished_run), str(out)])
     run, params = load_run(finished_run)
-    cfg, vocab = run.cfg, run.vocab
+    cfg, tokenizer = run.cfg, run.tokenizer
     loaded = load_file(str(out))
     assert list(loaded) == sorted(param_shapes(cfg))
     assert all(np.array_equal(loaded[k], params[k]) and loaded[k].dtype == np.float32 for k in params)
     with safe_open(str(out), "np") as f:
         meta = f.metadata()
-    assert meta["vocab"] == vocab.chars and meta["step"] == "6"
+    assert meta["vocab"] == tokenizer.chars and meta["step"] == "6"
     assert json.loads(meta["model"])["n_embd"] == 8
     with pytest.raises(UserError, match=r"already exists"):
         cli.main(["export", str(finished_run), str(out)])

@@ -24,7 +24,8 @@ from microgpt_jax.check import (
     run_check,
 )
 from microgpt_jax.model import GPTConfig, forward, init_params_reference
-from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.text import reference_docs
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests.helpers import MODEL_VARIANTS, all_variants
 
@@ -34,7 +35,7 @@ assert (ATOL, RTOL, PARAM_ATOL) == (1e-12, 1e-10, 1e-10)  # the issue's toleranc
 @pytest.fixture(scope="module")
 def names(names_path):
     docs, rng = reference_docs(names_path)
-    return docs, Vocab.from_docs(docs), rng
+    return docs, CharTokenizer.from_docs(docs), rng
 
 
 def assert_rows_pass(rows):
@@ -61,39 +62,39 @@ def test_reference_init_leaves_the_stream_where_the_scalar_engine_does():
 
 @pytest.mark.parametrize("doc_index", range(5))
 def test_default_config_gradients_over_five_names(names, doc_index):
-    docs, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     params = init_params_reference(cfg, random.Random(doc_index))
-    tokens = vocab.encode(docs[doc_index])
+    tokens = tokenizer.encode(docs[doc_index])
     assert_rows_pass([check_logits(params, cfg, tokens)] + check_grads(params, cfg, [tokens]))
 
 
 def test_two_layer_two_head_config(names):
-    docs, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=8)
+    docs, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_layer=2, n_head=2, n_embd=8)
     params = init_params_reference(cfg, random.Random(11))
-    assert_rows_pass(run_check(cfg, params, [vocab.encode(docs[7])], steps=3))
+    assert_rows_pass(run_check(cfg, params, [tokenizer.encode(docs[7])], steps=3))
 
 
 def test_document_longer_than_block_size_is_cut(names):
-    _, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
+    _, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size, block_size=8)
     doc = "abcdefghijklmnopqrstuvwxyz"  # 28 tokens with the two BOS: only 8 positions trained
     params = init_params_reference(cfg, random.Random(12))
-    rows = run_check(cfg, params, [vocab.encode(doc)], steps=2)
+    rows = run_check(cfg, params, [tokenizer.encode(doc)], steps=2)
     assert_rows_pass(rows)
     # the cut is the spec's: the whole document trains exactly as its first block_size + 1 tokens
     params = {k: jnp.asarray(v) for k, v in params.items()}
-    whole = jax_grads(params, cfg, [vocab.encode(doc)])
-    prefix = jax_grads(params, cfg, [vocab.encode(doc)[: cfg.block_size + 1]])
+    whole = jax_grads(params, cfg, [tokenizer.encode(doc)])
+    prefix = jax_grads(params, cfg, [tokenizer.encode(doc)[: cfg.block_size + 1]])
     assert whole[0] == prefix[0]
 
 
 def test_twenty_training_steps_in_spec_order(names):
-    docs, vocab, rng = names
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer, rng = names
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     params = init_params_reference(cfg, random.Random(42))
-    encoded = [vocab.encode(d) for d in docs[:20]]
+    encoded = [tokenizer.encode(d) for d in docs[:20]]
     rows = check_training(params, cfg, TrainConfig(steps=20, dtype="float64"), encoded)
     assert_rows_pass(rows)
     assert rows[0].name == "train losses" and len(rows) == 1 + len(params)
@@ -103,8 +104,8 @@ def test_check_catches_a_real_difference(names, monkeypatch):
     """The comparison can fail: a scalar engine with another norm epsilon does not pass."""
     import reference.gpt
 
-    docs, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     params = init_params_reference(cfg, random.Random(1))
 
     def rmsnorm_other_eps(x):
@@ -112,17 +113,17 @@ def test_check_catches_a_real_difference(names, monkeypatch):
         return [xi * scale for xi in x]
 
     monkeypatch.setitem(reference.gpt.NORMS, "rmsnorm", rmsnorm_other_eps)
-    rows = [check_logits(params, cfg, vocab.encode(docs[0]))] + check_grads(params, cfg, [vocab.encode(docs[0])])
+    rows = [check_logits(params, cfg, tokenizer.encode(docs[0]))] + check_grads(params, cfg, [tokenizer.encode(docs[0])])
     assert not all(r.ok for r in rows)
 
 
 def test_vectorized_forward_of_a_batch_equals_each_row_alone(names):
-    docs, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     params = {k: jnp.asarray(v) for k, v in init_params_reference(cfg, random.Random(2)).items()}
-    rows = [vocab.encode(d)[: cfg.block_size] for d in docs[:3]]
+    rows = [tokenizer.encode(d)[: cfg.block_size] for d in docs[:3]]
     T = max(len(r) for r in rows)
-    batch = jnp.asarray([r + [vocab.bos] * (T - len(r)) for r in rows])
+    batch = jnp.asarray([r + [tokenizer.bos] * (T - len(r)) for r in rows])
     logits = forward(params, batch, cfg)
     for i, r in enumerate(rows):
         alone = forward(params, jnp.asarray([r]), cfg)[0]
@@ -145,10 +146,10 @@ CASES = {name: (m, {}) for name, m in MODEL_VARIANTS.items()} | {name: ({}, t) f
 
 @pytest.mark.parametrize("model, train", [*CASES.values(), ALL_AT_ONCE], ids=[*CASES, "all_at_once"])
 def test_variant_against_the_scalar_engine(names, model, train):
-    docs, vocab, _ = names
-    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, block_size=8, **model)
+    docs, tokenizer, _ = names
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, block_size=8, **model)
     params = init_params_reference(cfg, random.Random(21))
     tcfg = TrainConfig(**{"batch_size": 2} | train)
-    rows = run_check(cfg, params, [vocab.encode(d) for d in docs[:12]], steps=3, tcfg=tcfg)
+    rows = run_check(cfg, params, [tokenizer.encode(d) for d in docs[:12]], steps=3, tcfg=tcfg)
     assert_rows_pass(rows)
     assert len(rows) == 1 + 1 + len(params) + 1 + len(params)  # logits, loss, gradients, losses, weights: all compared

@@ -10,7 +10,8 @@ import pytest
 import microgpt_jax.text as text
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch
-from microgpt_jax.text import Vocab, load_docs, reference_docs
+from microgpt_jax.text import load_docs, reference_docs
+from microgpt_jax.tokenizer import CharTokenizer
 from tests.helpers import reference_batches
 
 
@@ -26,10 +27,10 @@ def test_names_dataset_and_vocabulary(names_path):
     expected = load_docs(names_path)
     random.Random(42).shuffle(expected)
     assert docs == expected and len(docs) == 32033
-    vocab = Vocab.from_docs(docs)
-    assert (vocab.chars, vocab.bos, vocab.size) == ("abcdefghijklmnopqrstuvwxyz", 26, 27)
-    assert vocab.encode("abz") == [26, 0, 1, 25, 26]
-    assert vocab.decode(vocab.encode("emma")) == "emma"
+    tokenizer = CharTokenizer.from_docs(docs)
+    assert (tokenizer.chars, tokenizer.bos, tokenizer.size) == ("abcdefghijklmnopqrstuvwxyz", 26, 27)
+    assert tokenizer.encode("abz") == [26, 0, 1, 25, 26]
+    assert tokenizer.decode(tokenizer.encode("emma")) == "emma"
 
 
 @pytest.mark.parametrize(

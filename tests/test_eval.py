@@ -13,7 +13,7 @@ from microgpt_jax.data import DataConfig
 from microgpt_jax.evaluate import evaluate_run
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests import helpers
 from tests.test_sample import assert_close, full, random_params
@@ -62,7 +62,7 @@ def validation_docs():
 
 # --- a file, against the definition ---
 
-VOCAB = Vocab("\n abcdefghijklmnopqrstuvwxyz")
+VOCAB = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
 CFG = GPTConfig(vocab_size=VOCAB.size, n_embd=16, n_head=2, n_layer=2, block_size=T)
 PARAMS = random_params(CFG, seed=2, scale=2.0)
 

@@ -17,12 +17,12 @@ from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig
 from microgpt_jax.model import GPTConfig
 from microgpt_jax.sample import _generate, frame, keyed_draw, print_samples, sample, sample_batches
-from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests import helpers
 from tests.test_sample import assert_close, full, random_params
 
-VOCAB = Vocab("\n !,.:abcdefghijklmnopqrstuvwxyz")  # a text run's: newlines are characters
+VOCAB = CharTokenizer("\n !,.:abcdefghijklmnopqrstuvwxyz")  # a text run's: newlines are characters
 BOS, T = VOCAB.bos, 8
 CFG = GPTConfig(vocab_size=VOCAB.size, n_embd=16, n_head=2, n_layer=2, block_size=T)
 PROMPT = tuple(VOCAB.ids("ab").tolist())
@@ -167,7 +167,7 @@ def test_stream_runs_start_from_a_line_break_not_bos():
     newline = int(VOCAB.ids("\n")[0])
     assert sampling.start_token(VOCAB, "stream") == newline
     assert sampling.start_token(VOCAB, "docs") == VOCAB.bos  # documents start at BOS, as in training
-    assert sampling.start_token(Vocab("abc"), "stream") == Vocab("abc").bos  # no line break to start from
+    assert sampling.start_token(CharTokenizer("abc"), "stream") == CharTokenizer("abc").bos  # no line break to start from
     params = random_params(CFG, seed=4, scale=3.0)
     for start in (newline, VOCAB.bos):  # greedy: the first token is the argmax after the start token
         (s,) = sample(params, CFG, 1, temperature=0.0, start=start, max_new_tokens=1)

@@ -10,7 +10,8 @@ from nbclient import NotebookClient
 
 import reference
 from microgpt_jax.layout import Batch
-from microgpt_jax.text import Vocab, reference_docs
+from microgpt_jax.text import reference_docs
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
 from tests.helpers import ROOT
 
@@ -68,11 +69,12 @@ def test_computation_graph_runs(names_path, monkeypatch):
 def seed_lines(names_path, steps):
     """microgpt's first training lines (of its 1000-step run), from the scalar engine."""
     docs, rng = reference_docs(names_path)
-    vocab = Vocab.from_docs(docs)
-    cfg = reference.Config(vocab_size=vocab.size)
+    tokenizer = CharTokenizer.from_docs(docs)
+    cfg = reference.Config(vocab_size=tokenizer.size)
     state = reference.init_state(cfg, rng)
     adam = reference.Adam(reference.parameters(state), 1000)
-    return [f"step {s + 1:4d} / 1000 | loss {reference.train_step(state, cfg, adam, s, vocab.encode(docs[s])):.4f}" for s in range(steps)]
+    losses = [reference.train_step(state, cfg, adam, s, tokenizer.encode(docs[s])) for s in range(steps)]
+    return [f"step {s + 1:4d} / 1000 | loss {loss:.4f}" for s, loss in enumerate(losses)]
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)

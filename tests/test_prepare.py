@@ -59,10 +59,10 @@ def test_a_prepared_dataset_gives_the_batches_of_its_text_file(request, tmp_path
     dcfg = DataConfig(mode=mode, tokenizer=tokenizer, layout=layout)
     size = 300 if tokenizer == "bpe" else None
     prepare(path, tmp_path / "ds", dcfg, vocab_size=size, chunk_bytes=1 << 14)  # many chunks: their seams must not show
-    tok, plain = load_train_data(path, dcfg, 8, 16, 42, vocab_size=size)
+    tokenizer, plain = load_train_data(path, dcfg, 8, 16, 42, vocab_size=size)
     tok_dir, prepared = load_train_data(tmp_path / "ds", dcfg, 8, 16, 42)
     mapped = prepared.text if mode == "stream" else prepared.train.flat
-    assert tok_dir == tok and type(prepared) is type(plain) and isinstance(mapped, FileArray)
+    assert tok_dir == tokenizer and type(prepared) is type(plain) and isinstance(mapped, FileArray)
     same_batches(plain, prepared)
 
 
@@ -154,7 +154,7 @@ def test_resume_on_a_prepared_dataset_is_bitwise_identical(tmp_path, names_path,
     assert np.array_equal(np.concatenate([first, [spy.losses[s] for s in range(2, 4)]]), whole)
     assert_same_state(final_state(tmp_path / "cut"), final_state(tmp_path / "whole"))
     run = RunDir.open(tmp_path / "cut")
-    assert run.data_path == (tmp_path / "ds").resolve() and run.dcfg.mode == "docs" and run.vocab.size == 27
+    assert run.data_path == (tmp_path / "ds").resolve() and run.dcfg.mode == "docs" and run.tokenizer.size == 27
     capsys.readouterr()
 
 
@@ -162,18 +162,18 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
     flags = [*TINY, "--data", small_text, "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "3", "--layout", "padded"]
     code, out = run_in_process(capsys, "train", *flags, "--out", tmp_path / "run")
     assert code == 0 and "vocab size: 300 (bpe tokenizer)" in out.out, out
-    cfg, tok, params, _, run = load_weights(tmp_path / "run")
-    assert (tmp_path / "run" / "tokenizer.json").is_file() and tok.kind == "bpe" and tok.size == cfg.vocab_size == 300
-    assert tok == load_train_data(small_text, run.dcfg, 1, 8, 42, vocab_size=300)[0]  # the tokenizer trained on this text
-    assert tok.decode(tok.encode("Café, 世界")) == "Café, 世界"  # what sample decodes its ids with
+    cfg, tokenizer, params, _, run = load_weights(tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer.json").is_file() and tokenizer.kind == "bpe" and tokenizer.size == cfg.vocab_size == 300
+    assert tokenizer == load_train_data(small_text, run.dcfg, 1, 8, 42, vocab_size=300)[0]  # the tokenizer trained on this text
+    assert tokenizer.decode(tokenizer.encode("Café, 世界")) == "Café, 世界"  # what sample decodes its ids with
     code, out = run_in_process(capsys, "export", tmp_path / "run", tmp_path / "m.safetensors")
-    assert code == 0 and load_weights(tmp_path / "m.safetensors").vocab == tok
+    assert code == 0 and load_weights(tmp_path / "m.safetensors").tokenizer == tokenizer
     code, out = run_in_process(capsys, "check", tmp_path / "run", "--steps", "1", "--doc", "é世")  # a BPE-tokenized document
     assert code == 0 and "passed, 0 failed" in out.out
     code, out = run_in_process(capsys, "sample", tmp_path / "run", "--prompt", "Caf", "--num-samples", "3", "--json")
     samples = [json.loads(line) for line in out.out.splitlines()]
     assert code == 0 and len(samples) == 3, out.err
-    assert all(s["sample"] == tok.decode(s["ids"]) and s["sample"].startswith("Caf") for s in samples)  # decoded whole
+    assert all(s["sample"] == tokenizer.decode(s["ids"]) and s["sample"].startswith("Caf") for s in samples)  # decoded whole
     code, out = run_in_process(capsys, "eval", tmp_path / "run", "--json")
     result = json.loads(out.out)
     assert code == 0 and result["bytes"] > result["tokens"] > 0 and "bits_per_byte" in result, out.err  # bpe: per byte
@@ -182,13 +182,13 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
     code, out = run_in_process(
         capsys, "train", "--init-from", tmp_path / "run", "--data", small_text, "--steps", "1", "--out", tmp_path / "b"
     )
-    assert code == 0 and load_weights(tmp_path / "b").vocab == tok, out  # fine-tuned: the weights' bpe, without --tokenizer
+    assert code == 0 and load_weights(tmp_path / "b").tokenizer == tokenizer, out  # fine-tuned: the weights' bpe, without --tokenizer
 
 
 def test_training_with_the_byte_tokenizer(tmp_path, small_text, capsys):
     flags = [*TINY, "--data", small_text, "--tokenizer", "byte", "--mode", "stream", "--steps", "2", "--batch-size", "2"]
     code, out = run_in_process(capsys, "train", *flags, "--out", tmp_path / "run")
-    assert code == 0 and "vocab size: 257 (byte tokenizer)" in out.out and RunDir.open(tmp_path / "run").vocab.kind == "byte"
+    assert code == 0 and "vocab size: 257 (byte tokenizer)" in out.out and RunDir.open(tmp_path / "run").tokenizer.kind == "byte"
 
 
 def test_the_main_command_needs_no_network(tmp_path, monkeypatch, capsys):

@@ -27,11 +27,11 @@ from microgpt_jax.model import (
 )
 from microgpt_jax.rundir import RunDir
 from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_reference, sample_rows
-from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
 from tests import helpers
 
-VOCAB = Vocab("abcdefghijklmnopqrstuvwxyz")
+VOCAB = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
 BOS = VOCAB.bos
 CFG = GPTConfig(vocab_size=VOCAB.size)  # microgpt's model
 PROMPT = (10, 0)  # "ka"

@@ -7,8 +7,8 @@ import pytest
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
-from microgpt_jax.text import Vocab, load_docs
-from microgpt_jax.tokenizer import SAFE_CUT, BPETokenizer, ByteTokenizer, check_size, from_json, train_bpe
+from microgpt_jax.text import load_docs
+from microgpt_jax.tokenizer import SAFE_CUT, BPETokenizer, ByteTokenizer, CharTokenizer, check_size, from_json, train_bpe
 
 TEXT = "héllo wörld, naïve café\nЗдравствуй мир 世界 🙂 ok\n  spaced   out  \n\tend"
 
@@ -20,43 +20,45 @@ def bpe(names_path):
 
 @pytest.fixture(scope="module")
 def tokenizers(bpe):
-    return {"char": Vocab.from_docs([TEXT]), "byte": ByteTokenizer(), "bpe": bpe}
+    return {"char": CharTokenizer.from_docs([TEXT]), "byte": ByteTokenizer(), "bpe": bpe}
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
 def test_round_trip_and_units(tokenizers, kind):
-    tok = tokenizers[kind]
-    ids = tok.ids(TEXT)
-    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < tok.bos and tok.bos == tok.size - 1
-    assert tok.decode(ids.tolist()) == TEXT and tok.decode(tok.encode(TEXT)) == TEXT  # BOS skipped
-    assert tok.encode("ok") == [tok.bos, *tok.ids("ok").tolist(), tok.bos]
-    units = len(TEXT) if tok.unit == "character" else len(TEXT.encode())
-    assert tok.unit_lengths()[ids].sum() == units and tok.unit_lengths()[tok.bos] == 0  # bits per character or byte
+    tokenizer = tokenizers[kind]
+    ids = tokenizer.ids(TEXT)
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < tokenizer.bos and tokenizer.bos == tokenizer.size - 1
+    assert tokenizer.decode(ids.tolist()) == TEXT and tokenizer.decode(tokenizer.encode(TEXT)) == TEXT  # BOS skipped
+    assert tokenizer.encode("ok") == [tokenizer.bos, *tokenizer.ids("ok").tolist(), tokenizer.bos]
+    units = len(TEXT) if tokenizer.unit == "character" else len(TEXT.encode())
+    assert tokenizer.unit_lengths()[ids].sum() == units and tokenizer.unit_lengths()[tokenizer.bos] == 0  # bits per character or byte
     docs = ["ab", "café", "世界"] if kind != "char" else ["hé", "w"]
-    assert [tok.bos, *tok.joined(docs).tolist(), tok.bos] == [i for d in docs for i in tok.encode(d)[:-1]] + [tok.bos]
-    assert from_json(json.loads(json.dumps(tok.to_json()))) == tok and tok.kind == kind
+    assert [tokenizer.bos, *tokenizer.joined(docs).tolist(), tokenizer.bos] == [i for d in docs for i in tokenizer.encode(d)[:-1]] + [
+        tokenizer.bos
+    ]
+    assert from_json(json.loads(json.dumps(tokenizer.to_json()))) == tokenizer and tokenizer.kind == kind
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_decoding_never_fails_on_a_cut_character(tokenizers, kind):
-    tok = tokenizers[kind]
+    tokenizer = tokenizers[kind]
     text = "世界🙂é"
-    ids = tok.ids(text).tolist()
+    ids = tokenizer.ids(text).tolist()
     assert len(ids) > len(text)  # the characters span several ids: most cuts fall inside one
     for cut in range(len(ids) + 1):  # U+FFFD stands in for the cut character
-        head, tail = tok.decode(ids[:cut]), tok.decode(ids[cut:])
+        head, tail = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:])
         assert text.startswith(head.rstrip("\ufffd")) and text.endswith(tail.lstrip("\ufffd"))
     rng = np.random.default_rng(0)
     for _ in range(20):  # any ids at all: a string, never an exception
-        assert isinstance(tok.decode(rng.integers(0, tok.size, 12).tolist()), str)
+        assert isinstance(tokenizer.decode(rng.integers(0, tokenizer.size, 12).tolist()), str)
 
 
 def test_char_is_the_seeds_vocabulary_and_refuses_unknown_characters():
-    vocab = Vocab.from_docs(["emma", "olivia"])
-    assert (vocab.chars, vocab.size, vocab.bos, vocab.kind, vocab.unit) == ("aeilmov", 8, 7, "char", "character")
-    assert vocab.encode("mia") == [7, 4, 2, 0, 7] and vocab.unknown("maxé") == ["x", "é"]
+    tokenizer = CharTokenizer.from_docs(["emma", "olivia"])
+    assert (tokenizer.chars, tokenizer.size, tokenizer.bos, tokenizer.kind, tokenizer.unit) == ("aeilmov", 8, 7, "char", "character")
+    assert tokenizer.encode("mia") == [7, 4, 2, 0, 7] and tokenizer.unknown("maxé") == ["x", "é"]
     with pytest.raises(UserError, match=r"characters outside the vocabulary \['x'\]"):
-        vocab.ids("max")
+        tokenizer.ids("max")
 
 
 def test_bpe_learns_merges_and_cuts_text_where_nothing_changes(bpe, names_path, shakespeare_path):

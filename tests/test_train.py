@@ -14,12 +14,12 @@ from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
-from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, TrainState, make_optimizer
 from tests.helpers import reference_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
-VOCAB = Vocab.from_docs(DOCS)
+VOCAB = CharTokenizer.from_docs(DOCS)
 ENCODED = [VOCAB.encode(d) for d in DOCS]
 CFG = GPTConfig(vocab_size=VOCAB.size, n_embd=8, n_head=2, n_layer=1, block_size=8)
 

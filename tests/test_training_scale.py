@@ -15,7 +15,8 @@ from microgpt_jax.hooks import Evaluate, NonFinite, Progress, Record, ShowProgre
 from microgpt_jax.layout import Batch, pack, packed_batch, padded_batch
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
-from microgpt_jax.text import Vocab, load_docs
+from microgpt_jax.text import load_docs
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, chunk_ends, fit, make_schedule, run_steps
 from tests.helpers import cli
 
@@ -30,7 +31,7 @@ def assert_close(got, want, atol=ATOL, rtol=RTOL):
 @pytest.fixture(scope="module")
 def names_docs(names_path):
     docs = load_docs(names_path)
-    return docs, Vocab.from_docs(docs)
+    return docs, CharTokenizer.from_docs(docs)
 
 
 # --- layouts ---
@@ -53,8 +54,8 @@ def test_pack_places_every_document_without_overlap():
 
 
 def test_packed_batch_is_the_padded_batch_rearranged(names_docs):
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[:40]] + [vocab.encode("abcdefghijklmnopqrstuvwxyz")]  # one cut at block_size
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[:40]] + [tokenizer.encode("abcdefghijklmnopqrstuvwxyz")]  # one cut at block_size
     packed, padded = packed_batch(enc, 16), padded_batch(enc, 16)
     assert packed.tokens.shape[0] < len(enc) / 1.5
     for field in ("tokens", "targets", "positions"):
@@ -63,14 +64,14 @@ def test_packed_batch_is_the_padded_batch_rearranged(names_docs):
     assert packed.weights.sum() == pytest.approx(1.0) and padded.weights.sum() == pytest.approx(1.0)
     # every packed document starts with BOS at position 0, in its own segment
     starts = (packed.positions == 0) & (packed.weights > 0)
-    assert np.all(packed.tokens[starts] == vocab.bos)
+    assert np.all(packed.tokens[starts] == tokenizer.bos)
     assert starts.sum() == len(enc)
 
 
 def test_packed_loss_and_gradients_equal_padded_in_float64(names_docs):
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[100:124]] + [vocab.encode("abcdefghijklmnopqrstuvwxyz")]
-    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, n_layer=2, block_size=16)
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[100:124]] + [tokenizer.encode("abcdefghijklmnopqrstuvwxyz")]
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=2, block_size=16)
     params = init_params(cfg, jax.random.key(1), jnp.float64)
     packed, padded = packed_batch(enc, 16), padded_batch(enc, 16)
     assert packed.tokens.shape[0] <= 13 < padded.tokens.shape[0] == 25
@@ -92,18 +93,18 @@ def test_attention_in_query_blocks_matches_the_scalar_engine():
     from microgpt_jax.check import run_check
     from microgpt_jax.model import QUERY_BLOCK, init_params_reference
 
-    vocab = Vocab("abcdefghijklmnopqrstuvwxyz")
-    cfg = GPTConfig(vocab_size=vocab.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
-    rows = run_check(cfg, init_params_reference(cfg, random.Random(3)), [vocab.encode(vocab.chars * 3)])
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, block_size=QUERY_BLOCK + 8)
+    rows = run_check(cfg, init_params_reference(cfg, random.Random(3)), [tokenizer.encode(tokenizer.chars * 3)])
     assert len(rows) == 2 + len(init_params_reference(cfg, random.Random(3)))
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
 def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
     """Same documents per step, two layouts, chunks with a short last one: the same losses and weights."""
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[:300]]
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[:300]]
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     results = []
     for layout in ("packed", "padded"):
         tcfg = TrainConfig(steps=7, batch_size=32, dtype="float64")
@@ -146,8 +147,8 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
 
 
 def test_batch_is_a_pure_function_of_the_step(names_docs, shakespeare_path):
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[:1000]]
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[:1000]]
     for make in (
         lambda: DocumentSource(enc, [], DataConfig(), 16, 16),
         lambda: StreamSource(np.arange(500) % 7, [], DataConfig(mode="stream"), 4, 16, seed=42),
@@ -164,22 +165,22 @@ def test_batch_is_a_pure_function_of_the_step(names_docs, shakespeare_path):
 
 
 def test_docs_mode_at_batch_1_is_the_spec_order(names_docs):
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[:50]]
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[:50]]
     data = DocumentSource(enc, [], DataConfig(layout="padded"), 1, 16)
     for s in (0, 1, 49, 50, 123):
         np.testing.assert_array_equal(data.batch(s).tokens, padded_batch([enc[s % 50]], 16).tokens)
 
 
 def test_stream_windows(shakespeare_path):
-    vocab, data = load_train_data(shakespeare_path, DataConfig(mode="stream"), 8, 32, seed=42)
+    tokenizer, data = load_train_data(shakespeare_path, DataConfig(mode="stream"), 8, 32, seed=42)
     assert isinstance(data, StreamSource)
     text = shakespeare_path.read_text()
     b = data.batch(3)
     assert b.tokens.shape == (8, 32)
     np.testing.assert_array_equal(b.tokens[:, 1:], b.targets[:, :-1])  # windows of block_size + 1 characters
     assert np.all(b.weights == 1 / (8 * 32)) and np.all(b.segments == 1)
-    for row in vocab.decode(b.tokens[0].tolist()), vocab.decode(b.targets[0].tolist()):
+    for row in tokenizer.decode(b.tokens[0].tolist()), tokenizer.decode(b.targets[0].tolist()):
         assert row in text[: len(text) - len(text) // 10]  # from the training 90%
     assert data.eval_set().weights.sum() == pytest.approx(1.0)
     assert len(data.val_text) == len(text) // 10
@@ -216,11 +217,11 @@ def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_
 
     monkeypatch.setattr(train_module, "_step", counting("step", train_module._step))
     monkeypatch.setattr(train_module, "_evaluate", counting("evaluate", train_module._evaluate))
-    docs, vocab = names_docs
-    enc = [vocab.encode(d) for d in docs[:400]]
+    docs, tokenizer = names_docs
+    enc = [tokenizer.encode(d) for d in docs[:400]]
     # 23 steps in chunks of at most 5, ending at every multiple of 5 and of 6: short chunks, and four evals
     tcfg = TrainConfig(steps=23, batch_size=4, log_every=5, eval_every=6)
-    cfg = GPTConfig(vocab_size=vocab.size, block_size=8)
+    cfg = GPTConfig(vocab_size=tokenizer.size, block_size=8)
     trainer = Trainer(cfg, tcfg)
     state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float32))
     data = DocumentSource(enc[:300], enc[300:], DataConfig(eval_size=40), tcfg.batch_size, cfg.block_size)
@@ -271,12 +272,12 @@ def test_warmup_schedule():
 
 
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
-    docs, vocab = names_docs
-    cfg = GPTConfig(vocab_size=vocab.size)
+    docs, tokenizer = names_docs
+    cfg = GPTConfig(vocab_size=tokenizer.size)
     tcfg = TrainConfig(steps=3, batch_size=4, dtype="bfloat16")
     trainer = Trainer(cfg, tcfg)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
-    batch = padded_batch([vocab.encode(d) for d in docs[:4]], 16)
+    batch = padded_batch([tokenizer.encode(d) for d in docs[:4]], 16)
     batch = jax.tree.map(jnp.asarray, batch._replace(weights=batch.weights.astype(np.float32)))
     state = trainer.init(params)
     jaxpr = str(jax.make_jaxpr(trainer.step)(state, batch))

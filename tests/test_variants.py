@@ -39,7 +39,7 @@ from microgpt_jax.model import (
     rope_table,
     rotate,
 )
-from microgpt_jax.text import Vocab
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import (
     TrainConfig,
     Trainer,
@@ -54,7 +54,7 @@ from microgpt_jax.train import (
 from tests.helpers import MODEL_VARIANTS, all_variants, assert_one_line_error, reference_batches, run_in_process
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
-VOCAB = Vocab.from_docs(DOCS)
+VOCAB = CharTokenizer.from_docs(DOCS)
 ENCODED = [VOCAB.encode(d) for d in DOCS]
 BASE = dict(vocab_size=VOCAB.size, n_embd=8, n_head=4, n_layer=2, block_size=8)  # head size 2: rope fits
 ALL = all_variants(activation="gelu", n_kv_head=2)
