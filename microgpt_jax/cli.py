@@ -18,7 +18,8 @@ from microgpt_jax.config import ConfigError, read_toml, to_toml
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int, run_cli
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.train import TrainConfig, set_deterministic, set_precision
+from microgpt_jax.runtime import set_deterministic, set_precision, use_compilation_cache
+from microgpt_jax.train import TrainConfig
 
 CONFIGS = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
 NOT_FLAGS = {"vocab_size"}  # comes from the data
@@ -528,25 +529,6 @@ def build_parser():
     )
     p.set_defaults(func=cmd_bench)
     return parser
-
-
-def cache_dir() -> Path:
-    """$MICROGPT_JAX_CACHE, else $XDG_CACHE_HOME/microgpt-jax, else ~/.cache/microgpt-jax."""
-    if os.environ.get("MICROGPT_JAX_CACHE"):
-        return Path(os.environ["MICROGPT_JAX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "microgpt-jax"
-
-
-def use_compilation_cache():
-    """Keep compiled programs on disk in CACHE/xla, so a command run again skips XLA's compilation.
-
-    CACHE is cache_dir(); JAX's own JAX_COMPILATION_CACHE_DIR, when set, wins.
-    """
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # the steps and the sampler, not tiny ops
 
 
 def main(argv=None):

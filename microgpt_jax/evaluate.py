@@ -182,7 +182,8 @@ def evaluate_run(spec, data=None, step=None) -> Evaluation:
     val_loss), or a text file, laid out in the run's data mode.
     """
     from microgpt_jax.rundir import load_weights, split_step
-    from microgpt_jax.train import Trainer, set_precision
+    from microgpt_jax.runtime import set_precision
+    from microgpt_jax.train import Trainer
 
     if step is not None:
         if split_step(spec)[1] is not None:

@@ -89,42 +89,6 @@ class TrainConfig:
         return jnp.dtype("float32" if self.dtype == "bfloat16" else self.dtype)
 
 
-def set_precision(dtype: str, allow_cpu_bfloat16=False):
-    """The one place that decides JAX's precision for a dtype: float64 needs x64 on; bfloat16 wants a GPU."""
-    if dtype == "float64" or dtype == np.float64:
-        jax.config.update("jax_enable_x64", True)
-    elif dtype == "bfloat16" and not allow_cpu_bfloat16 and jax.default_backend() == "cpu":
-        # refused rather than warned: on the CPU bfloat16 is no faster than float32, only less precise
-        raise ConfigError("dtype", "bfloat16 is for GPUs and this run is on the CPU, where it is no faster; use float32")
-
-
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
-
-
-def set_deterministic():
-    """Make XLA's GPU kernels deterministic (the same run gives the same bits), at some speed: scatters,
-    reductions and autotuning choices that would otherwise vary between runs. No effect on a CPU.
-
-    XLA reads its flags (XLA_FLAGS) once, when the backend starts, and jax has
-    no config option for it: this adds --xla_gpu_deterministic_ops=true to
-    XLA_FLAGS, so it must run before anything starts a JAX backend (UserError
-    otherwise, unless XLA_FLAGS already had it).
-    """
-    import os
-
-    from jax._src import xla_bridge
-
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if DETERMINISTIC_FLAG in flags:
-        return
-    if xla_bridge.backends_are_initialized():
-        raise UserError(
-            "deterministic GPU ops must be set before JAX starts its backend; "
-            f"start the process with XLA_FLAGS={DETERMINISTIC_FLAG} (or pass --deterministic on the command line)"
-        )
-    os.environ["XLA_FLAGS"] = " ".join([*flags, DETERMINISTIC_FLAG])
-
-
 class TrainState(NamedTuple):
     """Everything a step changes: what the step takes and returns, the loop carries and a checkpoint stores."""
 

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from microgpt_jax import train
+from microgpt_jax import runtime, train
 from microgpt_jax.checkpoint import CheckpointConfig
 from microgpt_jax.data import DataConfig
 from microgpt_jax.model import GPTConfig
@@ -46,7 +46,7 @@ class Losses:
 
 
 def test_bfloat16_loss_is_near_float32s(names_path):
-    train.set_precision("bfloat16", allow_cpu_bfloat16=True)
+    runtime.set_precision("bfloat16", allow_cpu_bfloat16=True)
     means = {}
     for dtype in ("float32", "bfloat16"):
         session = Session(configs(dtype, steps=20), names_path)
@@ -59,7 +59,7 @@ def test_bfloat16_loss_is_near_float32s(names_path):
 
 
 def test_bfloat16_runs_save_read_resume_bitwise_and_sample(tmp_path, names_path):
-    train.set_precision("bfloat16", allow_cpu_bfloat16=True)
+    runtime.set_precision("bfloat16", allow_cpu_bfloat16=True)
     session = Session(configs("bfloat16"), names_path)
     with RunDir.create(tmp_path / "run", session.configs, session.tokenizer, names_path) as run:
         state = session.initial_state()

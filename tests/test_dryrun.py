@@ -11,7 +11,8 @@ from microgpt_jax import bench, memory
 from microgpt_jax.cli import build_parser, configs_from_args
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.train import DETERMINISTIC_FLAG, Trainer, flops_per_token, set_deterministic
+from microgpt_jax.runtime import DETERMINISTIC_FLAG, set_deterministic
+from microgpt_jax.train import Trainer, flops_per_token
 from tests.helpers import NAMES, ROOT, SHAKESPEARE, TINY, assert_one_line_error, run_in_process
 
 SMALL_RUN = [*TINY, "--steps", "20"]
@@ -190,7 +191,7 @@ def test_xla_parses_the_flags_cmd_train_sets(tmp_path):
     """Proof that --deterministic's XLA_FLAGS come before XLA reads them: a bogus flag in its place aborts the run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MICROGPT_JAX_DATA": str(NAMES), "MICROGPT_JAX_CACHE": str(tmp_path)}
     env.pop("XLA_FLAGS", None)
-    script = "import microgpt_jax.train as t\nt.DETERMINISTIC_FLAG = '--xla_no_such_flag=true'\n" + PASSED_THROUGH
+    script = "import microgpt_jax.runtime as t\nt.DETERMINISTIC_FLAG = '--xla_no_such_flag=true'\n" + PASSED_THROUGH
     args = ["train", *SMALL_RUN, "--dry-run", "--deterministic"]
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "Unknown flag in XLA_FLAGS: --xla_no_such_flag=true" in done.stderr, done.stderr
