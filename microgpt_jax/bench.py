@@ -138,7 +138,7 @@ def steady_rate(trainer, params, data, chunk, chunks):
     and the median chunk is reported, so a hiccup of a shared machine does
     not decide the result.
     """
-    from microgpt_jax.train import run_steps
+    from microgpt_jax.loop import run_steps
 
     state = trainer.init(params)
     seconds, tokens, clock = [], [], time.perf_counter()
@@ -359,8 +359,9 @@ def variant_run(model, train, steps=None, chunk=50):
     from microgpt_jax.checkpoint import CheckpointConfig
     from microgpt_jax.config import read_toml
     from microgpt_jax.data import DataConfig, load_train_data
+    from microgpt_jax.loop import run_steps
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import TrainConfig, Trainer, run_steps
+    from microgpt_jax.train import TrainConfig, Trainer
 
     classes = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
     tables = read_toml(Path(__file__).parents[1] / VARIANT_RECIPE, classes)

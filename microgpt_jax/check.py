@@ -120,8 +120,8 @@ def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
         this_step = batch_docs(docs, s, tcfg.batch_size)
         row_masks = step_masks(cfg, tcfg, s, tcfg.batch_size)[1]
         ref_losses.append(reference.train_batch(state, cfg, adam, s, this_step, tcfg.grad_accum, row_masks))
-        train_state, loss = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(this_step, cfg.block_size)))
-        jax_losses.append(float(loss))
+        train_state, metrics = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(this_step, cfg.block_size)))
+        jax_losses.append(float(metrics["loss"]))
     p = train_state.params
     final = from_reference_state(state)
     return [compare("train losses", jax_losses, ref_losses)] + [

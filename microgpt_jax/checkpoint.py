@@ -3,7 +3,7 @@
     checkpoints/<step>/   orbax CheckpointManager steps, the last `keep` of them:
       params/             the weights, spec keys (`wte`, `layer0.attn_wq`, ...)
       opt_state/          Adam's state
-      meta/               step, data position, the model config, sha256 of every array (JSON)
+      meta/               step, data position, the model and training configs, sha256 of every array (JSON)
       files.sha256.json   size and sha256 of every file above
 
 A checkpoint is good when every file has the size and sha256 recorded when it
@@ -119,6 +119,7 @@ class Checkpoint:
 
     state: TrainState
     data_position: int = 0
+    train: dict | None = None  # the TrainConfig it was trained with (None: a checkpoint older than that record)
 
     @property
     def step(self) -> int:
@@ -156,7 +157,7 @@ class CheckpointStore:
     """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype."""
 
     def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None):
-        self.directory, self.cfg, self.keep = Path(directory), cfg, keep
+        self.directory, self.cfg, self.tcfg, self.keep = Path(directory), cfg, tcfg, keep
         self.damaged_dir = Path(damaged_dir) if damaged_dir else self.directory.parent / "damaged"
         self.like = abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
         self._warned = set()
@@ -217,6 +218,7 @@ class CheckpointStore:
             "step": step,
             "data_position": data_position,
             "model": dataclasses.asdict(self.cfg),
+            "train": dataclasses.asdict(self.tcfg),  # what decides the rest of the run: a resume is checked against it
             "sha256": {"params": tree_sha256(params), "opt_state": tree_sha256(opt_state)},
         }
         args = ocp.args.Composite(
@@ -289,7 +291,8 @@ class CheckpointStore:
                 if want.get(path) != digest:
                     raise Damaged(f"{item}{path} does not match the sha256 recorded when it was saved")
         state = TrainState(got["params"], got.get("opt_state"), np.int32(step))
-        return Checkpoint(state, meta.get("data_position", 0))
+        train = meta.get("train")
+        return Checkpoint(state, meta.get("data_position", 0), with_added_defaults(TrainConfig, train) if isinstance(train, dict) else None)
 
     def restore(self, with_opt_state=True, move_damaged=False, warn=None) -> Checkpoint:
         """The latest good checkpoint. A damaged one is named in a warning and skipped
@@ -361,3 +364,19 @@ def _os_error(e: BaseException):
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def check_resumable(checkpoint: Checkpoint, tcfg: TrainConfig, run_file, extended_from=()):
+    """A resumed run goes on as its checkpoint was trained: a training field of run.json that differs from the
+    checkpoint's record (an edit to lr, the schedule, the seed, ...) is refused, naming it. The steps may
+    differ only by an extension (extended_from: the step counts the run was extended from)."""
+    if checkpoint.train is None:
+        return  # written before checkpoints recorded their training config
+    for f in dataclasses.fields(TrainConfig):
+        recorded, now = checkpoint.train.get(f.name), getattr(tcfg, f.name)
+        if f.metadata.get("resumable") or recorded == now or (f.name == "steps" and recorded in extended_from):
+            continue
+        raise UserError(
+            f"checkpoint {checkpoint.step} was trained with train.{f.name} = {recorded!r}, but {run_file} says {now!r}; "
+            f"restore run.json's train table to resume (to change {f.name}, start a new run with --init-from)"
+        )

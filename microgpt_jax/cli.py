@@ -154,14 +154,13 @@ def cmd_train(args):
         if args.print_config:
             return print(to_toml(configs, NOT_FLAGS), end="")
         set_precision(configs["train"].dtype)
-        saving = bool(args.out or args.resume)
         tokenizer = run.tokenizer if run else init.tokenizer if init else None  # a bpe run goes on with its own
         vocab_size = given_configs(args)["model"].get("vocab_size")
         session = Session(configs, resolve_data_path(data_path), args.devices, vocab_size, tokenizer)
         print(session.describe())
         if args.dry_run:
-            return print(session.dry_run(saving=saving))
-        session.compile_step(saving=saving)  # XLA's own figure refuses a step that cannot fit, before anything is made
+            return print(session.dry_run())
+        session.compile_step()  # XLA's own figure refuses a step that cannot fit, before anything is made
         start = session.state_from(init) if init else None  # (before --out is made: the weights must fit the data)
         if args.out:
             run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, init and init.origin))

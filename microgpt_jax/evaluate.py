@@ -2,8 +2,10 @@
 
 On the validation split the evaluation is the training's own: the same
 data source builds the same eval set (`Source.eval_set`) and the same
-compiled `Trainer.evaluate` measures it, so `loss` is the val_loss the
-training recorded for that checkpoint, to the bit (on the same devices).
+compiled `Evaluator.evaluate` measures it (no optimizer, no training
+session), so `loss` is the val_loss the training recorded for that
+checkpoint, to the bit, on any number of devices: each row's loss is
+computed alone and the rows are added exactly.
 
 On another file (--data FILE) the file is laid out as the run's data mode
 lays out its data: every document, as training lays documents out (docs),
@@ -24,11 +26,14 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from microgpt_jax.data import DocumentSource, Source
+from microgpt_jax import parallel
+from microgpt_jax.data import DocumentSource, Source, load_train_data
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, windows_batch
 from microgpt_jax.prepare import is_dataset
+from microgpt_jax.runtime import set_precision
 from microgpt_jax.text import load_docs, read_text
+from microgpt_jax.train import Evaluator
 
 
 class Evaluation(NamedTuple):
@@ -145,12 +150,10 @@ def file_source(path, tokenizer, cfg, tcfg, dcfg) -> tuple[Source, str]:
     return DocumentSource(encoded, encoded, every, tcfg.batch_size, cfg.block_size), f"{path} ({len(encoded)} documents)"
 
 
-def validation_session(run, data_path=None):
-    """The training's own data source and trainer for run: its eval set is the one val_loss was measured on.
+def validation_data(run, data_path=None):
+    """(mesh, source) of the run's data as its training laid it out: the eval set is the one val_loss was measured on.
 
     data_path: another prepared dataset (its validation split, tokenized with the run's tokenizer)."""
-    from microgpt_jax.session import Session
-
     path = Path(data_path or run.data_path)
     if not path.exists():
         raise UserError(
@@ -159,19 +162,22 @@ def validation_session(run, data_path=None):
         )
     if data_path is None:
         run.check_data(path)
-    # the training's devices: all of them, unless they do not divide the batch (then the run had --devices)
-    devices = None if run.tcfg.batch_size % jax.device_count() == 0 else 1
-    session = Session(run.configs, path, devices, tokenizer=run.tokenizer)  # the run's own tokenizer, not one trained anew
-    if session.tokenizer != run.tokenizer:
+    # all devices where they divide the batch, else one: either way each row's loss is the same
+    mesh = parallel.make_mesh(None if run.tcfg.batch_size % jax.device_count() == 0 else 1)
+    rows = mesh.devices.size * run.tcfg.grad_accum
+    tcfg, cfg = run.tcfg, run.cfg
+    local = parallel.local_rows if jax.process_count() > 1 else None
+    tokenizer, source = load_train_data(path, run.dcfg, tcfg.batch_size, cfg.block_size, tcfg.seed, rows, local, None, run.tokenizer)
+    if tokenizer != run.tokenizer:
         raise UserError(f"{path} is tokenized with another tokenizer than the run's; prepare it with the run's --tokenizer")
-    return session
+    return mesh, source
 
 
-def evaluate(trainer, params, eval_set: Batch, lengths_V) -> tuple[float, float, int, int]:
-    """(loss, nats, tokens, units) of a stacked eval set, by trainer.evaluate: the training's loss, then every position weighing 1."""
+def evaluate(evaluator: Evaluator, params, eval_set: Batch, lengths_V) -> tuple[float, float, int, int]:
+    """(loss, nats, tokens, units) of a stacked eval set: the training's loss, then every position weighing 1."""
     counted = eval_set.weights > 0
-    loss = float(trainer.evaluate(params, trainer.put(eval_set)))
-    nats = float(trainer.evaluate(params, trainer.put(eval_set._replace(weights=counted.astype(np.float64)))))
+    loss = evaluator.evaluate(params, evaluator.put(eval_set))
+    nats = evaluator.evaluate(params, evaluator.put(eval_set._replace(weights=counted.astype(np.float64))))
     return loss, nats, int(counted.sum()), int(lengths_V[eval_set.targets[counted]].sum())
 
 
@@ -182,8 +188,6 @@ def evaluate_run(spec, data=None, step=None) -> Evaluation:
     val_loss), or a text file, laid out in the run's data mode.
     """
     from microgpt_jax.rundir import load_weights, split_step
-    from microgpt_jax.runtime import set_precision
-    from microgpt_jax.train import Trainer
 
     if step is not None:
         if split_step(spec)[1] is not None:
@@ -195,14 +199,15 @@ def evaluate_run(spec, data=None, step=None) -> Evaluation:
         raise UserError(f"{spec} is an exported file; pass a run directory (or RUN_DIR@STEP): evaluating needs the run's data config")
     set_precision(run.tcfg.dtype, allow_cpu_bfloat16=True)
     if data is None or is_dataset(data):  # a prepared dataset: its validation split
-        session = validation_session(run, data)
-        trainer, eval_set = session.trainer, session.data.eval_set()
+        mesh, source = validation_data(run, data)
+        eval_set = source.eval_set()
         if eval_set is None:
             raise UserError(f"{data or run.path} holds out no validation data (val_fraction 0); evaluate on a file with --data FILE")
         what = f"the validation split of {data or run.data_path}"
     else:
         source, what = file_source(data, run.tokenizer, run.cfg, run.tcfg, run.dcfg)
-        trainer, eval_set = Trainer(run.cfg, run.tcfg), source.eval_set()
-    params = trainer.replicate({k: np.asarray(w, run.tcfg.param_dtype) for k, w in weights.params.items()})
+        mesh, eval_set = None, source.eval_set()
+    evaluator = Evaluator(run.cfg, run.tcfg.dtype, run.tcfg.param_dtype, mesh)
+    params = evaluator.replicate({k: np.asarray(w, run.tcfg.param_dtype) for k, w in weights.params.items()})
     unit, lengths_V = token_units(run.tokenizer)
-    return Evaluation(*evaluate(trainer, params, eval_set, lengths_V), unit, weights.origin["step"], what)
+    return Evaluation(*evaluate(evaluator, params, eval_set, lengths_V), unit, weights.origin["step"], what)

@@ -1,21 +1,21 @@
-"""Optional experiment loggers: TensorBoard and Weights & Biases, each a training-loop hook (hooks.py).
+"""Optional experiment loggers: TensorBoard and Weights & Biases, each a sink of the loop's `Log` hook (loop.py).
 
 RUN_DIR/metrics.jsonl stays the record of a run; these mirror each of its
-records (set on `info.record` by the `Record` hook, which must come before
-them) as scalars: train/loss, train/lr, train/tokens_per_s and val/loss
-where one was measured, at the record's step, plus the run's configs once
-as text. Each needs an extra (`pip install 'microgpt-jax[tensorboard]'`,
-`[wandb]`); without it, constructing the hook is one UserError saying so.
-Only process 0 should have them.
+records as scalars, at the record's step: every metric of the step as
+train/NAME (train/loss, train/grad_norm, ...), train/lr, train/tokens_per_s,
+and val/loss where one was measured; plus the run's configs once as text.
+Each needs an extra (`pip install 'microgpt-jax[tensorboard]'`, `[wandb]`);
+without it, constructing the sink is one UserError saying so. Only process
+0 should have them.
 """
 
 import dataclasses
 import importlib
-import json
 import os
 import time
 from pathlib import Path
 
+from microgpt_jax.config import to_toml
 from microgpt_jax.errors import UserError
 
 EXTRAS = {"tensorboard": ("tensorboardX", "--tensorboard"), "wandb": ("wandb", "--wandb")}  # extra: (module, flag)
@@ -34,25 +34,14 @@ def require(extra: str):
 
 
 def scalars(record: dict) -> dict:
-    """A metrics record's values under the loggers' names (val/loss only where the record has a val_loss)."""
-    values = {"train/loss": record["loss"], "train/lr": record["lr"], "train/tokens_per_s": record["tokens_per_s"]}
-    if "val_loss" in record:
-        values["val/loss"] = record["val_loss"]
-    return {name: float(value) for name, value in values.items()}
+    """A metrics record's values under the loggers' names: train/NAME, and val/loss where the record has a val_loss."""
+    values = {("val/loss" if name == "val_loss" else f"train/{name}"): value for name, value in record.items()}
+    return {name: float(value) for name, value in values.items() if name not in ("train/step", "train/elapsed")}
 
 
 def config_dict(configs: dict) -> dict:
     """{table: config dataclass} -> {table: {field: value}}."""
     return {table: dataclasses.asdict(cfg) for table, cfg in configs.items()}
-
-
-def config_text(configs: dict) -> str:
-    """The configs as TOML (the tables of `microgpt-jax train`'s flags)."""
-    lines = []
-    for table, values in config_dict(configs).items():
-        lines += ([""] if lines else []) + [f"[{table}]"]
-        lines += [f"{name} = {json.dumps(value)}" for name, value in values.items() if value is not None]
-    return "\n".join(lines)
 
 
 class TensorBoard:
@@ -63,9 +52,9 @@ class TensorBoard:
     logged after that step (the steps trained again), as metrics.jsonl does.
     """
 
-    def __init__(self, run_dir, configs: dict, every, resumed_at=None):
+    def __init__(self, run_dir, configs: dict, resumed_at=None):
         self._tensorboardX = require("tensorboard")
-        self.directory, self.configs, self.every, self.resumed_at = Path(run_dir) / TB_DIR, configs, every, resumed_at
+        self.directory, self.configs, self.resumed_at = Path(run_dir) / TB_DIR, configs, resumed_at
         self.writer = None
 
     def __enter__(self):
@@ -75,7 +64,7 @@ class TensorBoard:
         suffix = f".{time.time_ns()}.{os.getpid()}"
         self.writer = self._tensorboardX.SummaryWriter(str(self.directory), purge_step=purge, filename_suffix=suffix)
         # indented: TensorBoard renders text as Markdown, and an indented block shows as it is
-        text = "\n".join("    " + line for line in config_text(self.configs).splitlines())
+        text = "\n".join("    " + line for line in to_toml(self.configs).splitlines())
         self.writer.add_text("config", text, global_step=self.resumed_at or 0)
         self.writer.flush()
         return self
@@ -85,28 +74,40 @@ class TensorBoard:
             self.writer.close()  # flushes
             self.writer = None
 
-    def __call__(self, info):
-        if info.record:
-            step = info.record["step"]
-            for name, value in scalars(info.record).items():
-                self.writer.add_scalar(name, value, global_step=step)
-            self.writer.flush()  # a reader (or a kill) sees every record the loop has made
+    def write(self, record: dict):
+        for name, value in scalars(record).items():
+            self.writer.add_scalar(name, value, global_step=record["step"])
+        self.writer.flush()  # a reader (or a kill) sees every record the loop has made
 
 
 class WandB:
     """A Weights & Biases run (named after the run directory, its files in RUN_DIR/wandb) with the scalars of each record.
 
     WANDB_MODE=offline (or `wandb offline`) keeps it local for `wandb sync`
-    later. A resumed run is a new W&B run, starting at the resumed step.
+    later. The W&B run's id is kept in RUN_DIR/wandb/run_id, so a resumed run
+    continues the same W&B run (W&B keeps the steps it already has).
     """
 
-    def __init__(self, project: str, run_dir, configs: dict, every):
+    def __init__(self, project: str, run_dir, configs: dict):
         self._wandb = require("wandb")
-        self.project, self.run_dir, self.configs, self.every = project, run_dir and Path(run_dir), configs, every
+        self.project, self.run_dir, self.configs = project, run_dir and Path(run_dir), configs
         self.run = None
 
+    def _run_id(self) -> str | None:
+        """The id of this run directory's W&B run: the one kept there, else a new one, kept (None: no run directory)."""
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / "wandb" / "run_id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            run_id = self._wandb.util.generate_id()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+            return run_id
+
     def __enter__(self):
-        where = {} if self.run_dir is None else dict(dir=str(self.run_dir), name=self.run_dir.name)
+        where = {} if self.run_dir is None else dict(dir=str(self.run_dir), name=self.run_dir.name, id=self._run_id(), resume="allow")
         try:
             self.run = self._wandb.init(project=self.project, config=config_dict(self.configs), **where)
         except self._wandb.errors.Error as e:  # not logged in, no network, a bad project name
@@ -119,6 +120,5 @@ class WandB:
             self.run.finish(exit_code=0 if exc_type is None else 1)
             self.run = None
 
-    def __call__(self, info):
-        if info.record:
-            self.run.log(scalars(info.record), step=info.record["step"])
+    def write(self, record: dict):
+        self.run.log(scalars(record), step=record["step"])

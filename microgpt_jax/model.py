@@ -457,10 +457,10 @@ def decode_step(params, token_B, cache: KVCache, pos, cfg: GPTConfig):
     return logits_B1V[:, 0], cache
 
 
-def loss_fn(params, batch, cfg: GPTConfig, attention="einsum", masks=None):
+def loss_fn(params, batch, cfg: GPTConfig, attention="einsum", masks=None, per_row=False):
     """sum(weights * -log p(target)): per document the mean over its positions, then the mean over documents.
 
-    masks: dropout's for the batch's rows (dropout_masks), None for none.
+    masks: dropout's for the batch's rows (dropout_masks), None for none. per_row: each row's sum [B] instead.
     """
     logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments, attention, masks)
     # bfloat16 compute: the softmax and the loss still in float32
@@ -469,4 +469,5 @@ def loss_fn(params, batch, cfg: GPTConfig, attention="einsum", masks=None):
     # the target's log-probability picked by a one-hot mask: one fused multiply-sum, no gather and scatter
     target_BTV = batch.targets[..., None] == jnp.arange(logp_BTV.shape[-1])
     nll_BT = -jnp.sum(jnp.where(target_BTV, logp_BTV, 0), axis=-1)
-    return jnp.sum(batch.weights.astype(nll_BT.dtype) * nll_BT)
+    loss_BT = batch.weights.astype(nll_BT.dtype) * nll_BT
+    return jnp.sum(loss_BT, axis=-1) if per_row else jnp.sum(loss_BT)

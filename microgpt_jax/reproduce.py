@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from microgpt_jax.data import DataConfig, DocumentSource
+from microgpt_jax.loop import run_steps
 from microgpt_jax.model import GPTConfig, init_params_reference, param_shapes
 from microgpt_jax.sample import sample_reference
 from microgpt_jax.text import reference_docs
 from microgpt_jax.tokenizer import CharTokenizer
-from microgpt_jax.train import TrainConfig, Trainer, run_steps
+from microgpt_jax.train import TrainConfig, Trainer
 
 NUM_SAMPLES, TEMPERATURE = 20, 0.5
 
@@ -35,7 +36,7 @@ def reproduce(data_path, steps=1000, print=print):
     # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
     for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
         params = chunk.state.params
-        for s, loss in enumerate(chunk.losses, chunk.start):
+        for s, loss in enumerate(chunk.metrics["loss"], chunk.start):
             print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
 
     print("\n--- inference (new, hallucinated names) ---")

@@ -1,6 +1,6 @@
-"""One training run put together: devices, data, the trainer, its state and its hooks.
+"""One training run put together: devices, memory check, data, the trainer, its state, its hooks and the loop.
 
-`cli.cmd_train` opens or creates the run directory and calls these; a
+The train command opens or creates the run directory and calls these; a
 notebook or a script can call them the same way.
 """
 
@@ -11,25 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from microgpt_jax import bench, memory, parallel
+from microgpt_jax.checkpoint import check_resumable
 from microgpt_jax.data import load_train_data
 from microgpt_jax.errors import UserError
-from microgpt_jax.hooks import (
-    Checkpoints,
-    Evaluate,
-    NonFinite,
-    Plot,
-    Progress,
-    Record,
-    ShowProgress,
-    Signals,
-    WriteMetrics,
-)
 from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
+from microgpt_jax.loop import Checkpoints, Log, NonFinite, Plot, Progress, Signals, chunk_length, fit
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE
-from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, chunk_length, fit, flops_per_token, init_state
+from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, flops_per_token, init_state
 
 
 class Session:
@@ -45,8 +36,11 @@ class Session:
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
         check_accumulation(tcfg, self.mesh.devices.size)  # before the data is loaded
-        chunk = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
-        fits = dict(rows=tcfg.batch_size, chunk_steps=chunk, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, grad_accum=tcfg.grad_accum)
+        # steps per compiled chunk: the hooks' cadences (checkpoints or not), the same wherever the run starts
+        self.chunk_steps = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
+        fits = dict(
+            rows=tcfg.batch_size, chunk_steps=self.chunk_steps, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype, grad_accum=tcfg.grad_accum
+        )
         memory.check_fits(cfg, **fits)  # before the data is laid out: a huge block_size is refused, not allocated
         local = parallel.local_rows if jax.process_count() > 1 else None  # each process reads only its own rows
         self.tokenizer, self.data = load_train_data(
@@ -84,25 +78,18 @@ class Session:
 
     # -- the compiled step, before anything is allocated --------------------------------------
 
-    def chunk_length(self, start=0, saving=False) -> int:
-        """Steps per compiled chunk of fit from step `start`: as train.fit and run_steps choose it
-        (the hooks' cadences, log_every and eval_every, and save_every when checkpoints are saved)."""
-        tcfg = self.configs["train"]
-        cadences = [tcfg.log_every, tcfg.eval_every] + ([self.configs["checkpoint"].save_every] if saving else [])
-        return chunk_length(cadences, tcfg.steps - start)
-
-    def abstract_args(self, length):
+    def abstract_args(self):
         """(state, batches) of the chunk loop as shapes and dtypes only: what the run will pass it, nothing allocated."""
         cfg, tcfg = self.configs["model"], self.configs["train"]
-        positions = jax.ShapeDtypeStruct((length, self.data.rows, cfg.block_size), jnp.int32)
+        positions = jax.ShapeDtypeStruct((self.chunk_steps, self.data.rows, cfg.block_size), jnp.int32)
         weights = jax.ShapeDtypeStruct(positions.shape, tcfg.param_dtype)
         return abstract_state(cfg, tcfg), Batch(positions, positions, positions, positions, weights)
 
-    def estimate(self, length) -> memory.Estimate:
+    def estimate(self) -> memory.Estimate:
         tcfg = self.configs["train"]
-        return memory.estimate(self.configs["model"], self.data.rows, length, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
+        return memory.estimate(self.configs["model"], self.data.rows, self.chunk_steps, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
 
-    def compile_step(self, start=0, saving=False, available=None) -> memory.StepMemory | None:
+    def compile_step(self, available=None) -> memory.StepMemory | None:
         """Compile the chunk loop for the run's shapes (on abstract arguments: no weights allocated) and
         raise memory.TooBig if XLA's figure for it, with the batches, exceeds the available memory.
 
@@ -111,36 +98,34 @@ class Session:
         figure (None where the backend gives none). available: bytes, default
         memory.available_bytes() of the first device.
         """
-        length = self.chunk_length(start, saving)
-        compiled, seconds = self.trainer.compiled_steps(*self.abstract_args(length))
+        compiled, seconds = self.trainer.compiled_steps(*self.abstract_args())
         self._compile_s += seconds
         self.step_memory = memory.StepMemory.of(compiled)
         if self.step_memory is not None:
             device = self.mesh.devices.flat[0] if available is None else None
-            memory.check_compiled(self.step_memory, self.estimate(length), available=available, device=device)
+            memory.check_compiled(self.step_memory, self.estimate(), available=available, device=device)
         return self.step_memory
 
-    def dry_run(self, saving=False) -> str:
+    def dry_run(self) -> str:
         """Compile the step (compile_step) and say what the run would hold: weights, optimizer, XLA's figure,
         the device's memory and the estimate. Trains nothing, allocates no weights, writes nothing."""
         cfg, tcfg = self.configs["model"], self.configs["train"]
-        step = self.compile_step(saving=saving)
-        length = self.chunk_length(saving=saving)
+        step = self.compile_step()
         state = abstract_state(cfg, tcfg)
         nbytes = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
         device = self.mesh.devices.flat[0]
         available = memory.available_bytes(device)
-        est = self.estimate(length)
+        est = self.estimate()
         on_host = device.platform == "cpu"
         lines = [
             f"parameters: {memory.num_params(cfg):,} ({memory.format_bytes(nbytes(state.params))} in {tcfg.param_dtype})",
             f"optimizer state: {memory.format_bytes(nbytes(state.opt_state))}",
         ]
         if step is None:
-            lines.append(f"compiled step ({length} steps per chunk): XLA gives no memory figure on this backend")
+            lines.append(f"compiled step ({self.chunk_steps} steps per chunk): XLA gives no memory figure on this backend")
         else:
             lines.append(
-                f"compiled step ({length} steps per chunk): {memory.format_bytes(step.total)} "
+                f"compiled step ({self.chunk_steps} steps per chunk): {memory.format_bytes(step.total)} "
                 f"({step.describe()}); with the batches {memory.format_bytes(step.total + memory.beyond_compiled(est, on_host))}"
             )
         where = f"{device.platform} {device.id}" + (", the host's available memory" if on_host else ", free")
@@ -187,6 +172,9 @@ class Session:
                 f"the processes found different latest good checkpoints (steps {steps}) in {store.directory}; "
                 "every process must see the same run directory (a shared file system)"
             )
+        extensions = run.history.get("extensions", [])
+        extended_from = {run.extends, *(e.get("from_steps") for e in extensions), *(e.get("to_steps") for e in extensions)}
+        check_resumable(checkpoint, self.configs["train"], run.run_file, extended_from - {None})
         if checkpoint.data_position != self.data.position(checkpoint.step):
             raise UserError(
                 f"checkpoint {checkpoint.step} was at data position {checkpoint.data_position}, but this data order puts "
@@ -207,13 +195,14 @@ class Session:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
             print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
-        self.compile_step(int(state.step) if state else 0, saving=bool(run))  # refused here, before the weights are made
+        self.compile_step()  # refused here, before the weights are made
         if self._compile_s:
             print(f"compiled the training step in {self._compile_s:.1f}s")
             self._compile_s = 0.0
         state = state or self.initial_state()
         try:
-            state = fit(self.trainer, state, self.data, self.hooks(state, run, peer_timeout, loggers))
+            stop = Signals(peer_timeout, run.resume_hint if run else (lambda: "no checkpoint was saved"))
+            state = fit(self.trainer, state, self.data, self.hooks(state, run, loggers), stop, self.chunk_steps)
         except BrokenPipeError:
             raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
@@ -223,29 +212,28 @@ class Session:
             print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         return state
 
-    def hooks(self, state: TrainState, run=None, peer_timeout=60.0, loggers=()) -> list:
-        """The hooks of a run, in order: stop on NaN, signals, evaluation, metrics, loggers, progress, checkpoints, plot.
+    def hooks(self, state: TrainState, run=None, loggers=()) -> list:
+        """The hooks of a run, in order: stop on NaN, the log (validation loss, metrics file, loggers, progress),
+        checkpoints, plot.
 
         loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py).
         """
-        tcfg, main = self.configs["train"], parallel.is_main_process()
-        logged = (tcfg.log_every, tcfg.eval_every)
-        start = int(state.step)
-        where = run.resume_hint if run else (lambda: "no checkpoint was saved")
-        hooks = [NonFinite(run.store.latest if run else where), Signals(peer_timeout, where)]
-        eval_set = self.data.eval_set()
-        if eval_set is not None:
-            hooks.append(Evaluate(self.trainer, eval_set, tcfg.eval_every))
-        hooks.append(Record(self.trainer.lr, logged))
+        tcfg, main, start = self.configs["train"], parallel.is_main_process(), int(state.step)
         resumed_at = start if start else None
-        if run and main:
-            hooks.append(WriteMetrics(MetricsFile(run.path, resumed_at=resumed_at), logged))
+        sinks = [MetricsFile(run.path, resumed_at=resumed_at)] if run and main else []
         for name, *project in loggers if main else ():
             if name == "tensorboard":
-                hooks.append(TensorBoard(run.path, self.configs, logged, resumed_at=resumed_at))
+                sinks.append(TensorBoard(run.path, self.configs, resumed_at=resumed_at))
             else:
-                hooks.append(WandB(project[0], run.path if run else None, self.configs, logged))
-        hooks.append(ShowProgress(Progress(tcfg.steps, start, bar=None if main else False), logged))
+                sinks.append(WandB(project[0], run.path if run else None, self.configs))
+        sinks.append(Progress(tcfg.steps, start, bar=None if main else False))
+        eval_set = self.data.eval_set()
+        evaluate = None
+        if eval_set is not None:
+            on_device = self.trainer.put(eval_set)
+            evaluate = lambda params: self.trainer.evaluate(params, on_device)  # noqa: E731
+        hooks = [NonFinite(run.store.latest if run else (lambda: "no checkpoint was saved"))]
+        hooks.append(Log(sinks, self.trainer.lr, tcfg.log_every, tcfg.eval_every, evaluate))
         if run:
             hooks.append(Checkpoints(run.store, run.ccfg.save_every, self.data.position, run.path))
             if main:

@@ -1,4 +1,4 @@
-"""Training: the optimizer, the jitted step, the jitted loop of many steps, and `fit`.
+"""Training: TrainConfig, the optimizer, the jitted step and the jitted loop of many steps, and evaluation.
 
 The step is microgpt's: loss, gradients of every weight, one Adam update
 with a learning rate that decays linearly to zero over the run (after an
@@ -6,14 +6,11 @@ optional linear warmup). TrainConfig's variants, microgpt's at their
 defaults: decoupled weight decay (AdamW), global-norm gradient clipping,
 a cosine decay and a floor (min_lr), gradient accumulation over
 micro-batches, and the model's dropout, its masks a pure function of the
-seed and the step. It takes and returns a `TrainState`. `fit` runs a
-whole training run: compiled chunks of steps, the next chunk's batches
-built on the host while the current one runs, and after each chunk the
-hooks that are due (hooks.py: metrics, progress, evaluation, checkpoints,
-signals, the NaN policy, the plot).
+seed and the step. The step takes a `TrainState` and returns the next one
+and a dict of metrics (the loop stacks each over a chunk's steps). The
+loop that runs a whole training run, and its hooks, are in loop.py.
 """
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +24,6 @@ import optax
 
 from microgpt_jax import parallel
 from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
-from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch
 from microgpt_jax.model import (
     ATTENTIONS,
@@ -165,11 +161,12 @@ def micro_batches(a, grad_accum, groups=1):
     return a.reshape(groups, grad_accum, B // (groups * grad_accum), *rest).swapaxes(0, 1).reshape(grad_accum, B // grad_accum, *rest)
 
 
-def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None):
+def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None, per_row=False):
     """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16); with a key, dropout's
-    masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it."""
+    masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it. per_row: each row's sum."""
     keep = None if key is None else dropout_keep(key, cfg, rows_B, batch.tokens.shape[1])
-    return loss_fn(jax.tree.map(lambda p: p.astype(dtype), params), batch, cfg, attention, keep_to_masks(keep, cfg, dtype))
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    return loss_fn(params, batch, cfg, attention, keep_to_masks(keep, cfg, dtype), per_row=per_row)
 
 
 def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
@@ -195,74 +192,68 @@ def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
 
 
 def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1):
+    """One optimizer step: (the new state, its metrics). A metric added here is logged, stacked and shown everywhere."""
     key = dropout_key(seed, state.step)  # unused without dropout
     loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, cfg=cfg, dtype=dtype, attention=attention, key=key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
 
 def _steps(state: TrainState, batches, num_steps, **step_args):
-    """The first num_steps entries of the leading (step) axis of batches, one step each: losses [len(batches)].
+    """The first num_steps entries of the leading (step) axis of batches, one step each: every metric stacked [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
     ends where a hook is due) runs the same compiled loop and skips the rest.
     """
 
     def body(i, carry):
-        state, losses = carry
-        state, loss = _step(state, jax.tree.map(lambda a: a[i], batches), **step_args)
-        return state, losses.at[i].set(loss)
+        state, metrics = carry
+        state, step_metrics = _step(state, jax.tree.map(lambda a: a[i], batches), **step_args)
+        return state, jax.tree.map(lambda stacked, m: stacked.at[i].set(m), metrics, step_metrics)
 
-    losses = jnp.zeros(batches.tokens.shape[0], jnp.promote_types(step_args["dtype"], jnp.float32))
-    return jax.lax.fori_loop(0, num_steps, body, (state, losses))
-
-
-def _evaluate(params, batches, cfg, dtype, attention="einsum"):
-    """The summed loss of a stacked validation set (its weights already average over all of it)."""
-    return jnp.sum(jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention), batches))
+    first = jax.tree.map(lambda a: a[0], batches)
+    shapes = jax.eval_shape(lambda s, b: _step(s, b, **step_args)[1], state, first)
+    metrics = jax.tree.map(lambda m: jnp.zeros((batches.tokens.shape[0], *m.shape), m.dtype), shapes)
+    return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
 
-class Trainer:
-    """The compiled step, loop and evaluation for one model config and one optimizer.
+def _row_losses(params, batches, cfg, dtype, attention="einsum"):
+    """Each row's summed loss [E, rows] of a stacked validation set (its weights already average over all of it)."""
+    return jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention, per_row=True), batches)
 
-    `step(state, batch)` does one update; `steps(state, batches, num_steps)`
-    does one per leading entry of batches (the first num_steps) in one
-    compiled call. Both donate the state: the caller must use the returned
-    one. With a mesh (see parallel.py) the state is replicated on its
-    devices and the batch rows split over its `data` axis; XLA adds the
-    all-reduce of the gradients. The arrays passed in must be placed that
-    way: `replicate` and `put` do it.
+
+class Evaluator:
+    """The compiled evaluation of one model config, and where its arrays live (one device, or a mesh).
+
+    With a mesh (see parallel.py) the weights are replicated on its devices
+    and the batch rows split over its `data` axis; the arrays passed in must
+    be placed that way: `replicate` and `put` do it.
+
+    `evaluate(params, batches)` is the summed loss of a stacked eval set:
+    each row's loss computed on its device, then all of them added exactly
+    (math.fsum) on the host, so the sum does not depend on how the rows
+    were split over devices or padded.
 
     attention: one of model.ATTENTIONS; by default the backend's and dtype's
     (model.attention_implementation: cuDNN for bfloat16 on a GPU, else the
     exact `attend`). `self.attention` says which.
-
-    Step s draws its dropout masks (with cfg.dropout > 0) from
-    dropout_key(tcfg.seed, s), row by row (model.dropout_keep): those of
-    model.dropout_masks(dropout_key(seed, s), cfg, rows, T, dtype) for the
-    whole batch, whatever grad_accum, the mesh, or where the run was resumed.
     """
 
-    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
-        self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
-        groups = 1 if mesh is None else mesh.devices.size
-        check_accumulation(tcfg, groups)
-        self.optimizer = make_optimizer(tcfg)
-        self.lr = make_schedule(tcfg)
-        dtype = jnp.dtype(tcfg.dtype)
-        self.attention = attention or attention_implementation(jax.default_backend(), dtype, cfg)
+    def __init__(self, cfg: GPTConfig, dtype, param_dtype, mesh=None, attention=None):
+        self.cfg, self.mesh, self.param_dtype = cfg, mesh, jnp.dtype(param_dtype)
+        self.dtype = jnp.dtype(dtype)
+        self.attention = attention or attention_implementation(jax.default_backend(), self.dtype, cfg)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=dtype, attention=self.attention)
-        fixed |= dict(seed=tcfg.seed, grad_accum=tcfg.grad_accum, groups=groups)
-        # (batch row axis of each argument, or None for a replicated one) -> in/out shardings
-        self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
-        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
-        self.evaluate = jax.jit(partial(_evaluate, cfg=cfg, dtype=dtype, attention=self.attention), **self._shardings((None, 1)))
-        self._init = jax.jit(self.optimizer.init, **self._shardings((None,)))
-        self._compiled = {}
+        row_losses = partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention)
+        self._row_losses = jax.jit(row_losses, **self._shardings((None, 1)))
+
+    def evaluate(self, params, batches) -> float:
+        return math.fsum(np.asarray(self._row_losses(params, batches), np.float64).ravel().tolist())
 
     def _shardings(self, row_axes):
+        """(batch row axis of each argument, or None for a replicated one) -> in/out shardings."""
         if self.mesh is None:
             return {}
         repl = parallel.replicated(self.mesh)
@@ -279,12 +270,43 @@ class Trainer:
         Every process passes the whole global batch; each transfers only its
         own rows (parallel.local_rows) to its own devices.
         """
-        batches = batches._replace(weights=batches.weights.astype(self.tcfg.param_dtype))
+        batches = batches._replace(weights=batches.weights.astype(self.param_dtype))
         if self.mesh is None:
             return jax.device_put(batches)
         rows = batches.tokens.shape[1]
         mine = parallel.local_rows(rows)
         return parallel.put_batch(Batch(*(a[:, mine] for a in batches)), self.mesh, rows, batch_axis=1)
+
+
+class Trainer(Evaluator):
+    """The compiled step and loop (and evaluation) for one model config and one optimizer.
+
+    `step(state, batch)` does one update; `steps(state, batches, num_steps)`
+    does one per leading entry of batches (the first num_steps) in one
+    compiled call. Each returns the new state and the step's metrics (a dict;
+    `steps` stacks each over the steps). Both donate the state: the caller
+    must use the returned one. With a mesh XLA adds the all-reduce of the
+    gradients.
+
+    Step s draws its dropout masks (with cfg.dropout > 0) from
+    dropout_key(tcfg.seed, s), row by row (model.dropout_keep): those of
+    model.dropout_masks(dropout_key(seed, s), cfg, rows, T, dtype) for the
+    whole batch, whatever grad_accum, the mesh, or where the run was resumed.
+    """
+
+    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
+        super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention)
+        self.tcfg = tcfg
+        groups = 1 if mesh is None else mesh.devices.size
+        check_accumulation(tcfg, groups)
+        self.optimizer = make_optimizer(tcfg)
+        self.lr = make_schedule(tcfg)
+        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=self.dtype, attention=self.attention)
+        fixed |= dict(seed=tcfg.seed, grad_accum=tcfg.grad_accum, groups=groups)
+        self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
+        self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
+        self._init = jax.jit(self.optimizer.init, **self._shardings((None,)))
+        self._compiled = {}
 
     def compiled_steps(self, state, batches):
         """`steps` compiled ahead of time for these argument shapes, once per Trainer: (executable, seconds spent now).
@@ -314,144 +336,6 @@ def abstract_state(cfg: GPTConfig, tcfg: TrainConfig) -> TrainState:
     """Shapes and dtypes of a run's state, nothing allocated: what a checkpoint is read into."""
     params = {name: jax.ShapeDtypeStruct(shape, tcfg.param_dtype) for name, shape in param_shapes(cfg).items()}
     return TrainState(params, jax.eval_shape(make_optimizer(tcfg).init, params), jax.ShapeDtypeStruct((), jnp.int32))
-
-
-# -- the loop -------------------------------------------------------------------------------
-
-MAX_CHUNK = 1000  # steps per compiled call when no hook asks for less
-
-
-def chunk_length(cadences, remaining) -> int:
-    """Steps per compiled call: the shortest hook cadence, at most MAX_CHUNK, at most what is left (one compile)."""
-    return max(1, min(MAX_CHUNK, *cadences, remaining))
-
-
-def chunk_ends(start, stop, length, every=()):
-    """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop (lazily)."""
-    step = start
-    while step < stop:
-        step = min([stop, step + length] + [(step // k + 1) * k for k in every])
-        yield step
-
-
-class Chunk(NamedTuple):
-    state: TrainState
-    start: int  # the first step of the chunk (0-based)
-    losses: np.ndarray  # one per step
-    tokens: int  # trained (non-padding) positions in the chunk
-    compile_s: float  # seconds spent compiling before this chunk (the first one only)
-
-
-def run_steps(trainer: Trainer, state: TrainState, data, stop, length, every=()):
-    """Train from the state's step to `stop`, in compiled chunks of at most `length` steps; yield a Chunk after each.
-
-    Every chunk runs one executable, compiled once before the first (the
-    batches are always `length` steps long; a shorter chunk skips the tail).
-    While a chunk runs, the next chunk's batches are built on the host and
-    sent to the device, so the step never waits for its data.
-    """
-    first = int(state.step)
-    length = max(1, min(length, stop - first))
-
-    def prepare(first, end):
-        batches = data.batches(first, end - first, length)
-        return trainer.put(batches), int(np.count_nonzero(batches.weights))
-
-    ends = chunk_ends(first, stop, length, every)
-    end = next(ends, None)
-    if end is None:
-        return
-    batches, tokens = prepare(first, end)
-    compiled, compile_s = trainer.compiled_steps(state, batches)
-    while end is not None:
-        state, losses = compiled(state, batches, end - first)  # runs asynchronously
-        following = next(ends, None)
-        if following is not None:
-            next_batches, next_tokens = prepare(end, following)
-        yield Chunk(state, first, np.asarray(losses)[: end - first], tokens, compile_s)
-        if following is not None:
-            batches, tokens = next_batches, next_tokens
-        first, end, compile_s = end, following, 0.0
-
-
-class Stopped(UserError):
-    """Training stopped early; the message says where things stand. Exit 128 + signal number for a signal."""
-
-    def __init__(self, message, exit_code=1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class Info:
-    """What a hook sees after a chunk: the state, this chunk's losses, and what happened since any earlier step."""
-
-    def __init__(self, chunk: Chunk, last_step: int, history: list, elapsed: float):
-        self.state, self.losses, self.compile_s, self.elapsed = chunk.state, chunk.losses, chunk.compile_s, elapsed
-        self.step = chunk.start + len(chunk.losses)  # steps done
-        self.last_step = last_step  # where the run ends
-        self.stopping, self.stop_code = None, 1  # a signal's name and exit code once one asks the run to stop here
-        self.notes = []  # what hooks did that the stop message should say (a checkpoint saved)
-        self.val_loss = None  # set by the evaluation hook when it ran here
-        self.record = None  # the metrics record, set by the Record hook when it ran here
-        self._history = history  # (first step, losses, tokens, seconds) of recent chunks
-
-    @property
-    def final(self) -> bool:
-        """The run ends after this chunk: its last step, or a stop. Hooks with a cadence run here too."""
-        return self.step == self.last_step or self.stopping is not None
-
-    def since(self, step):
-        """(mean loss, trained tokens, training seconds) of the steps after `step` (None: since fit began)."""
-        chunks = [c for c in self._history if step is None or c[0] >= step]
-        losses = np.concatenate([c[1] for c in chunks])
-        return float(np.mean(losses)), sum(c[2] for c in chunks), sum(c[3] for c in chunks)
-
-
-def _cadences(hook):
-    every = getattr(hook, "every", None)
-    return () if every is None else (every,) if isinstance(every, int) else tuple(every)
-
-
-def _due(hook, info) -> bool:
-    cadences = _cadences(hook)
-    return not cadences or info.final or any(info.step % k == 0 for k in cadences)
-
-
-def fit(trainer: Trainer, state: TrainState, data, hooks=()) -> TrainState:
-    """Train from state.step to tcfg.steps; after each compiled chunk, call the hooks that are due.
-
-    A hook is a callable taking an `Info`, with an `every` attribute: None
-    (after every chunk), N or a tuple of Ns (after the chunk ending at each
-    multiple, and after the last one). Chunks end exactly where some hook
-    is due, so none is ever skipped. Hooks run in order; one that is a
-    context manager is entered before the first step and exited at the
-    end, however it ends. A hook stops the run by raising, or, for a stop
-    that should still save, by setting info.stopping: the loop then raises
-    Stopped after the remaining hooks have run.
-    """
-    cadences = sorted({k for hook in hooks for k in _cadences(hook)})
-    history, window = [], max(cadences, default=1)
-    with contextlib.ExitStack() as stack:
-        for hook in hooks:
-            if hasattr(hook, "__enter__"):
-                stack.enter_context(hook)
-        began = last = time.perf_counter()
-        for chunk in run_steps(
-            trainer, state, data, stop=trainer.tcfg.steps, length=chunk_length(cadences, trainer.tcfg.steps), every=cadences
-        ):
-            state = chunk.state
-            seconds = max(time.perf_counter() - last - chunk.compile_s, 1e-9)
-            history = [c for c in history if c[0] + len(c[1]) > chunk.start - window]
-            history.append((chunk.start, chunk.losses, chunk.tokens, seconds))
-            info = Info(chunk, trainer.tcfg.steps, history, time.perf_counter() - began)
-            for hook in hooks:
-                if _due(hook, info):
-                    hook(info)
-            if info.stopping:
-                done = "; ".join(info.notes) or "nothing saved"
-                raise Stopped(f"{info.stopping} at step {info.step}: {done}", exit_code=info.stop_code)
-            last = time.perf_counter()  # time spent in hooks (evaluation, saving) is not training time
-    return state
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

@@ -31,7 +31,8 @@ def train(num_devices, steps=10, batch_size=8):
     trainer = Trainer(cfg, tcfg, mesh)
     state = trainer.init(trainer.replicate(init_params(cfg, jax.random.key(0), jnp.float64)))
     batches = trainer.put(reference_batches([tokenizer.encode(d) for d in DOCS], 0, steps, batch_size, cfg.block_size))
-    state, losses = trainer.steps(state, batches, steps)
+    state, metrics = trainer.steps(state, batches, steps)
+    losses = metrics["loss"]
     assert int(state.step) == steps
     shards = {len(x.sharding.device_set) for x in jax.tree.leaves(batches)}
     return np.asarray(losses), jax.tree.map(np.asarray, state.params), shards

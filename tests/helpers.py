@@ -14,7 +14,7 @@ SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 # `python -c SLOW_TRAIN ARGS` is `microgpt-jax ARGS` with one step per chunk, 0.3 s each: room to send a signal
 SLOW_TRAIN = """
 import time
-import microgpt_jax.train as t
+import microgpt_jax.loop as t
 run_steps = t.run_steps
 def slow(*args, **kwargs):  # 1 step per chunk, 0.3 s each: a long run in miniature
     for out in run_steps(*args, **{**kwargs, "length": 1}):

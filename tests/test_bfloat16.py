@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from microgpt_jax import runtime, train
+from microgpt_jax import loop, runtime, train
 from microgpt_jax.checkpoint import CheckpointConfig
 from microgpt_jax.data import DataConfig
 from microgpt_jax.model import GPTConfig
@@ -42,7 +42,7 @@ class Losses:
         self.losses = []
 
     def __call__(self, info):
-        self.losses.extend(np.asarray(info.losses, np.float64))
+        self.losses.extend(np.asarray(info.metrics["loss"], np.float64))
 
 
 def test_bfloat16_loss_is_near_float32s(names_path):
@@ -51,7 +51,7 @@ def test_bfloat16_loss_is_near_float32s(names_path):
     for dtype in ("float32", "bfloat16"):
         session = Session(configs(dtype, steps=20), names_path)
         losses = Losses()
-        train.fit(session.trainer, session.initial_state(), session.data, [losses])
+        loop.fit(session.trainer, session.initial_state(), session.data, [losses])
         assert len(losses.losses) == 20 and np.isfinite(losses.losses).all()
         means[dtype] = np.mean(losses.losses[10:])
     assert means["bfloat16"] != means["float32"]  # it really computed in bfloat16
@@ -63,7 +63,7 @@ def test_bfloat16_runs_save_read_resume_bitwise_and_sample(tmp_path, names_path)
     session = Session(configs("bfloat16"), names_path)
     with RunDir.create(tmp_path / "run", session.configs, session.tokenizer, names_path) as run:
         state = session.initial_state()
-        whole = train.fit(session.trainer, state, session.data, session.hooks(state, run))
+        whole = loop.fit(session.trainer, state, session.data, session.hooks(state, run))
     assert run.store.steps() == [2, 4, 6]
     read = run.store.read(6)
     assert all(w.dtype == np.float32 for w in read.params.values())  # bfloat16 compute keeps float32 weights
@@ -72,7 +72,7 @@ def test_bfloat16_runs_save_read_resume_bitwise_and_sample(tmp_path, names_path)
     with RunDir.open(run.path).lock() as again:
         state = session.resumed_state(again)
         assert int(state.step) == 4
-        resumed = train.fit(session.trainer, state, session.data, session.hooks(state, again))
+        resumed = loop.fit(session.trainer, state, session.data, session.hooks(state, again))
     assert all(np.array_equal(resumed.params[k], whole.params[k]) for k in whole.params)
     assert not (run.path / "damaged").exists()
 

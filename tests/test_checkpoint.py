@@ -2,7 +2,7 @@
 
 Every run here is tiny (n_embd 8, a few steps) and goes through the real
 `microgpt-jax train` (in-process, or as a subprocess for real signals). A spy
-on `train.run_steps` records every loss at full precision and can act between
+on `loop.run_steps` records every loss at full precision and can act between
 chunks (send a signal, fill the disk) exactly where a real fault would land.
 In-process runs of one config share one Trainer, so each chunk length
 compiles once for the whole file; the subprocess compiles its own.
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from microgpt_jax import checkpoint, cli, hooks, train
+from microgpt_jax import checkpoint, cli, loop, train
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.rundir import RunDir, load_run
@@ -41,7 +41,7 @@ def shared_trainers(monkeypatch):
 
 
 class Spy:
-    """Replaces train.run_steps: records losses by step; `before(step)` runs before a chunk ending at step is reported."""
+    """Replaces loop.run_steps: records losses by step; `before(step)` runs before a chunk ending at step is reported."""
 
     def __init__(self):
         self.losses, self.chunk, self.before = {}, None, None
@@ -51,9 +51,9 @@ class Spy:
             if self.chunk:
                 kwargs["length"] = self.chunk
             for chunk in run_steps(*args, **kwargs):
-                self.losses.update({chunk.start + i: loss for i, loss in enumerate(chunk.losses)})
+                self.losses.update({chunk.start + i: loss for i, loss in enumerate(chunk.metrics["loss"])})
                 if self.before:
-                    self.before(chunk.start + len(chunk.losses))
+                    self.before(chunk.start + len(chunk.metrics["loss"]))
                 yield chunk
 
         return spied
@@ -66,7 +66,7 @@ class Spy:
 @pytest.fixture
 def spy(monkeypatch):
     s = Spy()
-    monkeypatch.setattr(train, "run_steps", s(train.run_steps))
+    monkeypatch.setattr(loop, "run_steps", s(loop.run_steps))
     return s
 
 
@@ -128,7 +128,7 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, spy, capsys, batch)
 
 def test_chunks_end_on_save_steps_wherever_the_run_starts():
     def ends(start):  # chunks of 3 steps (fit passes its chunk length among `every`), saves every 5
-        return list(train.chunk_ends(start, 20, 3, every=(3, 5)))
+        return list(loop.chunk_ends(start, 20, 3, every=(3, 5)))
 
     assert ends(0) == [3, 5, 6, 9, 10, 12, 15, 18, 20]
     assert ends(7) == [9, 10, 12, 15, 18, 20]  # a resumed run meets the same boundaries
@@ -145,7 +145,7 @@ def finished_run(tmp_path_factory):
     spy = Spy()
     with pytest.MonkeyPatch.context() as mp:
         share_trainers(mp)
-        mp.setattr(train, "run_steps", spy(train.run_steps))
+        mp.setattr(loop, "run_steps", spy(loop.run_steps))
         train_cli(*FINISHED_FLAGS, "--out", str(run_dir))
     FINISHED_LOSSES[run_dir] = spy.array(6)
     return run_dir
@@ -208,7 +208,7 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
         train_cli("--steps", "20", "--lr", "1e17", "--save-every", "1", "--log-every", "1", "--out", str(run_dir))
     assert str(stopped.value) == (
         f"loss is nan at step 2: training stopped there and saved nothing after it; the latest checkpoint is "
-        f"step 1 in {run_dir / 'checkpoints'} ({hooks.ADVICE})"
+        f"step 1 in {run_dir / 'checkpoints'} ({loop.ADVICE})"
     )
     assert stopped.value.exit_code == 1
     assert sorted(spy.losses) == [0, 1]  # it stopped there: no step 3
@@ -222,13 +222,14 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
 def hook_chain(tmp_path, save_every=4):
     """The NaN policy and the checkpoint hook over a store, as the loop calls them: (store, end_chunk)."""
     store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8))
-    chain = [hooks.NonFinite(store.latest), hooks.Checkpoints(store, save_every, lambda step: step, tmp_path)]
+    chain = [loop.NonFinite(store.latest), loop.Checkpoints(store, save_every, lambda step: step, tmp_path)]
 
     def end_chunk(first, losses, params, opt_state):
         state = train.TrainState(params, opt_state, np.int32(first + len(losses)))
-        info = train.Info(train.Chunk(state, first, np.asarray(losses), 0, 0.0), 8, [], 0.0)
+        metrics = {"loss": np.asarray(losses)}
+        info = loop.StepInfo(state, first + len(losses), 8, metrics, 0.0, None, ((first, metrics, 0, 1.0),))
         for hook in chain:
-            if train._due(hook, info):
+            if loop._due(hook, info):
                 hook(info)
 
     return store, end_chunk

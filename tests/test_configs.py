@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from microgpt_jax import cli, train
+from microgpt_jax import cli, loop, train
 from microgpt_jax.config import read_toml
 from microgpt_jax.rundir import SCHEDULE_RULE, RunDir, load_weights
 from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
@@ -141,7 +141,7 @@ def test_an_extended_run_equals_a_run_planned_for_the_new_steps_from_there(tmp_p
     run = RunDir.open(finished)
     configs = {**run.configs, "train": dataclasses.replace(run.tcfg, steps=10)}
     session = Session(configs, names_path)
-    planned = train.fit(session.trainer, session.trainer.replicate(run.store.restore().state), session.data)
+    planned = loop.fit(session.trainer, session.trainer.replicate(run.store.restore().state), session.data)
     assert extended.step == int(planned.step) == 10
     assert all(np.array_equal(extended.params[k], planned.params[k]) for k in planned.params)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(extended.state.opt_state), jax.tree.leaves(planned.opt_state)))

@@ -51,14 +51,14 @@ def test_dry_run_figures_are_xla_s(capsys):
     step = session.step_memory
     assert step.total > 0 and step.aliased > 0  # the state is donated
     assert f": {memory.format_bytes(step.total)} (arguments {memory.format_bytes(step.arguments)}," in text
-    assert f"estimate: {memory.format_bytes(session.estimate(10).total)} (" in text
-    assert step.total <= session.estimate(10).device  # the estimate bounds XLA's figure
+    assert f"estimate: {memory.format_bytes(session.estimate().total)} (" in text
+    assert step.total <= session.estimate().device  # the estimate bounds XLA's figure
 
 
 def test_compiled_figure_refuses_a_step_that_cannot_fit():
     session = session_of(*SMALL_RUN)
     step = session.compile_step(available=10**12)
-    est = session.estimate(session.chunk_length())
+    est = session.estimate()
     need = step.total + memory.beyond_compiled(est, on_host=True)
     assert session.compile_step(available=need) == step  # exactly enough
     with pytest.raises(memory.TooBig) as info:

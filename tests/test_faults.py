@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from microgpt_jax import checkpoint, cli, train
+from microgpt_jax import checkpoint, cli, loop, train
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
@@ -288,7 +288,7 @@ def test_a_step_count_past_int32_is_one_line(capsys, tmp_path):
 
 
 def test_a_huge_step_count_is_not_materialised():
-    ends = train.chunk_ends(0, 10**12, 10, every=(4, 10))
+    ends = loop.chunk_ends(0, 10**12, 10, every=(4, 10))
     assert list(itertools.islice(ends, 5)) == [4, 8, 10, 12, 16]
 
 

@@ -1,4 +1,5 @@
-"""The optional loggers (loggers.py): TensorBoard and W&B (offline) hooks in a real run, read back with their own readers."""
+"""The optional loggers (loggers.py): TensorBoard and W&B (offline) sinks of the loop's Log hook in a real run, read back
+with their own readers."""
 
 import json
 import struct
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from microgpt_jax import hooks, loggers, train
+from microgpt_jax import loggers, loop, train
 from microgpt_jax.checkpoint import CheckpointConfig
 from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
@@ -25,7 +26,7 @@ def tiny_configs(steps=6):
 
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, names_path):
-    """A 6-step run with both loggers after Record, W&B offline: (run_dir, the records the loop made, configs)."""
+    """A 6-step run with both loggers among the Log hook's sinks, W&B offline: (run_dir, the records the loop made, configs)."""
     from microgpt_jax.session import Session
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -39,17 +40,15 @@ def logged_run(tmp_path_factory, names_path):
         session = Session(tiny_configs(), names_path)
         state = session.initial_state()
         chain = session.hooks(state)
-        tcfg = session.configs["train"]
-        logged = (tcfg.log_every, tcfg.eval_every)
         records = []
-        keep = type("Keep", (), {"every": logged, "__call__": lambda self, info: info.record and records.append(info.record)})
-        after = next(i for i, hook in enumerate(chain) if isinstance(hook, hooks.Record)) + 1
-        chain[after:after] = [
-            loggers.TensorBoard(run_dir, session.configs, logged),
-            loggers.WandB("microgpt-jax-test", run_dir, session.configs, logged),
+        keep = type("Keep", (), {"write": lambda self, record: records.append(record)})
+        (log,) = [hook for hook in chain if isinstance(hook, loop.Log)]
+        log.sinks[:0] = [
+            loggers.TensorBoard(run_dir, session.configs),
+            loggers.WandB("microgpt-jax-test", run_dir, session.configs),
             keep(),
         ]
-        train.fit(session.trainer, state, session.data, chain)
+        loop.fit(session.trainer, state, session.data, chain)
     return run_dir, records, session.configs
 
 
@@ -78,8 +77,9 @@ def test_tensorboard_holds_every_record_at_its_step_and_the_configs(logged_run):
     run_dir, records, configs = logged_run
     acc = read_events(run_dir / "tb")
     tags = acc.Tags()
-    assert set(tags["scalars"]) == {"train/loss", "train/lr", "train/tokens_per_s", "val/loss"}
-    for tag, key in [("train/loss", "loss"), ("train/lr", "lr"), ("train/tokens_per_s", "tokens_per_s"), ("val/loss", "val_loss")]:
+    assert set(tags["scalars"]) == {"train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/loss"}
+    names = [("train/loss", "loss"), ("train/grad_norm", "grad_norm"), ("train/lr", "lr"), ("train/tokens_per_s", "tokens_per_s")]
+    for tag, key in [*names, ("val/loss", "val_loss")]:
         want = [(r["step"], r[key]) for r in records if key in r]
         got = scalar_series(acc, tag)
         assert [s for s, _ in got] == [s for s, _ in want], tag
@@ -90,38 +90,21 @@ def test_tensorboard_holds_every_record_at_its_step_and_the_configs(logged_run):
     assert f"n_embd = {configs['model'].n_embd}" in written and "log_every = 2" in written
 
 
-def info_with(record, last_step=100):
-    """An Info for the chunk ending at record["step"], with the record set, as the loop hands it to a hook."""
-    chunk = train.Chunk(None, record["step"] - 1, np.asarray([record["loss"]]), 8, 0.0)
-    info = train.Info(chunk, last_step, [], 0.0)
-    info.record = record
-    return info
-
-
 def record(step, loss):
     return {"step": step, "loss": loss, "lr": 0.01, "tokens_per_s": 100.0, "elapsed": 1.0}
 
 
 def test_a_resumed_run_appends_and_tensorboard_drops_the_steps_trained_again(tmp_path):
     configs = tiny_configs(steps=100)
-    with loggers.TensorBoard(tmp_path, configs, every=2) as tb:
+    with loggers.TensorBoard(tmp_path, configs) as tb:
         for step in (2, 4, 6):
-            tb(info_with(record(step, float(step))))
+            tb.write(record(step, float(step)))
     # the run died after step 6 with its latest checkpoint at step 4: it resumes there and logs 6 and 8 again
-    with loggers.TensorBoard(tmp_path, configs, every=2, resumed_at=4) as tb:
+    with loggers.TensorBoard(tmp_path, configs, resumed_at=4) as tb:
         for step in (6, 8):
-            tb(info_with(record(step, 100.0 + step)))
+            tb.write(record(step, 100.0 + step))
     assert len(list((tmp_path / "tb").iterdir())) == 2  # one event file per process run, same directory
     assert scalar_series(read_events(tmp_path / "tb"), "train/loss") == [(2, 2.0), (4, 4.0), (6, 106.0), (8, 108.0)]
-
-
-def test_a_chunk_without_a_record_logs_nothing(tmp_path):
-    with loggers.TensorBoard(tmp_path, tiny_configs(), every=2) as tb:
-        info = info_with(record(2, 1.0))
-        info.record = None
-        tb(info)
-        tb(info_with(record(4, 3.0)))
-    assert scalar_series(read_events(tmp_path / "tb"), "train/loss") == [(4, 3.0)]
 
 
 # -- W&B ----------------------------------------------------------------------------------
@@ -183,14 +166,29 @@ def test_wandb_offline_run_holds_every_record_at_its_step(logged_run):
     assert config["model"]["n_embd"] == configs["model"].n_embd and config["train"]["steps"] == 6
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    run_dir = tmp_path / "run"
+    ids = []
+    for step in (2, 4):  # the run, then its resume
+        with loggers.WandB("microgpt-jax-test", run_dir, tiny_configs()) as sink:
+            sink.write(record(step, 1.0))
+            ids.append(sink.run.id)
+    kept = (run_dir / "wandb" / "run_id").read_text().strip()
+    assert ids == [kept, kept]  # the same W&B run, not a new one
+    assert {p.name for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")} == {f"run-{kept}.wandb"}
+
+
 # -- a missing extra ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "module, extra, make",
     [
-        ("tensorboardX", "tensorboard", lambda run_dir: loggers.TensorBoard(run_dir, tiny_configs(), 2)),
-        ("wandb", "wandb", lambda run_dir: loggers.WandB("p", run_dir, tiny_configs(), 2)),
+        ("tensorboardX", "tensorboard", lambda run_dir: loggers.TensorBoard(run_dir, tiny_configs())),
+        ("wandb", "wandb", lambda run_dir: loggers.WandB("p", run_dir, tiny_configs())),
     ],
 )
 def test_a_missing_extra_is_one_line_saying_what_to_install(monkeypatch, tmp_path, module, extra, make):

@@ -138,9 +138,9 @@ def test_prepare_reads_in_chunks_whatever_the_size(tmp_path):
 def test_resume_on_a_prepared_dataset_is_bitwise_identical(tmp_path, names_path, monkeypatch, capsys):
     share_trainers(monkeypatch)
     spy = Spy()
-    from microgpt_jax import train
+    from microgpt_jax import loop
 
-    monkeypatch.setattr(train, "run_steps", spy(train.run_steps))
+    monkeypatch.setattr(loop, "run_steps", spy(loop.run_steps))
     prepare(names_path, tmp_path / "ds", DataConfig())
     flags = [*TINY, "--data", str(tmp_path / "ds"), *SHAPE, "--steps", "4", "--save-every", "4"]
     cli.main(["train", *flags, "--out", str(tmp_path / "whole")])

@@ -80,8 +80,8 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     assert isinstance(s, TrainState) and int(s.step) == 0
     step_losses = []
     for i in range(6):
-        s, loss = trainer.step(s, as_jax(jax.tree.map(lambda b: b[i], batches)))
-        step_losses.append(float(loss))
+        s, metrics = trainer.step(s, as_jax(jax.tree.map(lambda b: b[i], batches)))
+        step_losses.append(float(metrics["loss"]))
     assert trainer.step._cache_size() == 1  # six steps, one trace
     assert int(s.step) == 6
 
@@ -89,8 +89,8 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     scan_losses = []
     for start in (0, 3):  # two calls of 3 steps each: one trace
         chunk = as_jax(jax.tree.map(lambda b: b[start : start + 3], batches))
-        t, losses = trainer.steps(t, chunk, 3)
-        scan_losses += [float(x) for x in losses]
+        t, metrics = trainer.steps(t, chunk, 3)
+        scan_losses += [float(x) for x in metrics["loss"]]
     assert trainer.steps._cache_size() == 1
 
     # identical, bit for bit: the scan body is the step (weights, Adam's moments and the step count)
@@ -114,7 +114,8 @@ def test_float32_training_stays_float32_and_learns():
     trainer = Trainer(CFG, tcfg)
     state = trainer.init(init_params(CFG, jax.random.key(3), jnp.float32))
     batches = trainer.put(reference_batches(ENCODED, 0, 40, 4, CFG.block_size))
-    state, losses = trainer.steps(state, batches, 40)
+    state, metrics = trainer.steps(state, batches, 40)
+    losses = metrics["loss"]
     assert losses.dtype == jnp.float32 and all(p.dtype == jnp.float32 for p in state.params.values())
     assert int(state.step) == 40
     assert float(losses[-5:].mean()) < float(losses[:5].mean()) - 0.5

@@ -11,13 +11,13 @@ from microgpt_jax import train as train_module
 from microgpt_jax.check import ATOL, PARAM_ATOL, RTOL
 from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, load_train_data, split
 from microgpt_jax.errors import UserError
-from microgpt_jax.hooks import Evaluate, NonFinite, Progress, Record, ShowProgress, WriteMetrics
 from microgpt_jax.layout import Batch, pack, packed_batch, padded_batch
+from microgpt_jax.loop import Log, NonFinite, Progress, chunk_ends, fit, run_steps
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
 from microgpt_jax.text import load_docs
 from microgpt_jax.tokenizer import CharTokenizer
-from microgpt_jax.train import TrainConfig, Trainer, chunk_ends, fit, make_schedule, run_steps
+from microgpt_jax.train import TrainConfig, Trainer, make_schedule
 from tests.helpers import cli
 
 
@@ -118,7 +118,7 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
             built_by_yield.append(list(built))
             state = chunk.state
             starts.append(chunk.start)
-            losses.extend(chunk.losses)
+            losses.extend(chunk.metrics["loss"])
         # each chunk's batches are built while the chunk before it runs, before its results are waited for
         assert built_by_yield == [[0, 3], [0, 3, 6], [0, 3, 6]]
         assert starts == [0, 3, 6] and int(state.step) == 7
@@ -137,8 +137,8 @@ def test_packed_and_padded_training_runs_match_step_by_step(names_docs):
     state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float64))
     data = DocumentSource(enc, [], DataConfig(layout="padded", val_fraction=0.0), tcfg.batch_size, cfg.block_size)
     for s in range(7):
-        state, loss = trainer.step(state, jax.tree.map(jnp.asarray, data.batch(s)))
-        assert_close(loss, loss_b[s])
+        state, metrics = trainer.step(state, jax.tree.map(jnp.asarray, data.batch(s)))
+        assert_close(metrics["loss"], loss_b[s])
     for k in state.params:
         assert_close(state.params[k], p_b[k], atol=PARAM_ATOL, rtol=0)
 
@@ -216,7 +216,7 @@ def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_
         return wrapped
 
     monkeypatch.setattr(train_module, "_step", counting("step", train_module._step))
-    monkeypatch.setattr(train_module, "_evaluate", counting("evaluate", train_module._evaluate))
+    monkeypatch.setattr(train_module, "_row_losses", counting("evaluate", train_module._row_losses))
     docs, tokenizer = names_docs
     enc = [tokenizer.encode(d) for d in docs[:400]]
     # 23 steps in chunks of at most 5, ending at every multiple of 5 and of 6: short chunks, and four evals
@@ -225,21 +225,20 @@ def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_
     trainer = Trainer(cfg, tcfg)
     state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float32))
     data = DocumentSource(enc[:300], enc[300:], DataConfig(eval_size=40), tcfg.batch_size, cfg.block_size)
-    logged = (tcfg.log_every, tcfg.eval_every)
     chunks, seen = [], []
+    on_device = trainer.put(data.eval_set())
+    evaluate = lambda params: trainer.evaluate(params, on_device)  # noqa: E731
+
+    class Seen:  # a sink beside the metrics file: it gets the same records
+        write = staticmethod(seen.append)
 
     def watch(info):  # after every chunk, after the hooks above it
-        chunks.append((info.step, info.losses))
-        if info.record:
-            seen.append(info.record)
+        chunks.append((info.step, info.metrics["loss"]))
 
     watch.every = None
     hooks = [
         NonFinite(),
-        Evaluate(trainer, data.eval_set(), tcfg.eval_every),
-        Record(trainer.lr, logged),
-        WriteMetrics(MetricsFile(tmp_path), logged),
-        ShowProgress(Progress(tcfg.steps, bar=False), logged),
+        Log([MetricsFile(tmp_path), Progress(tcfg.steps, bar=False), Seen()], trainer.lr, tcfg.log_every, tcfg.eval_every, evaluate),
         watch,
     ]
     state = fit(trainer, state, data, hooks)
@@ -248,7 +247,7 @@ def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 6, 10, 12, 15, 18, 20, 23]
     assert [r["step"] for r in records if "val_loss" in r] == [6, 12, 18, 23]
-    assert traces == {"step": 1, "evaluate": 1}
+    assert traces == {"step": 2, "evaluate": 1}  # the step: once for its metrics' shapes, once in the loop
     assert seen == records and np.isfinite(records[-1]["val_loss"])
     # each record's loss is the mean over the steps since the record before it
     losses = np.concatenate([chunk_losses for _, chunk_losses in chunks])
@@ -282,15 +281,14 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
     state = trainer.init(params)
     jaxpr = str(jax.make_jaxpr(trainer.step)(state, batch))
     assert "bf16[4,16,16]" in jaxpr  # activations in bfloat16
-    new, loss = jax.eval_shape(trainer.step, state, batch)
+    new, metrics = jax.eval_shape(trainer.step, state, batch)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new.params, new.opt_state)) if p.ndim)  # weights and moments
-    assert loss.dtype == jnp.float32  # the softmax and the loss in float32
+    assert metrics["loss"].dtype == jnp.float32  # the softmax and the loss in float32
 
 
 def test_progress_bar_shows_loss_val_rate_and_eta(capsys):
-    progress = Progress(100, bar=True)
-    progress.update({"step": 10, "loss": 2.5, "val_loss": 2.6, "tokens_per_s": 12345.0, "elapsed": 1.0}, 10)
-    progress.close()
+    with Progress(100, bar=True) as progress:
+        progress.write({"step": 10, "loss": 2.5, "val_loss": 2.6, "tokens_per_s": 12345.0, "elapsed": 1.0})
     err = capsys.readouterr().err
     assert "loss 2.5000" in err and "val 2.6000" in err and "12,345 tok/s" in err and "10/100" in err and "<" in err
 
@@ -305,7 +303,7 @@ def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, s
     assert "step  4 / 12 | loss" in a.stdout and "val" in a.stdout and "tok/s" in a.stdout and "eta" in a.stdout
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12]
-    assert set(records[1]) == {"step", "loss", "val_loss", "lr", "tokens_per_s", "elapsed"}
+    assert set(records[1]) == {"step", "loss", "grad_norm", "val_loss", "lr", "tokens_per_s", "elapsed"}
     assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     b = cli(
         "train", "--mode", "stream", "--block-size", "32", "--batch-size", "4", *small,

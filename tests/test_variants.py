@@ -231,7 +231,8 @@ def all_variants_run():
     cfg, tcfg = config(**ALL, n_layer=1), TrainConfig(steps=4, batch_size=2, grad_accum=2, dtype="float64", seed=7)
     params, data = params_of(cfg, scale=1.0), batches(4, 2)
     trainer = Trainer(cfg, tcfg)
-    state, losses = trainer.steps(trainer.init(jax.tree.map(jnp.copy, params)), data, 4)
+    state, metrics = trainer.steps(trainer.init(jax.tree.map(jnp.copy, params)), data, 4)
+    losses = metrics["loss"]
     return SimpleNamespace(cfg=cfg, tcfg=tcfg, params=params, data=data, state=state, losses=losses, trainer=trainer)
 
 
@@ -240,13 +241,13 @@ def test_dropout_masks_come_from_seed_and_step_in_training_only(all_variants_run
     so 2 steps, the state through the host and 2 more are the 4 steps at once, bit for bit; evaluation has none."""
     run = all_variants_run
     trainer, params, data = run.trainer, run.params, run.data
-    state, losses_a = trainer.steps(trainer.init(jax.tree.map(jnp.copy, params)), data, 2)
+    state, metrics_a = trainer.steps(trainer.init(jax.tree.map(jnp.copy, params)), data, 2)
     saved = jax.tree.map(np.asarray, state)  # what a checkpoint holds
     resumed = TrainState(*jax.tree.map(jnp.asarray, saved))
     rest = jax.tree.map(lambda a: jnp.roll(a, -2, axis=0), data)  # steps 2 and 3 are this chunk's first two
-    state, losses_b = trainer.steps(resumed, rest, 2)
+    state, metrics_b = trainer.steps(resumed, rest, 2)
     chex.assert_trees_all_equal(state, run.state)
-    assert np.array_equal(np.concatenate([losses_a[:2], losses_b[:2]]), run.losses)
+    assert np.array_equal(np.concatenate([metrics_a["loss"][:2], metrics_b["loss"][:2]]), run.losses)
 
     batch = jax.tree.map(lambda a: a[0], data)
     masks = masks_of(dropout_key(7, 0), run.cfg, 2, 8, jnp.float64)
@@ -285,8 +286,8 @@ def test_accumulated_training_is_the_full_batchs(all_variants_run):
     """4 steps of every variant, dropout on: grad_accum 2 against 1, the losses (step 0's: the loss) and the weights."""
     run = all_variants_run
     trainer = Trainer(run.cfg, dataclasses.replace(run.tcfg, grad_accum=1))
-    state, losses = trainer.steps(trainer.init(jax.tree.map(jnp.copy, run.params)), run.data, 4)
-    np.testing.assert_allclose(run.losses, losses, rtol=1e-13)
+    state, metrics = trainer.steps(trainer.init(jax.tree.map(jnp.copy, run.params)), run.data, 4)
+    np.testing.assert_allclose(run.losses, metrics["loss"], rtol=1e-13)
     for k in run.params:
         np.testing.assert_allclose(run.state.params[k], state.params[k], rtol=0, atol=1e-13, err_msg=k)
 
