@@ -12,6 +12,7 @@ without it, constructing the sink is one UserError saying so. Only process
 import dataclasses
 import importlib
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class WandB:
         try:
             return path.read_text().strip()
         except FileNotFoundError:
-            run_id = self._wandb.util.generate_id()
+            run_id = secrets.token_hex(8)  # W&B accepts any id of letters and digits
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(run_id + "\n")
             return run_id

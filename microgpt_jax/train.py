@@ -196,7 +196,7 @@ def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", s
     key = dropout_key(seed, state.step)  # unused without dropout
     loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, cfg=cfg, dtype=dtype, attention=attention, key=key)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
 
@@ -295,10 +295,10 @@ class Trainer(Evaluator):
     """
 
     def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
-        super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention)
-        self.tcfg = tcfg
         groups = 1 if mesh is None else mesh.devices.size
         check_accumulation(tcfg, groups)
+        super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention)
+        self.tcfg = tcfg
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
         fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=self.dtype, attention=self.attention)
