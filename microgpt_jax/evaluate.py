@@ -25,9 +25,9 @@ import jax
 import numpy as np
 
 from microgpt_jax.data import DocumentSource, Source
+from microgpt_jax.dataset import is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, windows_batch
-from microgpt_jax.prepare import is_dataset
 from microgpt_jax.text import load_docs, read_text
 
 
