@@ -247,7 +247,7 @@ def open_dataset(path) -> Dataset:
     meta = read_json(meta_file, "prepare the dataset again")
     bad = lambda key, problem: refused(meta_file, problem, key)
     check_format(meta, FORMAT, VERSION, "datasets", bad)
-    # datasets written before checksums have neither field: they get every check below but these
+    # a dataset written before meta.json held checksums has neither field: it still opens, with the other checks alone
     checked = "checksum" in meta or "files" in meta
     if checked and meta.get("checksum") != meta_checksum(meta):
         raise refused(meta_file, "does not match its checksum (it was edited after `prepare` wrote it)")
