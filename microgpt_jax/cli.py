@@ -96,7 +96,7 @@ def configs_from_args(args, tables=tuple(CONFIGS)) -> dict:
 def open_run(args, held):
     """(run, configs, data file, weights to start from): --resume's run (locked) and its configs with the
     given ones over them; else the given configs, with --init-from's model (and --data, None for the default)."""
-    from microgpt_jax.prepare import adopt, is_dataset
+    from microgpt_jax.dataset import adopt, is_dataset
     from microgpt_jax.rundir import RunDir, load_weights
     from microgpt_jax.text import resolve_data_path
 
@@ -250,8 +250,8 @@ def cmd_eval(args):
 def cmd_check(args):
     set_precision("float64")
     from microgpt_jax.check import format_table, run_check
+    from microgpt_jax.dataset import first_document, is_dataset
     from microgpt_jax.model import init_params_reference
-    from microgpt_jax.prepare import first_document, is_dataset
     from microgpt_jax.rundir import load_weights
     from microgpt_jax.text import load_docs, reference_docs, resolve_data_path
     from microgpt_jax.tokenizer import CharTokenizer

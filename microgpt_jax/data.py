@@ -10,9 +10,9 @@ batch 1. `StreamSource`: continuous text, step s trains batch_size windows
 of block_size + 1 tokens at offsets drawn from (seed, s).
 
 The data is a text file (read whole, tokenized here) or a dataset
-directory written by `microgpt-jax prepare` (prepare.py: read as needed,
-read a step's rows at a time). Either way a process reads the tokens of
-its own rows only (`local_rows`).
+directory written by `microgpt-jax prepare` (dataset.py: read as needed, a
+step's rows at a time, each read checked). Either way a process reads the
+tokens of its own rows only (`local_rows`).
 """
 
 import warnings
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from microgpt_jax.config import field, fraction, positive, validate
+from microgpt_jax.dataset import is_dataset, load_prepared
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import (
     Batch,
@@ -33,7 +34,7 @@ from microgpt_jax.layout import (
     windows_batch,
 )
 from microgpt_jax.text import read_text, reference_docs
-from microgpt_jax.tokenizer import KINDS, ByteTokenizer, CharTokenizer, check_size, train_bpe
+from microgpt_jax.tokenizer import KINDS, make_tokenizer
 
 MODES = ("docs", "stream")  # one document per line, or continuous text cut into windows
 LAYOUTS = ("packed", "padded")  # several documents per row, or one
@@ -236,23 +237,10 @@ class StreamSource(Source):
         return self._eval_stacked(windows_batch(self.val_text, np.arange(count) * T, T, read_rows=self._read(count)))
 
 
-def make_tokenizer(dcfg: DataConfig, all_docs, train_docs, vocab_size=None, given=None):
-    """The run's tokenizer: char from the characters of all_docs (both sides), byte, or bpe: `given` (the
-    run's or the weights' own), else trained on train_docs (to vocab_size ids, default BPE_VOCAB_SIZE)."""
-    if dcfg.tokenizer == "char":
-        tokenizer = CharTokenizer.from_docs(all_docs)
-    elif dcfg.tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    else:
-        tokenizer = given if given is not None and given.kind == "bpe" else train_bpe(train_docs, *([vocab_size] if vocab_size else []))
-    check_size(tokenizer, vocab_size)
-    return tokenizer
-
-
 def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_multiple=1, local_rows=None, vocab_size=None, tokenizer=None):
     """(tokenizer, source) for a run: documents or text, the split, the layout.
 
-    A directory is a prepared dataset (prepare.load_prepared: its own
+    A directory is a prepared dataset (dataset.load_prepared: its own
     tokenizer and split). In a text file, documents are shuffled like
     microgpt's (random.Random(seed)) and the last val_fraction held out; in
     stream mode the last val_fraction of the text's characters is. A char
@@ -261,20 +249,21 @@ def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_mu
     for (--vocab-size), if any. local_rows: parallel.local_rows, where
     several processes each read only their own rows.
     """
-    from pathlib import Path
-
-    if Path(path).is_dir():
-        from microgpt_jax.prepare import load_prepared
-
-        return load_prepared(path, dcfg, batch_size, block_size, seed, row_multiple, local_rows, vocab_size)
+    if is_dataset(path):  # nothing but meta.json (and a few checked blocks) is read until a batch asks for its tokens
+        ds = load_prepared(path, dcfg, vocab_size)
+        if ds.mode == "stream":
+            return ds.tokenizer, StreamSource(*ds.sides(), dcfg, batch_size, block_size, seed, local_rows)
+        return ds.tokenizer, DocumentSource(
+            *ds.sides(), dcfg, batch_size, block_size, row_multiple, local_rows, ds.length_counts(), ds.notes(seed)
+        )
     if dcfg.mode == "stream":
         text = read_text(path)
         train, val = split(text, dcfg.val_fraction, "characters")
-        tokenizer = make_tokenizer(dcfg, [text], [train], vocab_size, tokenizer)
+        tokenizer = make_tokenizer(dcfg.tokenizer, [train], vocab_size, tokenizer, chars=[text])  # chars: both sides
         return tokenizer, StreamSource(tokenizer.ids(train), tokenizer.ids(val), dcfg, batch_size, block_size, seed, local_rows)
     docs, _ = reference_docs(path, seed)
     train, val = split(docs, dcfg.val_fraction, "documents")
-    tokenizer = make_tokenizer(dcfg, docs, train, vocab_size, tokenizer)
+    tokenizer = make_tokenizer(dcfg.tokenizer, train, vocab_size, tokenizer, chars=docs)
     sides = [Docs.separated(*separated(tokenizer, side)) for side in (train, val)]
     return tokenizer, DocumentSource(*sides, dcfg, batch_size, block_size, row_multiple, local_rows)
 

@@ -28,9 +28,9 @@ import numpy as np
 
 from microgpt_jax import parallel
 from microgpt_jax.data import DocumentSource, Source, load_train_data
+from microgpt_jax.dataset import is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, windows_batch
-from microgpt_jax.prepare import is_dataset
 from microgpt_jax.runtime import set_precision
 from microgpt_jax.text import load_docs, read_text
 from microgpt_jax.train import Evaluator

@@ -42,7 +42,7 @@ class Docs:
 
     Document k is flat[starts[k] : ends[k] + 1], a BOS at each end; the
     i-th document in training order is k = order[i] (i itself without an
-    order). Every array may be a prepare.FileArray: only what a step asks for is read.
+    order). Every array may be a dataset.FileArray: only what a step asks for is read.
     """
 
     def __init__(self, flat, starts, ends, order=None, bounds=None):
@@ -80,7 +80,7 @@ class Docs:
 def read_spans(flat, starts, lengths):
     """(local, at): the spans flat[starts[i] : starts[i] + lengths[i]] are local[at[i] : at[i] + lengths[i]].
 
-    An array in memory is its own local copy; a file (prepare.FileArray) reads
+    An array in memory is its own local copy; a file (dataset.FileArray) reads
     the spans, and nothing else.
     """
     return flat.spans(starts, lengths) if hasattr(flat, "spans") else (flat, np.asarray(starts))

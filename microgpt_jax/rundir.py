@@ -31,10 +31,10 @@ from microgpt_jax import parallel
 from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore
 from microgpt_jax.config import ConfigError, from_dict, resumable_fields
 from microgpt_jax.data import DataConfig
+from microgpt_jax.dataset import data_sha256, is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
-from microgpt_jax.prepare import data_sha256, is_dataset
 from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json
 from microgpt_jax.train import TrainConfig
 

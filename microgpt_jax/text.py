@@ -1,4 +1,5 @@
-"""Text files and documents (spec section 1). No jax here.
+"""Text files and documents (spec section 1): which file (`resolve_data_path`), read in blocks or whole,
+hashed, checked as UTF-8; split into documents and shuffled like microgpt; code points. No jax here.
 
 A data file is UTF-8 text with one document per line, plain or gzipped. The
 default dataset is makemore's names.txt (github.com/karpathy/makemore, MIT),

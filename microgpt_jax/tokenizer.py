@@ -1,4 +1,5 @@
-"""Tokenizers: char (the seed's), byte (UTF-8 bytes) and bpe (byte-level BPE). No jax here.
+"""Tokenizers: char (the seed's), byte (UTF-8 bytes) and bpe (byte-level BPE); `make_tokenizer`, the one
+constructor of a kind for some data (`check_size` checks --vocab-size against it). No jax here.
 
 Each answers the same questions: `size` ids, the last one BOS (`bos`);
 `encode(doc)` is [BOS] + ids + [BOS]; `ids(text)` the ids of a text, no
@@ -51,11 +52,6 @@ class CharTokenizer:
     @classmethod
     def from_docs(cls, docs):
         return cls("".join(sorted(set("".join(docs)))))
-
-    @classmethod
-    def from_codes(cls, codes):
-        """From the code points that occur (a set or an array of them)."""
-        return cls("".join(map(chr, sorted(int(c) for c in codes))))
 
     @property
     def bos(self) -> int:
@@ -246,6 +242,25 @@ def from_json(meta) -> "CharTokenizer | ByteTokenizer | BPETokenizer":
     if kind == "bpe" and isinstance(meta.get("hf"), dict):
         return BPETokenizer(json.dumps(meta["hf"]))
     raise UserError(f"not a tokenizer: {str(meta)[:80]!r}; it must be {{'kind': one of {', '.join(KINDS)}, ...}}")
+
+
+def make_tokenizer(kind, texts=(), vocab_size=None, given=None, chars=None):
+    """The tokenizer of kind, its size checked against vocab_size (--vocab-size, if given).
+
+    char: the characters that occur in chars (texts; default: texts);
+    byte; bpe: given, if it is a bpe (a run's own), else one trained on
+    texts (an iterable of strings, read only here) to vocab_size ids.
+    """
+    if kind == "char":
+        tokenizer = CharTokenizer.from_docs(texts if chars is None else chars)
+    elif kind == "byte":
+        tokenizer = ByteTokenizer()
+    elif given is not None and given.kind == "bpe":
+        tokenizer = given
+    else:
+        tokenizer = train_bpe(texts, vocab_size or BPE_VOCAB_SIZE)
+    check_size(tokenizer, vocab_size)
+    return tokenizer
 
 
 def check_size(tokenizer, requested):

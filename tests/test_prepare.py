@@ -13,8 +13,9 @@ import pytest
 
 from microgpt_jax import cli
 from microgpt_jax.data import DataConfig, load_train_data
+from microgpt_jax.dataset import FileArray, adopt, open_dataset
 from microgpt_jax.errors import UserError
-from microgpt_jax.prepare import FileArray, adopt, open_dataset, prepare
+from microgpt_jax.prepare import prepare
 from microgpt_jax.rundir import RunDir, load_weights
 from microgpt_jax.text import load_docs
 from microgpt_jax.tokenizer import train_bpe

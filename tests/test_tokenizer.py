@@ -8,7 +8,16 @@ import pytest
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.text import load_docs
-from microgpt_jax.tokenizer import SAFE_CUT, BPETokenizer, ByteTokenizer, CharTokenizer, check_size, from_json, train_bpe
+from microgpt_jax.tokenizer import (
+    SAFE_CUT,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    check_size,
+    from_json,
+    make_tokenizer,
+    train_bpe,
+)
 
 TEXT = "héllo wörld, naïve café\nЗдравствуй мир 世界 🙂 ok\n  spaced   out  \n\tend"
 
@@ -78,6 +87,17 @@ def test_bpe_is_trained_on_text_and_saved_as_json(bpe, names_path):
     assert short.size < 300 and short.decode(short.encode("abba")) == "abba"
     with pytest.raises(ConfigError, match="at least 257"):
         train_bpe(docs, 100)
+
+
+def test_one_constructor_for_every_kind(bpe):
+    assert make_tokenizer("char", ["ba", "c"]) == CharTokenizer("abc")
+    assert make_tokenizer("char", ["ba"], chars=["ba", "dc"]) == CharTokenizer("abcd")  # chars: both sides, or the ones scanned
+    assert make_tokenizer("byte", ["ba"], 257) == ByteTokenizer()
+    assert make_tokenizer("bpe", iter(()), 320, given=bpe) is bpe  # a run's own: not trained again (texts not read)
+    trained = make_tokenizer("bpe", ["abab abba"] * 3, 260)
+    assert trained.kind == "bpe" and trained.size <= 260 and trained != bpe
+    with pytest.raises(ConfigError, match="5 differs from the 4 ids the char tokenizer gives"):
+        make_tokenizer("char", ["abc"], 5)
 
 
 def test_vocab_size_must_match_char_and_byte():
