@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from microgpt_jax.flops import describe_peak, flops_per_token, vendor_peak
+
 CASES = {}
 
 
@@ -24,48 +26,6 @@ def case(fn):
 def describe_cases():
     """[(name, the first line of its docstring)] of every case, for `bench --help`; needs no JAX."""
     return [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "") for name, fn in CASES.items()]
-
-
-# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, by matmul input type: the other peak the
-# MFU is measured against. First match wins: a pattern searched (case-insensitively) in jax's device_kind.
-VENDOR_PEAKS = (
-    (r"H100.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
-    (r"H100.*PCIe", {"bfloat16": 756, "tf32": 378, "float32": 51}),
-    (r"H100", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),  # SXM: "NVIDIA H100 80GB HBM3"
-    (r"H200.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
-    (r"H200", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),
-    (r"A100", {"bfloat16": 312, "tf32": 156, "float32": 19.5}),
-    (r"\bL4\b", {"bfloat16": 121, "tf32": 60, "float32": 30.3}),  # not L40, L40S
-)
-
-
-def matmul_type(dtype) -> str:
-    """The tensor-core type a dtype's matmuls run in: float32 runs in tf32 under JAX's default precision on a GPU."""
-    import jax
-
-    dtype = str(np.dtype(dtype)) if dtype != "bfloat16" else dtype
-    if dtype == "float32" and str(jax.config.jax_default_matmul_precision or "default").lower() in ("default", "bfloat16", "tensorfloat32"):
-        return "tf32"
-    return dtype
-
-
-def vendor_peak(device_kind: str, dtype="bfloat16"):
-    """(FLOP/s, matmul type) of the vendor's dense peak for a device kind and a compute dtype, or None if unknown."""
-    import re
-
-    kind = matmul_type(dtype)
-    for pattern, peaks in VENDOR_PEAKS:
-        if re.search(pattern, device_kind, re.IGNORECASE):
-            return (peaks[kind] * 1e12, kind) if kind in peaks else None
-    return None
-
-
-def describe_peak(device_kind: str, dtype="bfloat16") -> str:
-    """'vendor peak 989 TFLOP/s (bfloat16, dense)', or 'vendor peak unknown for DEVICE (dtype)'."""
-    found = vendor_peak(device_kind, dtype)
-    if found is None:
-        return f"vendor peak unknown for {device_kind} ({dtype})"
-    return f"vendor peak {found[0] / 1e12:g} TFLOP/s ({found[1]}, dense)"
 
 
 def timed(fn, *args):
@@ -299,7 +259,7 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
 
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import TrainConfig, Trainer, flops_per_token
+    from microgpt_jax.train import TrainConfig, Trainer
 
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
     tokenizer, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)

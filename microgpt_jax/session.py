@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax import bench, memory, parallel
+from microgpt_jax import memory, parallel
 from microgpt_jax.data import load_train_data
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import describe_peak, flops_per_token
 from microgpt_jax.hooks import (
     Checkpoints,
     Evaluate,
@@ -29,7 +30,7 @@ from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE
-from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, chunk_length, fit, flops_per_token, init_state
+from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, chunk_length, fit, init_state
 
 
 class Session:
@@ -77,7 +78,7 @@ class Session:
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
-                f"device kind: {kind}, {bench.describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
+                f"device kind: {kind}, {describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
                 *self.data.notes(),
             ]
         )
