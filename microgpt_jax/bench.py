@@ -312,18 +312,15 @@ VARIANTS = {  # name -> (model fields, training fields), each alone over the rec
 def variant_run(model, train, steps=None, chunk=50):
     """(validation loss at the end, trained tokens/s after the first chunk) of the recipe with these fields over it."""
     import dataclasses
-    from pathlib import Path
 
     import jax
 
-    from microgpt_jax.checkpoint import CheckpointConfig
-    from microgpt_jax.config import read_toml
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.rundir import RunConfig
     from microgpt_jax.train import TrainConfig, Trainer, run_steps
 
-    classes = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
-    tables = read_toml(Path(__file__).parents[1] / VARIANT_RECIPE, classes)
+    tables = RunConfig.read_toml(Path(__file__).parents[1] / VARIANT_RECIPE)
     tcfg = TrainConfig(**tables["train"] | train)
     tcfg = dataclasses.replace(tcfg, steps=steps or tcfg.steps)
     cfg = GPTConfig(**tables["model"] | model)

@@ -1,6 +1,6 @@
 """One training run put together: devices, data, the trainer, its state and its hooks.
 
-`cli.cmd_train` opens or creates the run directory and calls these; a
+`commands/train.py` opens or creates the run directory and calls these; a
 notebook or a script can call them the same way.
 """
 
@@ -29,20 +29,20 @@ from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
-from microgpt_jax.rundir import SCHEDULE_RULE
+from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig
 from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, chunk_length, fit, init_state
 
 
 class Session:
-    """configs ({table: config}) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
+    """configs (a RunConfig) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
 
     vocab_size: the vocabulary asked for (--vocab-size), if any; tokenizer:
     the bpe tokenizer of the run resumed or the weights started from (a
     new run trains its own).
     """
 
-    def __init__(self, configs: dict, data_path, devices=None, vocab_size=None, tokenizer=None):
-        cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
+    def __init__(self, configs: RunConfig, data_path, devices=None, vocab_size=None, tokenizer=None):
+        cfg, tcfg, dcfg, ccfg = configs.model, configs.train, configs.data, configs.checkpoint
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
         check_accumulation(tcfg, self.mesh.devices.size)  # before the data is loaded
@@ -63,13 +63,13 @@ class Session:
         )
         cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
-        self.configs, self.data_path = {**configs, "model": cfg}, data_path
+        self.configs, self.data_path = configs.replace(model=cfg), data_path
         self.trainer = Trainer(cfg, tcfg, self.mesh)
         self.step_memory = None  # XLA's figure for the compiled chunk loop, once compile_step has run
         self._compile_s = 0.0  # compile time not yet reported
 
     def describe(self) -> str:
-        cfg, dtype = self.configs["model"], self.configs["train"].dtype
+        cfg, dtype = self.configs.model, self.configs.train.dtype
         kind = self.mesh.devices.flat[0].device_kind
         return "\n".join(
             [
@@ -88,20 +88,20 @@ class Session:
     def chunk_length(self, start=0, saving=False) -> int:
         """Steps per compiled chunk of fit from step `start`: as train.fit and run_steps choose it
         (the hooks' cadences, log_every and eval_every, and save_every when checkpoints are saved)."""
-        tcfg = self.configs["train"]
-        cadences = [tcfg.log_every, tcfg.eval_every] + ([self.configs["checkpoint"].save_every] if saving else [])
+        tcfg = self.configs.train
+        cadences = [tcfg.log_every, tcfg.eval_every] + ([self.configs.checkpoint.save_every] if saving else [])
         return chunk_length(cadences, tcfg.steps - start)
 
     def abstract_args(self, length):
         """(state, batches) of the chunk loop as shapes and dtypes only: what the run will pass it, nothing allocated."""
-        cfg, tcfg = self.configs["model"], self.configs["train"]
+        cfg, tcfg = self.configs.model, self.configs.train
         positions = jax.ShapeDtypeStruct((length, self.data.rows, cfg.block_size), jnp.int32)
         weights = jax.ShapeDtypeStruct(positions.shape, tcfg.param_dtype)
         return abstract_state(cfg, tcfg), Batch(positions, positions, positions, positions, weights)
 
     def estimate(self, length) -> memory.Estimate:
-        tcfg = self.configs["train"]
-        return memory.estimate(self.configs["model"], self.data.rows, length, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
+        tcfg = self.configs.train
+        return memory.estimate(self.configs.model, self.data.rows, length, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
 
     def compile_step(self, start=0, saving=False, available=None) -> memory.StepMemory | None:
         """Compile the chunk loop for the run's shapes (on abstract arguments: no weights allocated) and
@@ -124,7 +124,7 @@ class Session:
     def dry_run(self, saving=False) -> str:
         """Compile the step (compile_step) and say what the run would hold: weights, optimizer, XLA's figure,
         the device's memory and the estimate. Trains nothing, allocates no weights, writes nothing."""
-        cfg, tcfg = self.configs["model"], self.configs["train"]
+        cfg, tcfg = self.configs.model, self.configs.train
         step = self.compile_step(saving=saving)
         length = self.chunk_length(saving=saving)
         state = abstract_state(cfg, tcfg)
@@ -153,7 +153,7 @@ class Session:
         return "\n".join(lines)
 
     def initial_state(self) -> TrainState:
-        return init_state(self.configs["model"], self.configs["train"], self.trainer)
+        return init_state(self.configs.model, self.configs.train, self.trainer)
 
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
@@ -163,7 +163,7 @@ class Session:
                 f"({weights.tokenizer.kind}, {weights.tokenizer.size - 1}, {weights.origin}); fine-tune on data with the same characters "
                 "and --tokenizer"
             )
-        dtype = self.configs["train"].param_dtype
+        dtype = self.configs.train.param_dtype
         return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))
 
     def resumed_state(self, run) -> TrainState | None:
@@ -202,9 +202,9 @@ class Session:
         if resume:
             print(f"resuming {run.path} at step {int(state.step) if state else 0}")
             if run.extends:
-                print(f"extending it from {run.extends} to {self.configs['train'].steps} steps: {SCHEDULE_RULE}")
+                print(f"extending it from {run.extends} to {self.configs.train.steps} steps: {SCHEDULE_RULE}")
                 run.record_extension(int(state.step) if state else 0)
-        if state and int(state.step) == self.configs["train"].steps:
+        if state and int(state.step) == self.configs.train.steps:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
             print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
@@ -229,7 +229,7 @@ class Session:
 
         loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py).
         """
-        tcfg, main = self.configs["train"], parallel.is_main_process()
+        tcfg, main = self.configs.train, parallel.is_main_process()
         logged = (tcfg.log_every, tcfg.eval_every)
         start = int(state.step)
         where = run.resume_hint if run else (lambda: "no checkpoint was saved")

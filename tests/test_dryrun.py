@@ -8,10 +8,11 @@ import jax
 import pytest
 
 from microgpt_jax import bench, flops, memory
-from microgpt_jax.cli import build_parser, configs_from_args
+from microgpt_jax.cli import build_parser, given_configs
 from microgpt_jax.errors import UserError
 from microgpt_jax.flops import flops_per_token
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 from microgpt_jax.runtime import DETERMINISTIC_FLAG, set_deterministic
 from microgpt_jax.train import Trainer
 from tests.helpers import NAMES, ROOT, SHAKESPEARE, TINY, assert_one_line_error, run_in_process
@@ -22,7 +23,7 @@ SMALL_RUN = [*TINY, "--steps", "20"]
 def session_of(*flags):
     from microgpt_jax.session import Session
 
-    configs = configs_from_args(build_parser().parse_args(["train", *flags]))
+    configs = RunConfig.of(given_configs(build_parser().parse_args(["train", *flags])))
     return Session(configs, NAMES)
 
 

@@ -9,18 +9,17 @@ import pytest
 
 from microgpt_jax import hooks, loggers, train
 from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 
 
 def tiny_configs(steps=6):
-    return {
-        "model": GPTConfig(n_embd=8, n_head=2, block_size=8),
-        "train": train.TrainConfig(steps=steps, batch_size=2, log_every=2, eval_every=4),
-        "data": DataConfig(),
-        "checkpoint": CheckpointConfig(save_every=100),
-    }
+    return RunConfig(
+        model=GPTConfig(n_embd=8, n_head=2, block_size=8),
+        train=train.TrainConfig(steps=steps, batch_size=2, log_every=2, eval_every=4),
+        checkpoint=CheckpointConfig(save_every=100),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def logged_run(tmp_path_factory, names_path):
         session = Session(tiny_configs(), names_path)
         state = session.initial_state()
         chain = session.hooks(state)
-        tcfg = session.configs["train"]
+        tcfg = session.configs.train
         logged = (tcfg.log_every, tcfg.eval_every)
         records = []
         keep = type("Keep", (), {"every": logged, "__call__": lambda self, info: info.record and records.append(info.record)})
@@ -87,7 +86,7 @@ def test_tensorboard_holds_every_record_at_its_step_and_the_configs(logged_run):
     (text,) = [tag for tag in tags["tensors"] if tag.startswith("config")]
     written = acc.Tensors(text)[0].tensor_proto.string_val[0].decode()
     assert "[model]" in written and "[train]" in written and "[data]" in written and "[checkpoint]" in written
-    assert f"n_embd = {configs['model'].n_embd}" in written and "log_every = 2" in written
+    assert f"n_embd = {configs.model.n_embd}" in written and "log_every = 2" in written
 
 
 def info_with(record, last_step=100):
@@ -180,7 +179,7 @@ def test_wandb_offline_run_holds_every_record_at_its_step(logged_run):
     for r in records:
         assert history[r["step"]] == pytest.approx(loggers.scalars(r), rel=1e-12)
     assert "val/loss" in history[4] and "val/loss" not in history[2]
-    assert config["model"]["n_embd"] == configs["model"].n_embd and config["train"]["steps"] == 6
+    assert config["model"]["n_embd"] == configs.model.n_embd and config["train"]["steps"] == 6
 
 
 # -- a missing extra ----------------------------------------------------------------------

@@ -14,8 +14,6 @@ import reference
 import reference.gpt
 from microgpt_jax import bench, cli
 from microgpt_jax.check import compare, to_reference_state
-from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.data import DataConfig
 from microgpt_jax.model import (
     GPTConfig,
     decode_step,
@@ -25,7 +23,7 @@ from microgpt_jax.model import (
     init_params,
     init_params_reference,
 )
-from microgpt_jax.rundir import RunDir
+from microgpt_jax.rundir import RunConfig, RunDir
 from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_reference, sample_rows
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
@@ -254,7 +252,7 @@ def make_run(path, dtype):
     tcfg = TrainConfig(steps=1, dtype=np.dtype(dtype).name)
     data = path.parent / f"{path.name}-data.txt"
     data.write_text(VOCAB.chars + "\n")
-    configs = {"model": CFG, "train": tcfg, "data": DataConfig(), "checkpoint": CheckpointConfig()}
+    configs = RunConfig(CFG, tcfg)
     with RunDir.create(path, configs, VOCAB, data) as run:
         run.store.save(TrainState(params, make_optimizer(tcfg).init(params), np.int32(1)), data_position=0)
     return str(path)
