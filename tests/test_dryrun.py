@@ -148,13 +148,12 @@ def test_start_up_line_names_the_device_and_its_peak(capsys):
 
 
 def test_bench_mfu_against_both_peaks(monkeypatch):
-    monkeypatch.setitem(bench.PATHS, "text", str(SHAKESPEARE))
     tiny = dict(n_layer=1, n_embd=8, n_head=2, block_size=8)
-    out = bench.mfu_case("t", tiny, 2, "float32", 2, 3, 64)
+    out = bench.mfu_case(SHAKESPEARE, "t", tiny, 2, "float32", 2, 3, 64)
     assert 0 < out["t_mfu"] and out["t_mfu_vendor"] == f"vendor peak unknown for {jax.devices()[0].device_kind} (float32)"
     assert "t_vendor_peak_gflops" not in out
     monkeypatch.setattr(bench, "vendor_peak", lambda kind, dtype: (1e12, "tf32"))
-    out = bench.mfu_case("t", tiny, 2, "float32", 2, 3, 64)
+    out = bench.mfu_case(SHAKESPEARE, "t", tiny, 2, "float32", 2, 3, 64)
     assert out["t_vendor_peak_gflops"] == 1000
     assert out["t_mfu_vendor"] == pytest.approx(out["t_mfu"] * out["t_matmul_peak_gflops"] * 1e9 / 1e12)
 
@@ -189,7 +188,7 @@ def test_deterministic_flag_reaches_xla_before_the_backend(tmp_path):
     assert "step 2 / 2" in done.stdout
 
 
-def test_xla_parses_the_flags_cmd_train_sets(tmp_path):
+def test_xla_parses_the_flags_the_train_command_sets(tmp_path):
     """Proof that --deterministic's XLA_FLAGS come before XLA reads them: a bogus flag in its place aborts the run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MICROGPT_JAX_DATA": str(NAMES), "MICROGPT_JAX_CACHE": str(tmp_path)}
     env.pop("XLA_FLAGS", None)

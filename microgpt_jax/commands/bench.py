@@ -26,12 +26,11 @@ def add_arguments(p):
     p.add_argument(
         "--corpus-mb",
         type=positive_int,
-        default=1024,
+        default=bench.CORPUS_MB,
         metavar="MB",
         help="size in MiB of the text the prepared case generates in a temporary directory (default %(default)s)",
     )
 
 
 def run(args):
-    bench.CORPUS["mb"] = args.corpus_mb
-    bench.run(args.cases, args.json, data=args.data, text=args.text)
+    bench.run(args.cases, args.json, inputs=bench.Inputs(args.data, args.text, args.corpus_mb))
