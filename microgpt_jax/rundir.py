@@ -355,14 +355,6 @@ def _load_safetensors(path) -> Weights:
     return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
 
 
-def load_run(run_dir):
-    """(RunDir, params of its latest good checkpoint, or of STEP for RUN_DIR@STEP)."""
-    weights = load_weights(run_dir)
-    if weights.run is None:
-        raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP)")
-    return weights.run, weights.params
-
-
 class Start(NamedTuple):
     """What a training run starts from (open_for_training)."""
 
