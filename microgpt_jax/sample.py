@@ -298,9 +298,7 @@ def sample_batches(
     return batches()
 
 
-def sample_run(
-    params, cfg: GPTConfig, num_samples, *, tokenizer, mode="docs", reference=False, seed=42, temperature=0.5, prompt=(), **options
-):
+def sample_run(params, cfg: GPTConfig, num_samples, *, tokenizer, seed, temperature, mode="docs", reference=False, prompt=(), **options):
     """The batches `microgpt-jax sample` prints (options: sample_batches').
 
     reference: one batch, microgpt's draws from random.Random(seed), in
