@@ -6,13 +6,19 @@ they mean something on a shared, noisy machine. Compile time is reported
 apart from steady-state time.
 """
 
+import functools
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from microgpt_jax.errors import UserError
+from microgpt_jax.flops import describe_peak, flops_per_token, vendor_peak
+
 CASES = {}
+CORPUS_MB, PLAIN_MB = 1024, 256  # the prepared case's generated text and the plain-text comparison, in MiB
 
 
 def case(fn):
@@ -26,48 +32,6 @@ def describe_cases():
     return [(name, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "") for name, fn in CASES.items()]
 
 
-# Dense (no sparsity) peak TFLOP/s from the vendors' datasheets, by matmul input type: the other peak the
-# MFU is measured against. First match wins: a pattern searched (case-insensitively) in jax's device_kind.
-VENDOR_PEAKS = (
-    (r"H100.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
-    (r"H100.*PCIe", {"bfloat16": 756, "tf32": 378, "float32": 51}),
-    (r"H100", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),  # SXM: "NVIDIA H100 80GB HBM3"
-    (r"H200.*NVL", {"bfloat16": 835, "tf32": 417.5, "float32": 60}),
-    (r"H200", {"bfloat16": 989, "tf32": 494.5, "float32": 67}),
-    (r"A100", {"bfloat16": 312, "tf32": 156, "float32": 19.5}),
-    (r"\bL4\b", {"bfloat16": 121, "tf32": 60, "float32": 30.3}),  # not L40, L40S
-)
-
-
-def matmul_type(dtype) -> str:
-    """The tensor-core type a dtype's matmuls run in: float32 runs in tf32 under JAX's default precision on a GPU."""
-    import jax
-
-    dtype = str(np.dtype(dtype)) if dtype != "bfloat16" else dtype
-    if dtype == "float32" and str(jax.config.jax_default_matmul_precision or "default").lower() in ("default", "bfloat16", "tensorfloat32"):
-        return "tf32"
-    return dtype
-
-
-def vendor_peak(device_kind: str, dtype="bfloat16"):
-    """(FLOP/s, matmul type) of the vendor's dense peak for a device kind and a compute dtype, or None if unknown."""
-    import re
-
-    kind = matmul_type(dtype)
-    for pattern, peaks in VENDOR_PEAKS:
-        if re.search(pattern, device_kind, re.IGNORECASE):
-            return (peaks[kind] * 1e12, kind) if kind in peaks else None
-    return None
-
-
-def describe_peak(device_kind: str, dtype="bfloat16") -> str:
-    """'vendor peak 989 TFLOP/s (bfloat16, dense)', or 'vendor peak unknown for DEVICE (dtype)'."""
-    found = vendor_peak(device_kind, dtype)
-    if found is None:
-        return f"vendor peak unknown for {device_kind} ({dtype})"
-    return f"vendor peak {found[0] / 1e12:g} TFLOP/s ({found[1]}, dense)"
-
-
 def timed(fn, *args):
     """(result, seconds) of fn(*args), waiting for any JAX arrays in the result."""
     import jax
@@ -77,20 +41,37 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def run(names=None, json_path=None, print=print, data=None, text=None):
+class Inputs(NamedTuple):
+    """What the cases read: the names file (--data), the continuous text (--text), the generated corpus's size."""
+
+    data: str | None = None
+    text: str | None = None
+    corpus_mb: int = CORPUS_MB
+
+    def names_path(self) -> Path:
+        from microgpt_jax.text import resolve_data_path
+
+        return resolve_data_path(self.data)
+
+    def text_path(self) -> Path:
+        """--text, else tinyshakespeare.txt next to the names file."""
+        path = Path(self.text or self.names_path().with_name("tinyshakespeare.txt"))
+        if not path.is_file():
+            raise UserError(f"the large case trains on continuous text and {path} is missing; pass --text PATH (e.g. tinyshakespeare.txt)")
+        return path
+
+
+def run(names=None, json_path=None, print=print, inputs=Inputs()):
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile times measured, not read from disk
-    PATHS.update(data=data, text=text)
     names = names or list(CASES)
     unknown = sorted(set(names) - set(CASES))
     if unknown:
-        from microgpt_jax.errors import UserError
-
         raise UserError(f"unknown bench case(s) {unknown}; choose from {sorted(CASES)}")
     results = {}
     for name in names:
-        results |= CASES[name]()
+        results |= CASES[name](inputs)
     width = max(len(k) for k in results)
     print(f"{'metric':<{width}}  value")
     for k, v in results.items():
@@ -103,35 +84,10 @@ def run(names=None, json_path=None, print=print, data=None, text=None):
 
 # --- training: microgpt's steps, the reproduce command, packing, a large model ---
 
-PATHS = {}  # "data" (names) and "text" (continuous text for the large case), from the command line
-
-
-def names_path():
-    from microgpt_jax.text import resolve_data_path
-
-    return resolve_data_path(PATHS.get("data"))
-
-
-def text_path():
-    """--text, else tinyshakespeare.txt next to the names file."""
-    from pathlib import Path
-
-    from microgpt_jax.errors import UserError
-
-    path = Path(PATHS.get("text") or Path(names_path()).with_name("tinyshakespeare.txt"))
-    if not path.is_file():
-        raise UserError(f"the large case trains on continuous text and {path} is missing; pass --text PATH (e.g. tinyshakespeare.txt)")
-    return path
-
-
-def peak_mb(compiled):
-    """The device memory XLA's buffer assignment needs for one compiled call: arguments, outputs and temporaries."""
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
-
 
 def steady_rate(trainer, params, data, chunk, chunks):
-    """(steps/s, trained tokens/s, compile seconds, peak MB) of `run_steps`, the real training pipeline.
+    """(steps/s, trained tokens/s, compile seconds, peak MB) of `run_steps`, the real training pipeline: the
+    peak is XLA's buffer assignment for the compiled call (memory.StepMemory; None where the backend gives none).
 
     The first chunk compiles and warms up; each later chunk is timed end to
     end (host batch building and transfers included: they overlap the step)
@@ -139,6 +95,7 @@ def steady_rate(trainer, params, data, chunk, chunks):
     not decide the result.
     """
     from microgpt_jax.loop import run_steps
+    from microgpt_jax.memory import StepMemory
 
     state = trainer.init(params)
     seconds, tokens, clock = [], [], time.perf_counter()
@@ -152,48 +109,47 @@ def steady_rate(trainer, params, data, chunk, chunks):
         clock = now
     median = int(np.argsort(seconds)[len(seconds) // 2])
     (compiled,) = trainer._compiled.values()
-    return chunk / seconds[median], tokens[median] / seconds[median], compile_s, peak_mb(compiled)
+    step = StepMemory.of(compiled)
+    return chunk / seconds[median], tokens[median] / seconds[median], compile_s, step and step.total / 2**20
 
 
-def scalar_docs():
-    """microgpt's model on the scalar engine, with its initial state and documents in spec order."""
+def scalar_docs(names):
+    """microgpt's model on the scalar engine, with its initial state and the names' documents in spec order."""
     import reference
     from microgpt_jax.model import GPTConfig
     from microgpt_jax.text import reference_docs
     from microgpt_jax.tokenizer import CharTokenizer
 
-    docs, rng = reference_docs(names_path())
+    docs, rng = reference_docs(names)
     tokenizer = CharTokenizer.from_docs(docs)
     cfg = GPTConfig(vocab_size=tokenizer.size)
     return cfg, reference.init_state(cfg, rng), [tokenizer.encode(d) for d in docs]
 
 
-_SCALAR = {}
+@functools.cache
+def scalar_rate(names, steps=24):
+    """The scalar engine's training steps per second (spec order, from microgpt's weights) and its peak memory,
+    measured once per process."""
+    import tracemalloc
 
+    import reference
 
-def scalar_rate(steps=24):
-    """The scalar engine's training steps per second (spec order, from microgpt's weights), measured once per run."""
-    if not _SCALAR:
-        import tracemalloc
-
-        import reference
-
-        cfg, state, encoded = scalar_docs()
-        adam = reference.Adam(reference.parameters(state), 1000)
-        reference.train_step(state, cfg, adam, 0, encoded[0])  # warm up
-        start = time.perf_counter()
-        for s in range(1, steps + 1):
-            reference.train_step(state, cfg, adam, s, encoded[s])
-        _SCALAR["steps_per_s"] = steps / (time.perf_counter() - start)
-        tracemalloc.start()  # memory apart: tracing allocations slows Python down
-        reference.train_step(state, cfg, adam, steps + 1, encoded[steps + 1])
-        _SCALAR["peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
-    return _SCALAR
+    cfg, state, encoded = scalar_docs(names)
+    adam = reference.Adam(reference.parameters(state), 1000)
+    reference.train_step(state, cfg, adam, 0, encoded[0])  # warm up
+    start = time.perf_counter()
+    for s in range(1, steps + 1):
+        reference.train_step(state, cfg, adam, s, encoded[s])
+    steps_per_s = steps / (time.perf_counter() - start)
+    tracemalloc.start()  # memory apart: tracing allocations slows Python down
+    reference.train_step(state, cfg, adam, steps + 1, encoded[steps + 1])
+    peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return {"steps_per_s": steps_per_s, "peak_mb": peak_mb}
 
 
 @case
-def reference_mode():
+def reference_mode(inputs):
     """microgpt's training (batch 1, spec order, float64) on JAX against the scalar engine, same documents."""
     import jax
 
@@ -201,13 +157,13 @@ def reference_mode():
     from microgpt_jax.model import init_params_reference
     from microgpt_jax.train import TrainConfig, Trainer
 
-    scalar = scalar_rate()
+    scalar = scalar_rate(inputs.names_path())
     x64 = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     try:
         import random
 
-        cfg, _, encoded = scalar_docs()
+        cfg, _, encoded = scalar_docs(inputs.names_path())
         tcfg = TrainConfig(steps=4000, dtype="float64")
         dcfg = DataConfig(layout="padded", val_fraction=0.0)
         data = DocumentSource(encoded, [], dcfg, tcfg.batch_size, cfg.block_size)
@@ -226,7 +182,7 @@ def reference_mode():
 
 
 @case
-def reproduce():
+def reproduce(inputs):
     """The whole `microgpt-jax reproduce` (start, compile, 1000 steps, 20 samples) against 1000 scalar steps.
 
     Run twice with a fresh compilation cache: cold (everything compiled) and
@@ -239,14 +195,14 @@ def reproduce():
     import tempfile
     from pathlib import Path
 
-    scalar_s = 1000 / scalar_rate()["steps_per_s"]
+    scalar_s = 1000 / scalar_rate(inputs.names_path())["steps_per_s"]
     out = {"scalar_1000_steps_s": scalar_s}
     with tempfile.TemporaryDirectory() as cache:
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), JAX_COMPILATION_CACHE_DIR=cache)
         for run in ("cold", "warm"):
             start = time.perf_counter()
-            command = [sys.executable, "-m", "microgpt_jax", "reproduce", "--data", str(names_path())]
+            command = [sys.executable, "-m", "microgpt_jax", "reproduce", "--data", str(inputs.names_path())]
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
             seconds = time.perf_counter() - start
             prefix = "reproduce_cold" if run == "cold" else "reproduce_warm"
@@ -256,7 +212,7 @@ def reproduce():
 
 
 @case
-def packing():
+def packing(inputs):
     """Trained tokens per second at the default model, batch 256 names, padded against packed (float32)."""
     import jax
 
@@ -267,7 +223,7 @@ def packing():
     out = {}
     for layout in ("padded", "packed"):
         tcfg = TrainConfig(steps=220, batch_size=256)
-        tokenizer, data = load_train_data(names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
+        tokenizer, data = load_train_data(inputs.names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
         cfg = GPTConfig(vocab_size=tokenizer.size)
         params = init_params(cfg, jax.random.key(0))
         _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 20, 11)
@@ -289,8 +245,8 @@ def matmul_peak(n=2048, dtype="float32", repeats=5):
     return 2 * n**3 / best
 
 
-def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
-    """Tokens/s and MFU of stream-mode training on the text: MFU = flops_per_token * tokens/s over a peak.
+def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
+    """Tokens/s and MFU of stream-mode training on the text file: MFU = flops_per_token * tokens/s over a peak.
 
     `_mfu` is over the matmul peak measured in this run (matmul_peak), `_mfu_vendor` over the vendor's
     dense peak for the device and dtype (vendor_peak; a line saying it is unknown otherwise).
@@ -299,10 +255,10 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
 
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.model import GPTConfig, init_params
-    from microgpt_jax.train import TrainConfig, Trainer, flops_per_token
+    from microgpt_jax.train import TrainConfig, Trainer
 
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
-    tokenizer, data = load_train_data(text_path(), DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
     peak_before = matmul_peak(peak_n, dtype)
@@ -323,9 +279,9 @@ def mfu_case(prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
 
 
 @case
-def large():
+def large(inputs):
     """n_layer 4, n_embd 128, n_head 4, block 128, batch 64, float32, stream mode on the text."""
-    return mfu_case("large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 5, 2048)
+    return mfu_case(inputs.text_path(), "large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 5, 2048)
 
 
 # --- what each variant (issue 11) does: validation loss after the nanoGPT CPU recipe, and speed ---
@@ -349,26 +305,23 @@ VARIANTS = {  # name -> (model fields, training fields), each alone over the rec
 }
 
 
-def variant_run(model, train, steps=None, chunk=50):
+def variant_run(text, model, train, steps=None, chunk=50):
     """(validation loss at the end, trained tokens/s after the first chunk) of the recipe with these fields over it."""
     import dataclasses
-    from pathlib import Path
 
     import jax
 
-    from microgpt_jax.checkpoint import CheckpointConfig
-    from microgpt_jax.config import read_toml
     from microgpt_jax.data import DataConfig, load_train_data
     from microgpt_jax.loop import run_steps
     from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.rundir import RunConfig
     from microgpt_jax.train import TrainConfig, Trainer
 
-    classes = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
-    tables = read_toml(Path(__file__).parents[1] / VARIANT_RECIPE, classes)
+    tables = RunConfig.read_toml(Path(__file__).parents[1] / VARIANT_RECIPE)
     tcfg = TrainConfig(**tables["train"] | train)
     tcfg = dataclasses.replace(tcfg, steps=steps or tcfg.steps)
     cfg = GPTConfig(**tables["model"] | model)
-    tokenizer, data = load_train_data(text_path(), DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
+    tokenizer, data = load_train_data(text, DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
     cfg = dataclasses.replace(cfg, vocab_size=tokenizer.size)
     trainer = Trainer(cfg, tcfg)
     state = trainer.init(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
@@ -385,11 +338,11 @@ def variant_run(model, train, steps=None, chunk=50):
 
 
 @case
-def variants():
+def variants(inputs):
     """Each variant alone over the nanoGPT CPU recipe on the text: validation loss after its steps, tokens/s, both against the baseline."""
     results = {}
     for name, (model, train) in VARIANTS.items():
-        val_loss, rate = variant_run(model, train)
+        val_loss, rate = variant_run(inputs.text_path(), model, train)
         results[f"variants_{name}_val_loss"] = val_loss
         results[f"variants_{name}_tokens_per_s"] = rate
     base_loss, base_rate = results["variants_baseline_val_loss"], results["variants_baseline_tokens_per_s"]
@@ -400,17 +353,17 @@ def variants():
 
 
 @case
-def gpu():
+def gpu(inputs):
     """GPT-2 small shape (n_layer 12, n_embd 768, block 1024), bfloat16, stream mode: only on a GPU."""
     import jax
 
     if jax.default_backend() != "gpu":
         return {"gpu": "skipped: no GPU"}
-    return mfu_case("gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4, 8192)
+    return mfu_case(inputs.text_path(), "gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4, 8192)
 
 
 @case
-def scaling():
+def scaling(inputs):
     """Steps/s of the large case (float32, stream mode) data-parallel on 1, 2 and 4 virtual CPU devices.
 
     Each device count in its own process (XLA fixes the count at start-up):
@@ -421,7 +374,6 @@ def scaling():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
     out = {}
@@ -432,7 +384,7 @@ def scaling():
             sys.executable,
             "-c",
             "import sys; from microgpt_jax.bench import scaling_worker; scaling_worker(sys.argv[1])",
-            str(text_path()),
+            str(inputs.text_path()),
         ]
         result = json.loads(subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         out |= {f"scaling_{n}dev_steps_per_s": result["steps_per_s"], f"scaling_{n}dev_compile_s": result["compile_s"]}
@@ -466,7 +418,6 @@ def scaling_worker(text):
 
 # --- prepared datasets: a corpus larger than memory, read a step at a time ---
 
-CORPUS = {"mb": 1024, "plain_mb": 256}  # the generated corpus and the plain-text comparison, in MiB (bench --corpus-mb)
 WORDS = 2000  # distinct words of the generated text
 
 
@@ -543,11 +494,16 @@ def startup_worker(path, mode):
 
 
 def train_worker(data):
-    """The whole `microgpt-jax train --data DATA --steps 1` (microgpt's model): prints {seconds, peak_rss_mb}."""
-    from microgpt_jax.cli import main
+    """What `microgpt-jax train --data DATA --steps 1 --eval-size 64` runs (microgpt's model), through the library:
+    prints {seconds, peak_rss_mb}."""
+    from microgpt_jax.rundir import open_for_training
+    from microgpt_jax.session import Session
 
     start = time.perf_counter()
-    main(["train", "--data", data, "--steps", "1", "--eval-size", "64"])
+    with open_for_training({"train": {"steps": 1}, "data": {"eval_size": 64}}, data) as begin:  # a prepared dataset adopted
+        session = Session(begin.configs, begin.data_path, vocab_size=begin.vocab_size, tokenizer=begin.tokenizer)
+        print(session.describe())
+        session.train()
     _report({"seconds": time.perf_counter() - start})
 
 
@@ -560,14 +516,14 @@ def head(path, out, size_mb) -> Path:
 
 
 @case
-def prepared():
+def prepared(inputs):
     """A generated text of 1 GiB (bench --corpus-mb): prepare's MB/s and memory, train's start-up on it
     prepared against the same text plain (its first 256 MiB) and names, steady tokens/s read from the dataset against in memory."""
-    return prepared_case(**CORPUS)
+    return prepared_case(inputs.names_path(), inputs.corpus_mb, PLAIN_MB)
 
 
-def prepared_case(mb=1024, plain_mb=256):
-    """The `prepared` case on a text of mb MiB, the plain text measured on its first plain_mb MiB."""
+def prepared_case(names, mb=CORPUS_MB, plain_mb=PLAIN_MB):
+    """The `prepared` case on a text of mb MiB, the plain text measured on its first plain_mb MiB, beside the names file."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="microgpt-jax-bench-") as tmp:
@@ -579,13 +535,13 @@ def prepared_case(mb=1024, plain_mb=256):
             done = in_process("prepare_worker", tmp / "corpus.txt", tmp / mode, mode)
             out |= {f"prepare_{mode}_mb_per_s": size / 2**20 / done["seconds"], f"prepare_{mode}_peak_rss_mb": done["peak_rss_mb"]}
         for mode in ("docs", "stream"):
-            for name, path in (("prepared", tmp / mode), ("plain", plain), ("names", names_path())):
+            for name, path in (("prepared", tmp / mode), ("plain", plain), ("names", names)):
                 if name == "names" and mode == "stream":
                     continue
                 done = in_process("startup_worker", path, mode)
                 out |= {f"startup_{mode}_{name}_s": done["seconds"], f"startup_{mode}_{name}_peak_rss_mb": done["peak_rss_mb"]}
         out["startup_docs_prepared_vs_names_rss_mb"] = out["startup_docs_prepared_peak_rss_mb"] - out["startup_docs_names_peak_rss_mb"]
-        for name, path in (("names", names_path()), ("prepared", tmp / "docs")):
+        for name, path in (("names", names), ("prepared", tmp / "docs")):
             done = in_process("train_worker", path)
             out |= {f"train_cmd_{name}_s": done["seconds"], f"train_cmd_{name}_peak_rss_mb": done["peak_rss_mb"]}
         out["train_cmd_prepared_vs_names_rss_mb"] = out["train_cmd_prepared_peak_rss_mb"] - out["train_cmd_names_peak_rss_mb"]
@@ -637,35 +593,6 @@ def _best_rate(generate, bos, repeats=3):
     return max(rates), compile_s
 
 
-def generate_recompute(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg):
-    """The baseline the KV cache is measured against: sample_rows's loop and draws, with no cache.
-
-    Every step runs `forward` over the whole block again and reads the
-    logits at the current position (later positions are placeholders that
-    causal attention ignores). Returns the drawn tokens [B, W], as sample_rows.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from microgpt_jax.model import forward
-    from microgpt_jax.sample import keyed_draw
-
-    P, T, bos, B = prompt_P.shape[0], cfg.block_size, cfg.bos, rows_B.shape[0]
-    draw = keyed_draw(key, rows_B, temperature, top_k, top_p)
-
-    def body(carry):
-        pos, seq_BT, done_B, out_BW = carry
-        logits_BV = forward(params, seq_BT, cfg)[:, pos]
-        step = pos - (P - 1)
-        new_B = jnp.where(done_B, bos, draw(logits_BV, step).astype(jnp.int32))
-        seq_BT = seq_BT.at[:, pos + 1].set(new_B, mode="drop")
-        return pos + 1, seq_BT, done_B | (new_B == bos), out_BW.at[:, step].set(new_B)
-
-    seq_BT = jnp.full((B, T), bos, jnp.int32).at[:, :P].set(prompt_P)
-    init = (jnp.int32(P - 1), seq_BT, jnp.zeros(B, bool), jnp.full((B, T - P + 1), bos, jnp.int32))
-    return jax.lax.while_loop(lambda c: (c[0] < T) & ~jnp.all(c[2]), body, init)[3]
-
-
 def _sampling_setup(cfg):
     """Random float32 weights and sample_rows's arguments for plain sampling at temperature 1 from BOS."""
     import jax
@@ -679,7 +606,7 @@ def _sampling_setup(cfg):
 
 
 @case
-def sampling():
+def sampling(inputs):
     """Tokens/s of the compiled sampler at the default model, batch 1 and 1000, and of the scalar engine."""
     import random
 
@@ -717,32 +644,30 @@ def sampling():
 
 
 @case
-def sampling_cache():
-    """The KV-cache loop against recomputing the whole block per token (n_embd 128, n_layer 4, block 256, batch 1)."""
-    import jax
+def sampling_cache(inputs):
+    """The KV-cache loop against recomputing the whole block per token (n_embd 128, n_layer 4, block 256, batch 1).
+
+    Recomputing is the sampler's own loop past block_size: each token
+    predicted by a forward over the last block_size tokens. A prompt that
+    fills the block (all BOS) puts every draw but the first there.
+    """
     import jax.numpy as jnp
-    import numpy as np
 
     from microgpt_jax.model import GPTConfig
     from microgpt_jax.sample import sample_rows
 
     cfg = GPTConfig(vocab_size=27, n_embd=128, n_head=4, n_layer=4, block_size=256)
     params, prompt_P, key, knobs = _sampling_setup(cfg)
-    recompute = jax.jit(generate_recompute, static_argnames="cfg")
-    outs = {}
+    full_P = jnp.full(cfg.block_size, cfg.bos, jnp.int32)
 
-    def run(fn, name):
+    def rate(prompt, new_tokens):
         def generate(i):  # rows 2i and 2i + 1, one at a time
-            out = [fn(params, prompt_P, key, jnp.arange(r, r + 1), *knobs, cfg=cfg) for r in (2 * i, 2 * i + 1)]
-            outs.setdefault(name, []).extend(out)
-            return jnp.concatenate(out)
+            rows = [jnp.arange(r, r + 1) for r in (2 * i, 2 * i + 1)]
+            return jnp.concatenate([sample_rows(params, prompt, key, r, *knobs, cfg=cfg, new_tokens=new_tokens)[0] for r in rows])
 
-        return _best_rate(generate, cfg.bos, repeats=2)
+        return _best_rate(generate, cfg.bos, repeats=2)[0]
 
-    rate_cache, _ = run(lambda *a, **k: sample_rows(*a, **k)[0], "cache")
-    rate_recompute, _ = run(recompute, "recompute")
-    if not all(np.array_equal(a, b) for a, b in zip(outs["cache"], outs["recompute"])):
-        raise AssertionError("the cached and the recomputing sampler drew different tokens")
+    rate_cache, rate_recompute = rate(prompt_P, None), rate(full_P, cfg.block_size)
     return {
         "sample_tokens_per_s_cache": rate_cache,
         "sample_tokens_per_s_recompute": rate_recompute,

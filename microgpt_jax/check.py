@@ -7,16 +7,37 @@ over a few Adam steps. `microgpt-jax check` prints the table this builds.
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import reference
+from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch, step_docs
-from microgpt_jax.model import GPTConfig, dropout_masks, forward, loss_fn
+from microgpt_jax.model import GPTConfig, dropout_masks, forward, init_params_reference, loss_fn
+from microgpt_jax.prepare import first_document, is_dataset
+from microgpt_jax.rundir import load_weights
+from microgpt_jax.text import load_docs, reference_docs, resolve_data_path
+from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, dropout_key
 
+# what the check takes of TrainConfig: what the step computes (not its length, dtype or cadences)
+CHECKED_TRAINING = (
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "schedule",
+    "min_lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+)
 # |jax - ref| <= ATOL + RTOL * |ref|, element by element.
 ATOL, RTOL = 1e-12, 1e-10
 # Weights after several Adam steps: |jax - ref| <= PARAM_ATOL.
@@ -146,6 +167,41 @@ def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = 
     if steps:
         rows += check_training(params, cfg, tcfg, docs)
     return rows
+
+
+class Subject(NamedTuple):
+    """What `microgpt-jax check` compares the engines on: a model, its weights and the documents steps train on."""
+
+    cfg: GPTConfig
+    tokenizer: object
+    params: dict
+    docs: list  # the documents (text), step s training docs[(s * batch_size + i) % len(docs)]
+
+
+def subject(run_dir=None, data=None, doc=None, model: GPTConfig | None = None, tcfg: TrainConfig | None = None) -> Subject:
+    """The model, weights and documents of the check (tcfg.steps steps of tcfg.batch_size documents).
+
+    run_dir: its (or an export's) config, tokenizer and weights, with the
+    documents of its data in file order (data: another file; a prepared
+    dataset: its first document). Else microgpt's initial weights for model,
+    its vocabulary from data's documents, which microgpt's shuffle orders:
+    both drawn from the stream of tcfg.seed (42, microgpt's, by default).
+    doc: the one document every row of every step trains on.
+    """
+    tcfg = tcfg or TrainConfig()
+    if run_dir:
+        cfg, tokenizer, params, _, run = load_weights(run_dir)
+        data_path = resolve_data_path(data) if data or not run else run.data_path
+        docs = [] if doc is not None else [first_document(data_path)] if is_dataset(data_path) else load_docs(data_path)
+    else:
+        docs, rng = reference_docs(resolve_data_path(data), tcfg.seed)
+        tokenizer = CharTokenizer.from_docs(docs)
+        cfg = dataclasses.replace(model or GPTConfig(), vocab_size=tokenizer.size)
+        params = init_params_reference(cfg, rng)
+    unknown = tokenizer.unknown(doc) if doc is not None else []
+    if unknown:
+        raise UserError(f"--doc has characters outside the vocabulary {unknown}; the vocabulary is {tokenizer.chars!r}")
+    return Subject(cfg, tokenizer, params, [doc] if doc is not None else docs[: tcfg.steps * tcfg.batch_size])
 
 
 def format_table(rows) -> str:

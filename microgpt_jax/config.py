@@ -21,6 +21,10 @@ class ConfigError(UserError):
         super().__init__(f"{field} {problem}")
         self.field, self.problem = field, problem
 
+    def with_flags(self, flag) -> str:
+        """The message with the field worded as the command line's flag (flag("n_embd") -> "--n-embd")."""
+        return f"{flag(self.field)} {self.problem}"
+
 
 def field(default, help, *, check=None, choices=None, resumable=False, since=None):
     """A config field. check(value) returns None or what is wrong; resumable: may differ on a resumed run.

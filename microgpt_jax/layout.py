@@ -188,11 +188,6 @@ def step_docs(step, batch_size, num_docs):
     return (step * batch_size + np.arange(batch_size)) % num_docs
 
 
-def stack(batches) -> Batch:
-    """Batches stacked on a new leading axis."""
-    return Batch(*(np.stack(field) for field in zip(*batches)))
-
-
 def packed_rows(n_of, num_docs, batch_size, block_size, samples=64):
     """How many rows of block_size hold any step's batch_size documents, packed.
 

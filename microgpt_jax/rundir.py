@@ -15,6 +15,7 @@ wrong value is refused naming the table and field, before anything is read
 or moved.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -23,18 +24,19 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
 from microgpt_jax import parallel
 from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore
-from microgpt_jax.config import ConfigError, from_dict, resumable_fields
+from microgpt_jax.config import ConfigError, from_dict, read_toml, resumable_fields, to_toml
 from microgpt_jax.data import DataConfig
-from microgpt_jax.dataset import data_sha256, is_dataset
+from microgpt_jax.dataset import adopt, data_sha256, is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
+from microgpt_jax.text import resolve_data_path
 from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json
 from microgpt_jax.train import TrainConfig
 
@@ -47,7 +49,54 @@ SCHEDULE_RULE = (
     "an extended run continues on the schedule of a run planned for the new number of steps N: "
     "from the step it was extended at, the learning rate is lr * (1 - step / N) (after any warmup)"
 )
-TABLES = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's configs: one per table of run.json and of a config file, [model], [train], [data], [checkpoint]."""
+
+    model: GPTConfig = dataclasses.field(default_factory=GPTConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    TABLES: ClassVar[dict] = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
+    FROM_DATA: ClassVar[tuple] = ("vocab_size",)  # set from the data: no key of a config file
+
+    @classmethod
+    def of(cls, tables: dict) -> "RunConfig":
+        """From {table: {field: value}}: each field's default, the given value over it (checked by its class)."""
+        return cls(**{table: config_class(**tables.get(table, {})) for table, config_class in cls.TABLES.items()})
+
+    @classmethod
+    def from_json(cls, meta: dict) -> "RunConfig":
+        """From run.json's tables, every field present (but those added `since`): a ConfigError names table.field."""
+        configs = {}
+        for table, config_class in cls.TABLES.items():
+            try:
+                configs[table] = from_dict(config_class, meta.get(table))
+            except ConfigError as e:
+                raise ConfigError(f"{table}.{e.field}".rstrip("."), e.problem) from None
+        return cls(**configs)
+
+    def to_json(self) -> dict:
+        return {table: dataclasses.asdict(config) for table, config in self.items()}
+
+    def items(self) -> list:
+        """[(table, config)] in the tables' order, as a dict's items (config.to_toml and the loggers read them)."""
+        return [(table, getattr(self, table)) for table in self.TABLES]
+
+    def replace(self, **tables) -> "RunConfig":
+        return dataclasses.replace(self, **tables)
+
+    @classmethod
+    def read_toml(cls, path) -> dict:
+        """A config file's {table: {field: value}}, each table checked by its class (config.read_toml)."""
+        return read_toml(path, cls.TABLES, cls.FROM_DATA)
+
+    def to_toml(self) -> str:
+        """These configs as a config file that read_toml reads back."""
+        return to_toml(dict(self.items()), self.FROM_DATA)
 
 
 def _atomic_write(path: Path, text: str):
@@ -62,17 +111,17 @@ def _atomic_write(path: Path, text: str):
 class RunDir:
     """An open run directory: its configs (by table name), tokenizer and data file."""
 
-    def __init__(self, path, configs: dict, tokenizer, data_path, data_sha256, history=None):
+    def __init__(self, path, configs: RunConfig, tokenizer, data_path, data_sha256, history=None):
         self.path, self.configs, self.tokenizer = Path(path), configs, tokenizer
         self.data_path, self.data_sha256 = Path(data_path), data_sha256
         self.history = dict(history or {})  # "init_from": where the weights came from; "extensions": steps added
         self.extends = None  # the steps this session extends the run from (resumed_configs)
         self._lock = None
 
-    cfg = property(lambda self: self.configs["model"])
-    tcfg = property(lambda self: self.configs["train"])
-    dcfg = property(lambda self: self.configs["data"])
-    ccfg = property(lambda self: self.configs["checkpoint"])
+    cfg = property(lambda self: self.configs.model)
+    tcfg = property(lambda self: self.configs.train)
+    dcfg = property(lambda self: self.configs.data)
+    ccfg = property(lambda self: self.configs.checkpoint)
     run_file = property(lambda self: self.path / RUN_FILE)
 
     def resume_hint(self) -> str:
@@ -90,7 +139,7 @@ class RunDir:
     # -- create and open ------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path, configs: dict, tokenizer, data_path, init_from=None) -> "RunDir":
+    def create(cls, path, configs: RunConfig, tokenizer, data_path, init_from=None) -> "RunDir":
         """A new run directory, locked. Refuses a path that holds anything, above all an existing run.
 
         In a multi-process run every process checks, then process 0 writes.
@@ -123,7 +172,7 @@ class RunDir:
         return {
             "format": FORMAT,
             "version": VERSION,
-            **{table: dataclasses.asdict(self.configs[table]) for table in TABLES},
+            **self.configs.to_json(),
             **({"vocab": self.tokenizer.chars} if self.tokenizer.kind == "char" else {}),
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
             **self.history,
@@ -145,16 +194,14 @@ class RunDir:
             return UserError(f"{run_file}: {key} {problem}; correct it (or restore run.json from a copy)")
 
         check_format(meta, FORMAT, VERSION, "run directories", bad)
-        configs = {}
-        for table, config_class in TABLES.items():
-            try:
-                configs[table] = from_dict(config_class, meta.get(table))
-            except ConfigError as e:
-                raise bad(f"{table}.{e.field}".rstrip("."), e.problem) from None
-        tokenizer = cls.read_tokenizer(path, configs["data"].tokenizer, meta.get("vocab"), bad)
-        if tokenizer.size != configs["model"].vocab_size:
+        try:
+            configs = RunConfig.from_json(meta)
+        except ConfigError as e:
+            raise bad(e.field, e.problem) from None
+        tokenizer = cls.read_tokenizer(path, configs.data.tokenizer, meta.get("vocab"), bad)
+        if tokenizer.size != configs.model.vocab_size:
             what = "characters" if tokenizer.kind == "char" else "ids"
-            raise bad("vocab", f"has {tokenizer.size - 1} {what} (+ BOS), but model.vocab_size is {configs['model'].vocab_size}")
+            raise bad("vocab", f"has {tokenizer.size - 1} {what} (+ BOS), but model.vocab_size is {configs.model.vocab_size}")
         data = meta.get("data_file")
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
@@ -218,7 +265,7 @@ class RunDir:
 
     # -- checks before a resume ----------------------------------------------------------
 
-    def resumed_configs(self, given: dict) -> dict:
+    def resumed_configs(self, given: dict) -> RunConfig:
         """The run's configs with the given {table: {field: value}} applied: only resumable fields may differ.
 
         They are this run's configs from now on (its checkpoints follow a new --keep); run.json stays as written.
@@ -237,9 +284,9 @@ class RunDir:
                         "drop it to resume the run as it was, or start a new run",
                     )
             configs[table] = dataclasses.replace(config, **changes)
-        self.configs = configs
+        self.configs = RunConfig(**configs)
         self.__dict__.pop("store", None)  # a new --keep: the store is made again from these configs
-        return configs
+        return self.configs
 
     def record_extension(self, at_step: int):
         """run.json takes the new number of steps, and says from where and by which rule (written atomically)."""
@@ -308,12 +355,57 @@ def _load_safetensors(path) -> Weights:
     return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
 
 
-def load_run(run_dir):
-    """(RunDir, params of its latest good checkpoint, or of STEP for RUN_DIR@STEP)."""
-    weights = load_weights(run_dir)
-    if weights.run is None:
-        raise UserError(f"{run_dir} is a file; pass a run directory (or RUN_DIR@STEP)")
-    return weights.run, weights.params
+class Start(NamedTuple):
+    """What a training run starts from (open_for_training)."""
+
+    run: RunDir | None  # the run resumed (locked), or None: a new run
+    configs: RunConfig
+    data_path: Path  # the data file or dataset directory
+    init: Weights | None  # the weights a new run starts from, or None: new weights
+    tokenizer: object  # the resumed run's or the weights' own (a bpe run goes on with it), or None: made from the data
+    vocab_size: int | None  # the vocabulary asked for, if any
+
+
+@contextlib.contextmanager
+def open_for_training(given: dict, data=None, resume=None, init_from=None, out=None):
+    """The Start of `train`, given {table: {field: value}} (a config file's values and the typed flags).
+
+    resume: that run, locked until the with block ends, with the given
+    values over its configs (RunDir.resumed_configs) and its own data file
+    checked (data: a copy of it). Else a new run of the given configs on
+    data (default: resolve_data_path's), a prepared dataset's mode,
+    tokenizer and split adopted; init_from: its weights and model (a given
+    model value that differs is refused) and its tokenizer, unless another
+    is given. out: the new run's directory, if any (refused with resume; the
+    caller creates it once the step compiles).
+    """
+    if resume and (out or init_from):
+        raise UserError("--resume continues a run as it is; --out (with --init-from) starts a new one: pass one of them")
+    vocab_size = given.get("model", {}).get("vocab_size")
+    if not resume:
+        yield _new_start(given, data, init_from, vocab_size)
+        return
+    with RunDir.open(resume).lock() as run:
+        data_path = Path(data) if data else run.data_path
+        run.check_data(data_path)
+        yield Start(run, run.resumed_configs(given), data_path, None, run.tokenizer, vocab_size)
+
+
+def _new_start(given: dict, data, init_from, vocab_size) -> Start:
+    configs, init = RunConfig.of(given), load_weights(init_from) if init_from else None
+    given_data, data_path = given.get("data", {}), resolve_data_path(data)
+    if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
+        configs = configs.replace(data=dataclasses.replace(configs.data, tokenizer=init.tokenizer.kind))
+    if is_dataset(data_path):  # a prepared dataset fixes the data's mode, tokenizer and split
+        configs = configs.replace(data=adopt(data_path, configs.data, given_data))
+    if init:  # the model is the weights' own: a flag or config value that disagrees is refused
+        for name, value in given.get("model", {}).items():
+            if getattr(init.cfg, name) != value:
+                raise ConfigError(
+                    name, f"{value!r} differs from the model of --init-from {init_from} ({getattr(init.cfg, name)!r}); drop it"
+                )
+        configs = configs.replace(model=init.cfg)
+    return Start(None, configs, data_path, init, init and init.tokenizer, vocab_size)
 
 
 def export_safetensors(run_dir, out_path) -> int:
@@ -333,7 +425,7 @@ def export_safetensors(run_dir, out_path) -> int:
     meta = run.to_json()
     metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.tokenizer.to_json()), "step": str(step)}
     metadata |= {"vocab": run.tokenizer.chars} if run.tokenizer.kind == "char" else {}
-    metadata |= {table: json.dumps(meta[table]) for table in TABLES}
+    metadata |= {table: json.dumps(meta[table]) for table in RunConfig.TABLES}
     tmp = out_path.with_name(out_path.name + ".tmp")
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, str(tmp), metadata=metadata)

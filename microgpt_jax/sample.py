@@ -26,6 +26,7 @@ BOS included, of log softmax(logits)[token], given the prompt.
 """
 
 import math
+import random
 import sys
 from functools import partial
 from typing import NamedTuple
@@ -37,6 +38,7 @@ import numpy as np
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, decode_step, forward, forward_cached, init_cache, softmax
+from microgpt_jax.runtime import set_precision
 
 
 class Sample(NamedTuple):
@@ -44,8 +46,15 @@ class Sample(NamedTuple):
     logprob: float
 
 
-def check_options(temperature, top_k=None, top_p=None):
-    """A UserError naming the bad option, if any."""
+def check_options(temperature, top_k=None, top_p=None, *, reference=False, batch_size=None, max_new_tokens=None):
+    """A UserError naming the bad option, if any: microgpt's sampling (reference) has no top-k, top-p, batch size or length."""
+    given = {"--top-k": top_k, "--top-p": top_p, "--batch-size": batch_size, "--max-new-tokens": max_new_tokens}
+    extra = [flag for flag, value in given.items() if value is not None]
+    if reference and extra:
+        raise UserError(
+            f"{', '.join(extra)} cannot be used with --reference "
+            "(microgpt draws one sample at a time from the whole softmax, until the block is full); drop them"
+        )
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ConfigError("temperature", f"must be a number >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -287,6 +296,21 @@ def sample_batches(
             yield _cut(out_BN, logp_B, cfg.bos)[: num_samples - first]
 
     return batches()
+
+
+def sample_run(params, cfg: GPTConfig, num_samples, *, tokenizer, seed, temperature, mode="docs", reference=False, prompt=(), **options):
+    """The batches `microgpt-jax sample` prints (options: sample_batches').
+
+    reference: one batch, microgpt's draws from random.Random(seed), in
+    float64; else sample_batches from the start token of the run's data
+    mode (start_token; an export's: BOS). float64 weights sample in float64.
+    """
+    if reference or any(np.asarray(w).dtype == np.float64 for w in params.values()):
+        set_precision("float64")  # microgpt's Python floats, or the run's own float64
+    if reference:
+        return [sample_reference(params, cfg, random.Random(seed), num_samples, temperature, prompt)]
+    start = start_token(tokenizer, mode)
+    return sample_batches(params, cfg, num_samples, prompt=prompt, temperature=temperature, seed=seed, start=start, **options)
 
 
 def sample(params, cfg: GPTConfig, num_samples, **options) -> list[Sample]:

@@ -10,29 +10,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from microgpt_jax import bench, memory, parallel
+from microgpt_jax import memory, parallel
 from microgpt_jax.checkpoint import check_resumable
 from microgpt_jax.data import load_train_data
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import describe_peak, flops_per_token
 from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.loop import Checkpoints, Log, NonFinite, Plot, Progress, Signals, chunk_length, fit
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.model import param_shapes
-from microgpt_jax.rundir import SCHEDULE_RULE
-from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, flops_per_token, init_state
+from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig
+from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, init_state
 
 
 class Session:
-    """configs ({table: config}) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
+    """configs (a RunConfig) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
 
     vocab_size: the vocabulary asked for (--vocab-size), if any; tokenizer:
     the bpe tokenizer of the run resumed or the weights started from (a
     new run trains its own).
     """
 
-    def __init__(self, configs: dict, data_path, devices=None, vocab_size=None, tokenizer=None):
-        cfg, tcfg, dcfg, ccfg = (configs[t] for t in ("model", "train", "data", "checkpoint"))
+    def __init__(self, configs: RunConfig, data_path, devices=None, vocab_size=None, tokenizer=None):
+        cfg, tcfg, dcfg, ccfg = configs.model, configs.train, configs.data, configs.checkpoint
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
         check_accumulation(tcfg, self.mesh.devices.size)  # before the data is loaded
@@ -56,13 +57,13 @@ class Session:
         )
         cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
-        self.configs, self.data_path = {**configs, "model": cfg}, data_path
+        self.configs, self.data_path = configs.replace(model=cfg), data_path
         self.trainer = Trainer(cfg, tcfg, self.mesh)
         self.step_memory = None  # XLA's figure for the compiled chunk loop, once compile_step has run
         self._compile_s = 0.0  # compile time not yet reported
 
     def describe(self) -> str:
-        cfg, dtype = self.configs["model"], self.configs["train"].dtype
+        cfg, dtype = self.configs.model, self.configs.train.dtype
         kind = self.mesh.devices.flat[0].device_kind
         return "\n".join(
             [
@@ -71,7 +72,7 @@ class Session:
                 f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
-                f"device kind: {kind}, {bench.describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
+                f"device kind: {kind}, {describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
                 *self.data.notes(),
             ]
         )
@@ -80,14 +81,14 @@ class Session:
 
     def abstract_args(self):
         """(state, batches) of the chunk loop as shapes and dtypes only: what the run will pass it, nothing allocated."""
-        cfg, tcfg = self.configs["model"], self.configs["train"]
+        cfg, tcfg = self.configs.model, self.configs.train
         positions = jax.ShapeDtypeStruct((self.chunk_steps, self.data.rows, cfg.block_size), jnp.int32)
         weights = jax.ShapeDtypeStruct(positions.shape, tcfg.param_dtype)
         return abstract_state(cfg, tcfg), Batch(positions, positions, positions, positions, weights)
 
     def estimate(self) -> memory.Estimate:
-        tcfg = self.configs["train"]
-        return memory.estimate(self.configs["model"], self.data.rows, self.chunk_steps, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
+        tcfg = self.configs.train
+        return memory.estimate(self.configs.model, self.data.rows, self.chunk_steps, tcfg.dtype, tcfg.param_dtype, tcfg.grad_accum)
 
     def compile_step(self, available=None) -> memory.StepMemory | None:
         """Compile the chunk loop for the run's shapes (on abstract arguments: no weights allocated) and
@@ -109,7 +110,7 @@ class Session:
     def dry_run(self) -> str:
         """Compile the step (compile_step) and say what the run would hold: weights, optimizer, XLA's figure,
         the device's memory and the estimate. Trains nothing, allocates no weights, writes nothing."""
-        cfg, tcfg = self.configs["model"], self.configs["train"]
+        cfg, tcfg = self.configs.model, self.configs.train
         step = self.compile_step()
         state = abstract_state(cfg, tcfg)
         nbytes = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
@@ -137,7 +138,7 @@ class Session:
         return "\n".join(lines)
 
     def initial_state(self) -> TrainState:
-        return init_state(self.configs["model"], self.configs["train"], self.trainer)
+        return init_state(self.configs.model, self.configs.train, self.trainer)
 
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
@@ -147,7 +148,7 @@ class Session:
                 f"({weights.tokenizer.kind}, {weights.tokenizer.size - 1}, {weights.origin}); fine-tune on data with the same characters "
                 "and --tokenizer"
             )
-        dtype = self.configs["train"].param_dtype
+        dtype = self.configs.train.param_dtype
         return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))
 
     def resumed_state(self, run) -> TrainState | None:
@@ -174,7 +175,7 @@ class Session:
             )
         extensions = run.history.get("extensions", [])
         extended_from = {run.extends, *(e.get("from_steps") for e in extensions), *(e.get("to_steps") for e in extensions)}
-        check_resumable(checkpoint, self.configs["train"], run.run_file, extended_from - {None})
+        check_resumable(checkpoint, self.configs.train, run.run_file, extended_from - {None})
         if checkpoint.data_position != self.data.position(checkpoint.step):
             raise UserError(
                 f"checkpoint {checkpoint.step} was at data position {checkpoint.data_position}, but this data order puts "
@@ -189,9 +190,9 @@ class Session:
         if resume:
             print(f"resuming {run.path} at step {int(state.step) if state else 0}")
             if run.extends:
-                print(f"extending it from {run.extends} to {self.configs['train'].steps} steps: {SCHEDULE_RULE}")
+                print(f"extending it from {run.extends} to {self.configs.train.steps} steps: {SCHEDULE_RULE}")
                 run.record_extension(int(state.step) if state else 0)
-        if state and int(state.step) == self.configs["train"].steps:
+        if state and int(state.step) == self.configs.train.steps:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
             print("no --out: nothing of this run will be saved (pass --out RUN_DIR to keep it)")
@@ -218,7 +219,7 @@ class Session:
 
         loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py).
         """
-        tcfg, main, start = self.configs["train"], parallel.is_main_process(), int(state.step)
+        tcfg, main, start = self.configs.train, parallel.is_main_process(), int(state.step)
         resumed_at = start if start else None
         sinks = [MetricsFile(run.path, resumed_at=resumed_at)] if run and main else []
         for name, *project in loggers if main else ():

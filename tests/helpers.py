@@ -83,7 +83,7 @@ def save_run(path, params, configs, tokenizer, data_text):
     data = path.parent / f"{path.name}-data.txt"
     data.write_text(data_text)
     with RunDir.create(path, configs, tokenizer, data) as run:
-        run.store.save(TrainState(params, make_optimizer(configs["train"]).init(params), np.int32(1)), data_position=0)
+        run.store.save(TrainState(params, make_optimizer(configs.train).init(params), np.int32(1)), data_position=0)
     return path
 
 

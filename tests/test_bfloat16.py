@@ -13,9 +13,8 @@ import pytest
 
 from microgpt_jax import loop, runtime, train
 from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.data import DataConfig
 from microgpt_jax.model import GPTConfig
-from microgpt_jax.rundir import RunDir, load_weights
+from microgpt_jax.rundir import RunConfig, RunDir, load_weights
 from microgpt_jax.sample import sample
 from microgpt_jax.session import Session
 
@@ -25,12 +24,11 @@ BF16_LOSS_RTOL = 2e-3
 
 
 def configs(dtype, steps=6):
-    return {
-        "model": GPTConfig(n_embd=16, n_head=2, block_size=16),
-        "train": train.TrainConfig(steps=steps, batch_size=8, dtype=dtype, log_every=2, eval_every=2),
-        "data": DataConfig(),
-        "checkpoint": CheckpointConfig(save_every=2),
-    }
+    return RunConfig(
+        model=GPTConfig(n_embd=16, n_head=2, block_size=16),
+        train=train.TrainConfig(steps=steps, batch_size=8, dtype=dtype, log_every=2, eval_every=2),
+        checkpoint=CheckpointConfig(save_every=2),
+    )
 
 
 class Losses:

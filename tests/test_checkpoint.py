@@ -24,7 +24,7 @@ import pytest
 from microgpt_jax import checkpoint, cli, loop, train
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, param_shapes
-from microgpt_jax.rundir import RunDir, load_run
+from microgpt_jax.rundir import RunDir, load_weights
 from tests.helpers import ROOT, SLOW_TRAIN, TINY
 
 TRAINERS = {}
@@ -284,7 +284,7 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, finished_
     else:
         victim.unlink()
     capsys.readouterr()
-    _, params = load_run(run_dir)  # what sample reads: step 4, with a warning, nothing moved
+    params = load_weights(run_dir).params  # what sample reads: step 4, with a warning, nothing moved
     err = capsys.readouterr().err
     assert err.startswith(f"warning: checkpoint {run_dir / 'checkpoints' / '6'} is damaged (")
     assert len(err.splitlines()) == 2 and "using checkpoint 4, the latest good one" in err
@@ -422,8 +422,7 @@ def test_export_safetensors(tmp_path, finished_run, capsys):
 
     out = tmp_path / "model.safetensors"
     cli.main(["export", str(finished_run), str(out)])
-    run, params = load_run(finished_run)
-    cfg, tokenizer = run.cfg, run.tokenizer
+    cfg, tokenizer, params, _, _ = load_weights(finished_run)
     loaded = load_file(str(out))
     assert list(loaded) == sorted(param_shapes(cfg))
     assert all(np.array_equal(loaded[k], params[k]) and loaded[k].dtype == np.float32 for k in params)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from microgpt_jax import cli, loop, train
-from microgpt_jax.config import read_toml
-from microgpt_jax.rundir import SCHEDULE_RULE, RunDir, load_weights
+from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig, RunDir, load_weights
 from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
 
 FLAGS = [*TINY, "--steps", "6", "--batch-size", "2", "--save-every", "2", "--log-every", "2", "--eval-every", "2"]
@@ -68,15 +67,15 @@ def test_a_bad_config_file_is_one_line_naming_the_table_and_key(tmp_path, capsys
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_the_ready_config_files_load(path):
-    tables = read_toml(path, cli.CONFIGS, cli.NOT_FLAGS)
-    configs = {table: cls(**tables.get(table, {})) for table, cls in cli.CONFIGS.items()}
-    assert tables and all(getattr(configs[t], key) == value for t in tables for key, value in tables[t].items())
+    tables = RunConfig.read_toml(path)
+    configs = RunConfig.of(tables)
+    assert tables and all(getattr(getattr(configs, t), key) == value for t in tables for key, value in tables[t].items())
     if path.name == "microgpt.toml":  # microgpt's own run is every default
-        assert configs == {table: cls() for table, cls in cli.CONFIGS.items()}
+        assert configs == RunConfig()
     if path.name == "nanogpt-cpu.toml":  # nanoGPT's CPU recipe shape
-        model, tcfg = configs["model"], configs["train"]
+        model, tcfg = configs.model, configs.train
         shape = (model.n_layer, model.n_head, model.n_embd, model.block_size, tcfg.batch_size, tcfg.steps)
-        assert shape == (4, 4, 128, 64, 12, 2000) and configs["data"].mode == "stream"
+        assert shape == (4, 4, 128, 64, 12, 2000) and configs.data.mode == "stream"
 
 
 def test_the_shakespeare_config_trains(tmp_path, capsys, shakespeare_path):
@@ -97,8 +96,7 @@ def test_init_from_a_checkpoint_starts_a_new_run_from_its_weights(tmp_path, caps
 
     weights = load_weights(f"{finished}@4")
     assert weights.origin == {"run": str(finished.resolve()), "step": 4}
-    configs = {t: cls() for t, cls in cli.CONFIGS.items()} | {"model": weights.cfg}
-    configs["train"] = train.TrainConfig(steps=3, lr=0.001)
+    configs = RunConfig(model=weights.cfg, train=train.TrainConfig(steps=3, lr=0.001))
     state = Session(configs, names_path).state_from(weights)
     assert int(state.step) == 0  # a fresh optimizer and schedule
     assert all(np.array_equal(state.params[k], weights.params[k]) for k in weights.params)
@@ -139,7 +137,7 @@ def test_an_extended_run_equals_a_run_planned_for_the_new_steps_from_there(tmp_p
 
     # the same state at step 6, trained on by a run planned for 10 steps: the rule, bit for bit
     run = RunDir.open(finished)
-    configs = {**run.configs, "train": dataclasses.replace(run.tcfg, steps=10)}
+    configs = run.configs.replace(train=dataclasses.replace(run.tcfg, steps=10))
     session = Session(configs, names_path)
     planned = loop.fit(session.trainer, session.trainer.replicate(run.store.restore().state), session.data)
     assert extended.step == int(planned.step) == 10

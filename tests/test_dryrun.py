@@ -7,12 +7,14 @@ import sys
 import jax
 import pytest
 
-from microgpt_jax import bench, memory
-from microgpt_jax.cli import build_parser, configs_from_args
+from microgpt_jax import bench, flops, memory
+from microgpt_jax.cli import build_parser, given_configs
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import flops_per_token
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 from microgpt_jax.runtime import DETERMINISTIC_FLAG, set_deterministic
-from microgpt_jax.train import Trainer, flops_per_token
+from microgpt_jax.train import Trainer
 from tests.helpers import NAMES, ROOT, SHAKESPEARE, TINY, assert_one_line_error, run_in_process
 
 SMALL_RUN = [*TINY, "--steps", "20"]
@@ -21,7 +23,7 @@ SMALL_RUN = [*TINY, "--steps", "20"]
 def session_of(*flags):
     from microgpt_jax.session import Session
 
-    configs = configs_from_args(build_parser().parse_args(["train", *flags]))
+    configs = RunConfig.of(given_configs(build_parser().parse_args(["train", *flags])))
     return Session(configs, NAMES)
 
 
@@ -122,37 +124,36 @@ VENDOR = [
 
 @pytest.mark.parametrize("kind, peak", VENDOR)
 def test_vendor_peaks_of_known_devices(kind, peak):
-    assert bench.vendor_peak(kind, "bfloat16") == (peak, "bfloat16")
-    assert bench.describe_peak(kind, "bfloat16") == f"vendor peak {peak / 1e12:g} TFLOP/s (bfloat16, dense)"
-    flops, kind32 = bench.vendor_peak(kind, "float32")  # JAX's default precision: tf32 tensor cores
-    assert kind32 == "tf32" and flops < peak
+    assert flops.vendor_peak(kind, "bfloat16") == (peak, "bfloat16")
+    assert flops.describe_peak(kind, "bfloat16") == f"vendor peak {peak / 1e12:g} TFLOP/s (bfloat16, dense)"
+    peak32, kind32 = flops.vendor_peak(kind, "float32")  # JAX's default precision: tf32 tensor cores
+    assert kind32 == "tf32" and peak32 < peak
     with jax.default_matmul_precision("highest"):
-        assert bench.vendor_peak(kind, "float32")[1] == "float32"
-    assert bench.vendor_peak(kind, "float64") is None
+        assert flops.vendor_peak(kind, "float32")[1] == "float32"
+    assert flops.vendor_peak(kind, "float64") is None
 
 
 @pytest.mark.parametrize("kind", ["cpu", "NVIDIA L40S", "NVIDIA GeForce RTX 4090", "TPU v5 lite", ""])
 def test_vendor_peak_of_unknown_devices(kind):
-    assert bench.vendor_peak(kind, "bfloat16") is None
-    assert bench.describe_peak(kind, "bfloat16") == f"vendor peak unknown for {kind} (bfloat16)"
+    assert flops.vendor_peak(kind, "bfloat16") is None
+    assert flops.describe_peak(kind, "bfloat16") == f"vendor peak unknown for {kind} (bfloat16)"
 
 
 def test_start_up_line_names_the_device_and_its_peak(capsys):
     code, out = run_in_process(capsys, "train", *SMALL_RUN, "--dry-run")
     assert code == 0, out.err
-    flops = flops_per_token(GPTConfig(vocab_size=27, n_embd=8, n_head=2, n_layer=1, block_size=8))
+    per_token = flops_per_token(GPTConfig(vocab_size=27, n_embd=8, n_head=2, n_layer=1, block_size=8))
     kind = jax.devices()[0].device_kind
-    assert f"device kind: {kind}, vendor peak unknown for {kind} (float32), {flops:,.0f} FLOPs per token" in out.out.splitlines()
+    assert f"device kind: {kind}, vendor peak unknown for {kind} (float32), {per_token:,.0f} FLOPs per token" in out.out.splitlines()
 
 
 def test_bench_mfu_against_both_peaks(monkeypatch):
-    monkeypatch.setitem(bench.PATHS, "text", str(SHAKESPEARE))
     tiny = dict(n_layer=1, n_embd=8, n_head=2, block_size=8)
-    out = bench.mfu_case("t", tiny, 2, "float32", 2, 3, 64)
+    out = bench.mfu_case(SHAKESPEARE, "t", tiny, 2, "float32", 2, 3, 64)
     assert 0 < out["t_mfu"] and out["t_mfu_vendor"] == f"vendor peak unknown for {jax.devices()[0].device_kind} (float32)"
     assert "t_vendor_peak_gflops" not in out
     monkeypatch.setattr(bench, "vendor_peak", lambda kind, dtype: (1e12, "tf32"))
-    out = bench.mfu_case("t", tiny, 2, "float32", 2, 3, 64)
+    out = bench.mfu_case(SHAKESPEARE, "t", tiny, 2, "float32", 2, 3, 64)
     assert out["t_vendor_peak_gflops"] == 1000
     assert out["t_mfu_vendor"] == pytest.approx(out["t_mfu"] * out["t_matmul_peak_gflops"] * 1e9 / 1e12)
 
@@ -187,7 +188,7 @@ def test_deterministic_flag_reaches_xla_before_the_backend(tmp_path):
     assert "step 2 / 2" in done.stdout
 
 
-def test_xla_parses_the_flags_cmd_train_sets(tmp_path):
+def test_xla_parses_the_flags_the_train_command_sets(tmp_path):
     """Proof that --deterministic's XLA_FLAGS come before XLA reads them: a bogus flag in its place aborts the run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MICROGPT_JAX_DATA": str(NAMES), "MICROGPT_JAX_CACHE": str(tmp_path)}
     env.pop("XLA_FLAGS", None)

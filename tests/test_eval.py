@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from microgpt_jax.checkpoint import CheckpointConfig
 from microgpt_jax.data import DataConfig
 from microgpt_jax.evaluate import evaluate_run
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests import helpers
@@ -69,7 +69,7 @@ PARAMS = random_params(CFG, seed=2, scale=2.0)
 
 def saved_run(path, **data):
     tcfg = TrainConfig(dtype="float64", batch_size=3)
-    configs = {"model": CFG, "train": tcfg, "data": DataConfig(**data), "checkpoint": CheckpointConfig()}
+    configs = RunConfig(CFG, tcfg, DataConfig(**data))
     return helpers.save_run(path, PARAMS, configs, VOCAB, "\n".join(["ab cd", "efg", "hij k"] * 4) + "\n")
 
 

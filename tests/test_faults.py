@@ -21,7 +21,7 @@ from microgpt_jax import checkpoint, cli, loop, train
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
-from microgpt_jax.rundir import RunDir, load_run
+from microgpt_jax.rundir import RunDir, load_weights
 from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
 from tests.helpers import cli as cli_process
 
@@ -117,7 +117,7 @@ def test_a_checkpoint_removed_while_it_is_read_is_not_damage(tmp_path, capsys, f
         return real_read(self, step, with_opt_state)
 
     monkeypatch.setattr(checkpoint.CheckpointStore, "read", read_while_removed)
-    run, params = load_run(run_dir)
+    run = load_weights(run_dir).run
     assert "damaged" not in capsys.readouterr().err
     assert run.store.steps() == [2, 4] and not (run_dir / "damaged").exists()
 
@@ -126,7 +126,7 @@ def test_odd_step_directory_names_are_skipped_with_a_warning(tmp_path, capsys, f
     run_dir = copy_of(finished, tmp_path)
     for name in ("0400", "²", "notes"):
         (run_dir / "checkpoints" / name).mkdir()
-    run, params = load_run(run_dir)
+    run = load_weights(run_dir).run
     err = capsys.readouterr().err
     assert run.store.restore().step == 6
     assert all(f"skipping {run_dir / 'checkpoints' / name}" in err for name in ("0400", "²", "notes"))

@@ -12,10 +12,10 @@ import pytest
 
 from microgpt_jax import cli
 from microgpt_jax import sample as sampling
-from microgpt_jax.checkpoint import CheckpointConfig
 from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 from microgpt_jax.sample import _generate, frame, keyed_draw, print_samples, sample, sample_batches
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
@@ -137,7 +137,7 @@ def test_framing_is_unambiguous():
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
-    configs = {"model": CFG, "train": TrainConfig(dtype="float64"), "data": DataConfig(mode="stream"), "checkpoint": CheckpointConfig()}
+    configs = RunConfig(CFG, TrainConfig(dtype="float64"), DataConfig(mode="stream"))
     path = tmp_path_factory.mktemp("generate") / "run"
     return str(helpers.save_run(path, random_params(CFG, seed=1, scale=2.0), configs, VOCAB, "ab\ncd, ef.\n" * 20))
 

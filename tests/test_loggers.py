@@ -10,18 +10,17 @@ import pytest
 
 from microgpt_jax import loggers, loop, train
 from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.data import DataConfig
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig
+from microgpt_jax.rundir import RunConfig
 
 
 def tiny_configs(steps=6):
-    return {
-        "model": GPTConfig(n_embd=8, n_head=2, block_size=8),
-        "train": train.TrainConfig(steps=steps, batch_size=2, log_every=2, eval_every=4),
-        "data": DataConfig(),
-        "checkpoint": CheckpointConfig(save_every=100),
-    }
+    return RunConfig(
+        model=GPTConfig(n_embd=8, n_head=2, block_size=8),
+        train=train.TrainConfig(steps=steps, batch_size=2, log_every=2, eval_every=4),
+        checkpoint=CheckpointConfig(save_every=100),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_tensorboard_holds_every_record_at_its_step_and_the_configs(logged_run):
     (text,) = [tag for tag in tags["tensors"] if tag.startswith("config")]
     written = acc.Tensors(text)[0].tensor_proto.string_val[0].decode()
     assert "[model]" in written and "[train]" in written and "[data]" in written and "[checkpoint]" in written
-    assert f"n_embd = {configs['model'].n_embd}" in written and "log_every = 2" in written
+    assert f"n_embd = {configs.model.n_embd}" in written and "log_every = 2" in written
 
 
 def record(step, loss):
@@ -163,7 +162,7 @@ def test_wandb_offline_run_holds_every_record_at_its_step(logged_run):
     for r in records:
         assert history[r["step"]] == pytest.approx(loggers.scalars(r), rel=1e-12)
     assert "val/loss" in history[4] and "val/loss" not in history[2]
-    assert config["model"]["n_embd"] == configs["model"].n_embd and config["train"]["steps"] == 6
+    assert config["model"]["n_embd"] == configs.model.n_embd and config["train"]["steps"] == 6
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):

@@ -12,10 +12,8 @@ from hypothesis import strategies as st
 
 import reference
 import reference.gpt
-from microgpt_jax import bench, cli
+from microgpt_jax import cli
 from microgpt_jax.check import compare, to_reference_state
-from microgpt_jax.checkpoint import CheckpointConfig
-from microgpt_jax.data import DataConfig
 from microgpt_jax.model import (
     GPTConfig,
     decode_step,
@@ -25,8 +23,8 @@ from microgpt_jax.model import (
     init_params,
     init_params_reference,
 )
-from microgpt_jax.rundir import RunDir
-from microgpt_jax.sample import draw_tokens, kept_mask, sample, sample_reference, sample_rows
+from microgpt_jax.rundir import RunConfig, RunDir
+from microgpt_jax.sample import draw_tokens, kept_mask, keyed_draw, sample, sample_reference, sample_rows
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
 from tests import helpers
@@ -48,9 +46,32 @@ def assert_close(got, want, name):
     assert row.ok, f"{name}: max abs err {row.max_abs:.3e}, max rel err {row.max_rel:.3e}"
 
 
+def generate_recompute(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg):
+    """The oracle of the KV cache: sample_rows's loop and draws, with no cache.
+
+    Every step runs `forward` over the whole block again and reads the
+    logits at the current position (later positions are placeholders that
+    causal attention ignores). Returns the drawn tokens [B, W], as sample_rows.
+    """
+    P, T, bos, B = prompt_P.shape[0], cfg.block_size, cfg.bos, rows_B.shape[0]
+    draw = keyed_draw(key, rows_B, temperature, top_k, top_p)
+
+    def body(carry):
+        pos, seq_BT, done_B, out_BW = carry
+        logits_BV = forward(params, seq_BT, cfg)[:, pos]
+        step = pos - (P - 1)
+        new_B = jnp.where(done_B, bos, draw(logits_BV, step).astype(jnp.int32))
+        seq_BT = seq_BT.at[:, pos + 1].set(new_B, mode="drop")
+        return pos + 1, seq_BT, done_B | (new_B == bos), out_BW.at[:, step].set(new_B)
+
+    seq_BT = jnp.full((B, T), bos, jnp.int32).at[:, :P].set(prompt_P)
+    init = (jnp.int32(P - 1), seq_BT, jnp.zeros(B, bool), jnp.full((B, T - P + 1), bos, jnp.int32))
+    return jax.lax.while_loop(lambda c: (c[0] < T) & ~jnp.all(c[2]), body, init)[3]
+
+
 full = jax.jit(forward, static_argnames="cfg")
 cached = jax.jit(forward_cached, static_argnames="cfg")
-recompute = jax.jit(bench.generate_recompute, static_argnames="cfg")
+recompute = jax.jit(generate_recompute, static_argnames="cfg")
 
 
 # --- the cached decode is the model ---
@@ -254,7 +275,7 @@ def make_run(path, dtype):
     tcfg = TrainConfig(steps=1, dtype=np.dtype(dtype).name)
     data = path.parent / f"{path.name}-data.txt"
     data.write_text(VOCAB.chars + "\n")
-    configs = {"model": CFG, "train": tcfg, "data": DataConfig(), "checkpoint": CheckpointConfig()}
+    configs = RunConfig(CFG, tcfg)
     with RunDir.create(path, configs, VOCAB, data) as run:
         run.store.save(TrainState(params, make_optimizer(tcfg).init(params), np.int32(1)), data_position=0)
     return str(path)

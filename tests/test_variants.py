@@ -21,6 +21,7 @@ import pytest
 from microgpt_jax import memory
 from microgpt_jax.check import compare
 from microgpt_jax.config import ConfigError
+from microgpt_jax.flops import flops_per_token
 from microgpt_jax.model import (
     ACTIVATIONS,
     NORMS,
@@ -46,7 +47,6 @@ from microgpt_jax.train import (
     TrainState,
     _loss_and_grads,
     dropout_key,
-    flops_per_token,
     make_optimizer,
     make_schedule,
     micro_batches,

@@ -1,0 +1,22 @@
+"""`microgpt-jax plot`: loss curves of one or more runs, overlaid."""
+
+from pathlib import Path
+
+PARSER = {"help": "training and validation loss curves of one or more runs, overlaid"}
+
+
+def add_arguments(p):
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `microgpt-jax train --out`")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="IMAGE",
+        help="image to write, .png, .svg, .pdf, ... (default: RUN_DIR/loss.png for one run, ./loss.png for several)",
+    )
+
+
+def run(args):
+    from microgpt_jax.plot import plot_runs
+
+    out = args.out or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else Path("loss.png"))
+    print(f"loss curves: {plot_runs(args.run_dirs, out)}")

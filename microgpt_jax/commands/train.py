@@ -1,0 +1,125 @@
+"""`microgpt-jax train`: a new run, a resumed one (--resume) or a fine-tuned one (--init-from)."""
+
+import contextlib
+import os
+import sys
+
+from microgpt_jax.commands import DATA_HELP, add_vocab_size
+from microgpt_jax.errors import UserError, positive_int
+
+PARSER = {"help": "train a model (default: microgpt's model and hyperparameters on names)"}
+CONFIG_FLAGS = {"model": None, "train": None, "data": None, "checkpoint": None}
+
+
+def add_arguments(p):
+    add_vocab_size(p)
+    p.add_argument(
+        "--data", default=None, help=DATA_HELP + "; with --mode stream, any text; or a dataset directory written by `microgpt-jax prepare`"
+    )
+    p.add_argument(
+        "--out", default=None, metavar="RUN_DIR", help="a new run directory: configs, vocabulary, checkpoints (default: nothing is saved)"
+    )
+    p.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest good checkpoint (default: start a new run)"
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the training step for this config and print its memory (parameters, optimizer state, XLA's figure, "
+        "the device's free memory, the estimate), then exit: nothing is trained or written, not even --out",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic GPU kernels (XLA_FLAGS=--xla_gpu_deterministic_ops=true): the same run gives the same bits, "
+        "somewhat slower; no effect on a CPU (default: XLA's fastest kernels)",
+    )
+    p.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard in RUN_DIR/tb (needs: pip install 'microgpt-jax[tensorboard]')"
+    )
+    p.add_argument(
+        "--wandb",
+        default=None,
+        metavar="PROJECT",
+        help="also log to this Weights & Biases project (needs: pip install 'microgpt-jax[wandb]'; WANDB_MODE=offline keeps it local; "
+        "default: no W&B)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR[@STEP]",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): "
+        "fine-tuning (default: new weights)",
+    )
+    group = p.add_argument_group("devices and processes (see README, Beyond one device)")
+    group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
+    group.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (default: $JAX_COORDINATOR_ADDRESS, else one process)"
+    )
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run (default: $JAX_NUM_PROCESSES, else 1)")
+    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0..N-1 (default: $JAX_PROCESS_ID, else 0)")
+    group.add_argument(
+        "--coordinator-timeout",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="give up joining after this long (default %(default)s)",
+    )
+    group.add_argument(
+        "--peer-timeout",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default %(default)s)",
+    )
+
+
+def chosen_loggers(args) -> list:
+    """--tensorboard and --wandb PROJECT, their packages checked before anything is loaded or compiled."""
+    from microgpt_jax.loggers import require
+
+    if args.tensorboard and not (args.out or args.resume):
+        raise UserError("--tensorboard writes into the run directory (RUN_DIR/tb); pass --out RUN_DIR")
+    chosen = ([("tensorboard",)] if args.tensorboard else []) + ([("wandb", args.wandb)] if args.wandb else [])
+    for name, *_ in chosen:
+        require(name)
+    return chosen
+
+
+def run(args):
+    from microgpt_jax import parallel
+    from microgpt_jax.runtime import set_deterministic, set_precision
+
+    if args.deterministic:
+        set_deterministic()  # XLA reads its flags once, when the backend starts: before anything below
+    # before anything touches a JAX backend: join the other processes, if any
+    parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout, args.peer_timeout)
+    if not parallel.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # only process 0 logs; errors still go to stderr
+    from microgpt_jax.rundir import RunDir, open_for_training
+    from microgpt_jax.session import Session
+
+    loggers = chosen_loggers(args)
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
+        start = held.enter_context(open_for_training(args.given_configs, args.data, args.resume, args.init_from, args.out))
+        if args.print_config:
+            return print(start.configs.to_toml(), end="")
+        set_precision(start.configs.train.dtype)
+        session = Session(start.configs, start.data_path, args.devices, start.vocab_size, start.tokenizer)
+        print(session.describe())
+        if args.dry_run:
+            return print(session.dry_run())
+        session.compile_step()  # XLA's own figure refuses a step that cannot fit, before anything is made
+        init = session.state_from(start.init) if start.init else None  # (before --out is made: the weights must fit the data)
+        run = start.run
+        if args.out:
+            origin = start.init and start.init.origin
+            run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, origin))
+        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
