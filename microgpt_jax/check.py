@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import reference
+from microgpt_jax.dataset import first_document, is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch, step_docs
 from microgpt_jax.model import GPTConfig, dropout_masks, forward, init_params_reference, loss_fn
-from microgpt_jax.prepare import first_document, is_dataset
 from microgpt_jax.rundir import load_weights
 from microgpt_jax.text import load_docs, reference_docs, resolve_data_path
 from microgpt_jax.tokenizer import CharTokenizer

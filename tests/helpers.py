@@ -104,3 +104,11 @@ MODEL_VARIANTS = {
 def all_variants(**over) -> dict:
     """Every model variant at once (the last activation of the table), with `over` on top."""
     return {k: v for fields in MODEL_VARIANTS.values() for k, v in fields.items()} | over
+
+
+def assert_close(got, want, name="", atol=None, rtol=None):
+    """|got - want| <= atol + rtol * |want| everywhere, shapes equal: `check`'s comparison and its tolerances by default."""
+    from microgpt_jax.check import ATOL, RTOL, compare
+
+    row = compare(name, got, want, ATOL if atol is None else atol, RTOL if rtol is None else rtol)
+    assert row.ok, f"{name}: max abs err {row.max_abs:.3e}, max rel err {row.max_rel:.3e}"

@@ -1,16 +1,13 @@
 """Reading a dataset directory: every open checks what is cheap (meta.json's checksum, sizes, sampled hashes), every
 read checks what it reads (ids, bounds), verify checks every byte; each damage is one line and changes nothing."""
 
-import ast
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-import microgpt_jax
 from microgpt_jax.data import DataConfig, load_train_data
 from microgpt_jax.dataset import SAMPLE_BYTES, open_dataset, sample_starts, verify
 from microgpt_jax.errors import UserError
@@ -171,11 +168,3 @@ def test_each_read_checks_the_bounds_it_reads(good, tmp_path, entry, value, doc,
     _, source = load_train_data(ds, DataConfig(layout="padded"), 8, 16, 42)
     with pytest.raises(UserError, match=re.escape(message)):
         source.batches(position // 8, 1, 1)
-
-
-def test_the_data_layer_points_one_way():
-    """dataset reads, prepare writes: neither data nor dataset imports prepare, and dataset never imports data (not even lazily)."""
-    for module, never in [("data", {"prepare"}), ("dataset", {"prepare", "data"})]:
-        tree = ast.parse((Path(microgpt_jax.__file__).parent / f"{module}.py").read_text())
-        imported = {n.module.removeprefix("microgpt_jax.") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert "dataset" in imported | {module} and not imported & never, (module, imported)

@@ -112,6 +112,29 @@ def test_a_run_compiles_its_step_once(capsys, tmp_path, monkeypatch, flags):
     assert out.out.count("compiled the training step in") <= 1
 
 
+def test_a_resumed_and_an_extended_run_run_the_executable_of_the_new_run(capsys, tmp_path, monkeypatch):
+    """One shape of the compiled loop for the run, its resume and its extension: the compilation cache serves them all."""
+    import shutil
+
+    shapes = []
+    original = Trainer.compiled_steps
+
+    def recorded(self, state, batches):
+        shapes.append(batches.tokens.shape)
+        return original(self, state, batches)
+
+    monkeypatch.setattr(Trainer, "compiled_steps", recorded)
+    run_dir = tmp_path / "run"
+    code, out = run_in_process(capsys, "train", *SMALL_RUN, "--log-every", "10", "--save-every", "10", "--out", run_dir)
+    assert code == 0, out.err
+    shutil.rmtree(run_dir / "checkpoints" / "20")  # as if killed after step 10
+    code, out = run_in_process(capsys, "train", "--resume", run_dir)
+    assert code == 0 and "resuming" in out.out and "at step 10" in out.out, out
+    code, out = run_in_process(capsys, "train", "--resume", run_dir, "--steps", "25")  # 5 more: a shorter last chunk
+    assert code == 0 and "extending it from 20 to 25 steps" in out.out, out
+    assert len(shapes) >= 3 and len(set(shapes)) == 1, shapes
+
+
 VENDOR = [
     ("NVIDIA H100 80GB HBM3", 989e12),
     ("NVIDIA H100 PCIe", 756e12),

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from microgpt_jax.rundir import RunConfig
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests import helpers
-from tests.test_sample import assert_close, full, random_params
+from tests.helpers import assert_close
+from tests.test_sample import full, random_params
 
 T = 8
 
@@ -50,6 +52,19 @@ def test_eval_reproduces_the_val_loss_the_training_recorded(tmp_path, capsys, mo
     if mode == "stream":  # every window position weighs the same: the loss is the mean per token
         assert math.isclose(result["perplexity"], math.exp(result["loss"]), rel_tol=1e-5)
         assert math.isclose(result["bits_per_char"], result["loss"] / math.log(2), rel_tol=1e-5)
+
+
+def test_eval_on_another_device_count_equals_the_recorded_val_loss(tmp_path):
+    """Trained on 2 (virtual) devices, evaluated on 1 and on 2: each row's loss alone, the rows added exactly."""
+    env = lambda n: {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}  # noqa: E731
+    flags = [*helpers.TINY, "--steps", "2", "--batch-size", "6", "--eval-every", "2", "--eval-size", "200"]
+    done = helpers.cli("train", *flags, "--out", tmp_path / "run", env=env(2))
+    assert done.returncode == 0 and "devices: 2" in done.stdout, done.stderr
+    (recorded,) = [r["val_loss"] for r in read_metrics(tmp_path / "run")]
+    for devices in (1, 2):
+        done = helpers.cli("eval", tmp_path / "run", "--json", env=env(devices))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["loss"] == recorded, devices
 
 
 def validation_docs():

@@ -20,7 +20,8 @@ from microgpt_jax.sample import _generate, frame, keyed_draw, print_samples, sam
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
 from tests import helpers
-from tests.test_sample import assert_close, full, random_params
+from tests.helpers import assert_close
+from tests.test_sample import full, random_params
 
 VOCAB = CharTokenizer("\n !,.:abcdefghijklmnopqrstuvwxyz")  # a text run's: newlines are characters
 BOS, T = VOCAB.bos, 8

@@ -128,7 +128,7 @@ def test_train_step_and_evaluation_lower_for_cuda(cudnn_version, name, dtype, st
         assert step.nr_devices == 1 and "sdy.mesh" in module and "sdy.sharding" in module  # Shardy's annotations
 
     if name != "gpt2-small":  # the evaluation: a forward per batch, no donation
-        evaluate = jax.export.export(trainer.evaluate, **EXPORT)(state.params, _batches(3, rows, cfg))
+        evaluate = jax.export.export(trainer._row_losses, **EXPORT)(state.params, _batches(3, rows, cfg))
         module = evaluate.mlir_module()
         assert evaluate.platforms == ("cuda",)
         assert module.count("@__cudnn$fmhaScaleBiasSoftmax(") == (cfg.n_layer if fused else 0)

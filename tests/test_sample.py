@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import reference
 import reference.gpt
 from microgpt_jax import cli
-from microgpt_jax.check import compare, to_reference_state
+from microgpt_jax.check import to_reference_state
 from microgpt_jax.model import (
     GPTConfig,
     decode_step,
@@ -28,6 +28,7 @@ from microgpt_jax.sample import draw_tokens, kept_mask, keyed_draw, sample, samp
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
 from tests import helpers
+from tests.helpers import assert_close
 
 VOCAB = CharTokenizer("abcdefghijklmnopqrstuvwxyz")
 BOS = VOCAB.bos
@@ -39,11 +40,6 @@ ROWS = jnp.arange(16)  # the sampler tests share one compiled shape
 def random_params(cfg, seed=0, scale=4.0):
     """float64 weights, scaled up from the init so that distributions are peaked, like a trained model's."""
     return jax.tree.map(lambda w: scale * w, init_params(cfg, jax.random.key(seed), jnp.float64))
-
-
-def assert_close(got, want, name):
-    row = compare(name, got, want)
-    assert row.ok, f"{name}: max abs err {row.max_abs:.3e}, max rel err {row.max_rel:.3e}"
 
 
 def generate_recompute(params, prompt_P, key, rows_B, temperature, top_k, top_p, cfg):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from microgpt_jax import train as train_module
-from microgpt_jax.check import ATOL, PARAM_ATOL, RTOL
+from microgpt_jax.check import PARAM_ATOL
 from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, load_train_data, split
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, pack, packed_batch, padded_batch
@@ -18,14 +18,7 @@ from microgpt_jax.model import GPTConfig, init_params, loss_fn
 from microgpt_jax.text import load_docs
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, make_schedule
-from tests.helpers import cli
-
-
-def assert_close(got, want, atol=ATOL, rtol=RTOL):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    err = np.abs(got - want)
-    assert np.all(err <= atol + rtol * np.abs(want)), f"max abs err {err.max():.3e}"
+from tests.helpers import assert_close, cli
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import optax
 import pytest
 
 from microgpt_jax import memory
-from microgpt_jax.check import compare
 from microgpt_jax.config import ConfigError
 from microgpt_jax.flops import flops_per_token
 from microgpt_jax.model import (
@@ -51,7 +50,7 @@ from microgpt_jax.train import (
     make_schedule,
     micro_batches,
 )
-from tests.helpers import MODEL_VARIANTS, all_variants, assert_one_line_error, reference_batches, run_in_process
+from tests.helpers import MODEL_VARIANTS, all_variants, assert_close, assert_one_line_error, reference_batches, run_in_process
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
 VOCAB = CharTokenizer.from_docs(DOCS)
@@ -81,11 +80,6 @@ def params_of(cfg, seed=0, scale=3.0):
 def tokens(B=3, seed=0):
     rng = np.random.default_rng(seed)
     return jnp.asarray(np.concatenate([np.full((B, 1), VOCAB.bos), rng.integers(0, VOCAB.size, (B, 7))], 1), jnp.int32)
-
-
-def assert_close(got, want, name):
-    row = compare(name, got, want)
-    assert row.ok, f"{name}: max abs err {row.max_abs:.3e}, max rel err {row.max_rel:.3e}"
 
 
 def batches(steps, rows):
