@@ -26,3 +26,13 @@ def names_path():
 def shakespeare_path():
     assert SHAKESPEARE.is_file(), f"tinyshakespeare is expected at {SHAKESPEARE}"
     return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def names_docs(names_path):
+    """names' documents in the file's order, and their char tokenizer."""
+    from microgpt_jax.text import load_docs
+    from microgpt_jax.tokenizer import CharTokenizer
+
+    docs = load_docs(names_path)
+    return docs, CharTokenizer.from_docs(docs)

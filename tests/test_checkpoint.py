@@ -23,7 +23,7 @@ import pytest
 
 from microgpt_jax import checkpoint, cli, loop, train
 from microgpt_jax.errors import UserError
-from microgpt_jax.model import GPTConfig, param_shapes
+from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import RunDir, load_weights
 from tests.helpers import ROOT, SLOW_TRAIN, TINY
 
@@ -217,45 +217,6 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path
     assert ck[0] == 1 and all(np.isfinite(x).all() for x in [*ck[1].values(), *ck[2]])
     printed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert printed == ["1"]  # step 2's NaN is not a record (no line, no metrics): the message names it
-
-
-def hook_chain(tmp_path, save_every=4):
-    """The NaN policy and the checkpoint hook over a store, as the loop calls them: (store, end_chunk)."""
-    store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8))
-    chain = [loop.NonFinite(store.latest), loop.Checkpoints(store, save_every, lambda step: step, tmp_path)]
-
-    def end_chunk(first, losses, params, opt_state):
-        state = train.TrainState(params, opt_state, np.int32(first + len(losses)))
-        metrics = {"loss": np.asarray(losses)}
-        info = loop.StepInfo(state, first + len(losses), 8, metrics, 0.0, None, ((first, metrics, 0, 1.0),))
-        for hook in chain:
-            if loop._due(hook, info):
-                hook(info)
-
-    return store, end_chunk
-
-
-def test_a_nan_mid_chunk_keeps_nothing_of_the_chunk(tmp_path):
-    store, end_chunk = hook_chain(tmp_path)
-    params, opt_state = {"w": np.ones(2)}, {"m": np.zeros(2)}
-    end_chunk(0, [3.0, 2.0, 1.0, 1.0], params, opt_state)
-    with pytest.raises(UserError, match=r"^loss is inf at step 6: .* the latest checkpoint is step 4"):
-        end_chunk(4, [1.0, np.inf, 1.0, 1.0], params, opt_state)
-    assert store.steps() == [4]
-
-
-def test_weights_that_overflow_with_a_finite_loss_are_never_saved(tmp_path):
-    """A finite loss computed from good weights, whose update overflowed them (--lr 1e19 does this at step 2)."""
-    store, end_chunk = hook_chain(tmp_path, save_every=2)
-    end_chunk(0, [3.0, 2.0], {"w": np.ones(2)}, {"m": np.zeros(2)})
-    with pytest.raises(UserError, match=r"^weights are NaN or infinite after step 4 \(its loss was finite\).* step 2"):
-        end_chunk(2, [1.0, 1.0], {"w": np.array([1.0, np.nan])}, {"m": np.zeros(2)})
-    with pytest.raises(UserError, match=r"^weights are NaN or infinite after step 4"):
-        end_chunk(2, [1.0, 1.0], {"w": np.ones(2)}, {"m": np.array([np.inf, 0.0])})
-    assert store.steps() == [2]
-
-
-# -- damaged checkpoints ------------------------------------------------------------------
 
 
 def copy_run(src, dst):

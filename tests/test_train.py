@@ -15,7 +15,7 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
 from microgpt_jax.tokenizer import CharTokenizer
-from microgpt_jax.train import TrainConfig, Trainer, TrainState, make_optimizer
+from microgpt_jax.train import TrainConfig, Trainer, TrainState, make_optimizer, make_schedule
 from tests.helpers import reference_batches
 
 DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amelia"]
@@ -132,3 +132,26 @@ def test_learning_rate_decays_linearly_to_zero():
         updates, state = opt.update({"w": jnp.ones(())}, state, params)
         lrs.append(-float(updates["w"]) * (1 + tcfg.eps))
     np.testing.assert_allclose(lrs, [0.01 * (1 - s / 10) for s in range(10)], rtol=1e-12)
+
+
+def test_warmup_schedule():
+    lr = make_schedule(TrainConfig(steps=10, warmup=4, lr=1.0))
+    assert [float(lr(s)) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    seed = make_schedule(TrainConfig(steps=10, lr=1.0, dtype="float64"))
+    assert [float(seed(s)) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
+    docs, tokenizer = names_docs
+    cfg = GPTConfig(vocab_size=tokenizer.size)
+    tcfg = TrainConfig(steps=3, batch_size=4, dtype="bfloat16")
+    trainer = Trainer(cfg, tcfg)
+    params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
+    batch = padded_batch([tokenizer.encode(d) for d in docs[:4]], 16)
+    batch = jax.tree.map(jnp.asarray, batch._replace(weights=batch.weights.astype(np.float32)))
+    state = trainer.init(params)
+    jaxpr = str(jax.make_jaxpr(trainer.step)(state, batch))
+    assert "bf16[4,16,16]" in jaxpr  # activations in bfloat16
+    new, metrics = jax.eval_shape(trainer.step, state, batch)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new.params, new.opt_state)) if p.ndim)  # weights and moments
+    assert metrics["loss"].dtype == jnp.float32  # the softmax and the loss in float32

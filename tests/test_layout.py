@@ -1,4 +1,4 @@
-"""Training at scale: packed and padded layouts, stream windows, the split, the compiled loop, metrics."""
+"""Layouts (packed, padded, stream windows), batches as a pure function of the step, the split, and the train command's metrics."""
 
 import json
 
@@ -7,25 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from microgpt_jax import train as train_module
 from microgpt_jax.check import PARAM_ATOL
 from microgpt_jax.data import DataConfig, DocumentSource, StreamSource, load_train_data, split
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import Batch, pack, packed_batch, padded_batch
-from microgpt_jax.loop import Log, NonFinite, Progress, chunk_ends, fit, run_steps
-from microgpt_jax.metrics import MetricsFile
+from microgpt_jax.loop import run_steps
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
-from microgpt_jax.text import load_docs
 from microgpt_jax.tokenizer import CharTokenizer
-from microgpt_jax.train import TrainConfig, Trainer, make_schedule
+from microgpt_jax.train import TrainConfig, Trainer
 from tests.helpers import assert_close, cli
-
-
-@pytest.fixture(scope="module")
-def names_docs(names_path):
-    docs = load_docs(names_path)
-    return docs, CharTokenizer.from_docs(docs)
-
 
 # --- layouts ---
 
@@ -196,94 +186,6 @@ def test_split_is_deterministic_and_refuses_an_empty_side(names_path):
 
 
 # --- the compiled loop ---
-
-
-def test_fit_compiles_once_across_chunks_and_evals(names_docs, monkeypatch, tmp_path):
-    traces = {"step": 0, "evaluate": 0}
-
-    def counting(name, fn):
-        def wrapped(*args, **kwargs):
-            traces[name] += 1  # runs only while JAX traces
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    monkeypatch.setattr(train_module, "_step", counting("step", train_module._step))
-    monkeypatch.setattr(train_module, "_row_losses", counting("evaluate", train_module._row_losses))
-    docs, tokenizer = names_docs
-    enc = [tokenizer.encode(d) for d in docs[:400]]
-    # 23 steps in chunks of at most 5, ending at every multiple of 5 and of 6: short chunks, and four evals
-    tcfg = TrainConfig(steps=23, batch_size=4, log_every=5, eval_every=6)
-    cfg = GPTConfig(vocab_size=tokenizer.size, block_size=8)
-    trainer = Trainer(cfg, tcfg)
-    state = trainer.init(init_params(cfg, jax.random.key(0), jnp.float32))
-    data = DocumentSource(enc[:300], enc[300:], DataConfig(eval_size=40), tcfg.batch_size, cfg.block_size)
-    chunks, seen = [], []
-    on_device = trainer.put(data.eval_set())
-    evaluate = lambda params: trainer.evaluate(params, on_device)  # noqa: E731
-
-    class Seen:  # a sink beside the metrics file: it gets the same records
-        write = staticmethod(seen.append)
-
-    def watch(info):  # after every chunk, after the hooks above it
-        chunks.append((info.step, info.metrics["loss"]))
-
-    watch.every = None
-    hooks = [
-        NonFinite(),
-        Log([MetricsFile(tmp_path), Progress(tcfg.steps, bar=False), Seen()], trainer.lr, tcfg.log_every, tcfg.eval_every, evaluate),
-        watch,
-    ]
-    state = fit(trainer, state, data, hooks)
-    assert int(state.step) == 23
-    assert [step for step, _ in chunks] == [5, 6, 10, 12, 15, 18, 20, 23]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [5, 6, 10, 12, 15, 18, 20, 23]
-    assert [r["step"] for r in records if "val_loss" in r] == [6, 12, 18, 23]
-    assert traces == {"step": 2, "evaluate": 1}  # the step: once for its metrics' shapes, once in the loop
-    assert seen == records and np.isfinite(records[-1]["val_loss"])
-    # each record's loss is the mean over the steps since the record before it
-    losses = np.concatenate([chunk_losses for _, chunk_losses in chunks])
-    assert len(losses) == 23 and np.all(np.isfinite(losses))
-    for previous, record in zip([0] + [r["step"] for r in records], records):
-        assert record["loss"] == pytest.approx(float(np.mean(losses[previous : record["step"]])), rel=1e-12)
-    assert records[-1]["lr"] == pytest.approx(0.01 * (1 - 22 / 23), rel=1e-6)
-
-
-def test_chunk_ends():
-    assert list(chunk_ends(0, 23, 5, (5, 6))) == [5, 6, 10, 12, 15, 18, 20, 23]
-    assert list(chunk_ends(0, 23, 5, (6,))) == [5, 6, 11, 12, 17, 18, 23]
-    assert list(chunk_ends(7, 12, 100)) == [12]
-
-
-def test_warmup_schedule():
-    lr = make_schedule(TrainConfig(steps=10, warmup=4, lr=1.0))
-    assert [float(lr(s)) for s in (0, 2, 4, 7, 10)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
-    seed = make_schedule(TrainConfig(steps=10, lr=1.0, dtype="float64"))
-    assert [float(seed(s)) for s in (0, 5, 9)] == pytest.approx([1.0, 0.5, 0.1])
-
-
-def test_bfloat16_computes_in_bfloat16_and_keeps_float32_weights(names_docs):
-    docs, tokenizer = names_docs
-    cfg = GPTConfig(vocab_size=tokenizer.size)
-    tcfg = TrainConfig(steps=3, batch_size=4, dtype="bfloat16")
-    trainer = Trainer(cfg, tcfg)
-    params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
-    batch = padded_batch([tokenizer.encode(d) for d in docs[:4]], 16)
-    batch = jax.tree.map(jnp.asarray, batch._replace(weights=batch.weights.astype(np.float32)))
-    state = trainer.init(params)
-    jaxpr = str(jax.make_jaxpr(trainer.step)(state, batch))
-    assert "bf16[4,16,16]" in jaxpr  # activations in bfloat16
-    new, metrics = jax.eval_shape(trainer.step, state, batch)
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves((new.params, new.opt_state)) if p.ndim)  # weights and moments
-    assert metrics["loss"].dtype == jnp.float32  # the softmax and the loss in float32
-
-
-def test_progress_bar_shows_loss_val_rate_and_eta(capsys):
-    with Progress(100, bar=True) as progress:
-        progress.write({"step": 10, "loss": 2.5, "val_loss": 2.6, "tokens_per_s": 12345.0, "elapsed": 1.0})
-    err = capsys.readouterr().err
-    assert "loss 2.5000" in err and "val 2.6000" in err and "12,345 tok/s" in err and "10/100" in err and "<" in err
 
 
 # --- the command line ---
