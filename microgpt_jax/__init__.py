@@ -1,10 +1,19 @@
 """microgpt-jax: a fast, exact JAX reimplementation of microgpt.
 
-Modules: data (documents, vocabulary, batches), model (GPTConfig, params,
-forward, loss), train (TrainConfig, optimizer, jitted steps), sample,
-checkpoint (run directories), check (the cross-check against `reference`),
-reproduce (microgpt's run), graph (a jitted step's program and donated
-buffers, for the notebooks), cli (the `microgpt-jax` command).
+Modules, in layers (each imports only its own layer or those below):
+- errors, config (config fields), jsonfile, text (files, documents),
+  tokenizer (char, byte, bpe), runtime (process-wide JAX settings);
+- model (GPTConfig, params, forward, loss, KV cache), layout (batch
+  layouts), dataset (prepared datasets read and checked), data (DataConfig,
+  the split, batch sources), parallel (meshes, processes), memory, flops,
+  metrics (metrics.jsonl), plot, graph (a jitted step's program and buffers);
+- train (TrainConfig, the optimizer, the jitted step and loop, Evaluator),
+  sample, prepare (writes datasets);
+- loop (fit, the chunk plan, the hooks), checkpoint, rundir (RunConfig,
+  run directories, opening a run), loggers (TensorBoard, W&B);
+- session (one training run put together), evaluate, check (the
+  cross-check against `reference`), reproduce (microgpt's run), bench;
+- commands (one module per command), cli (the `microgpt-jax` command).
 """
 
 from importlib.metadata import PackageNotFoundError, version

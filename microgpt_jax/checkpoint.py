@@ -119,7 +119,6 @@ class Checkpoint:
 
     state: TrainState
     data_position: int = 0
-    train: dict | None = None  # the TrainConfig it was trained with (None: a checkpoint older than that record)
 
     @property
     def step(self) -> int:
@@ -156,8 +155,9 @@ def _quiet_orbax():
 class CheckpointStore:
     """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype."""
 
-    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None):
+    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=()):
         self.directory, self.cfg, self.tcfg, self.keep = Path(directory), cfg, tcfg, keep
+        self.extended_from = set(extended_from)  # step counts the run was extended from: a checkpoint may record them
         self.damaged_dir = Path(damaged_dir) if damaged_dir else self.directory.parent / "damaged"
         self.like = abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
         self._warned = set()
@@ -265,7 +265,24 @@ class CheckpointStore:
                 f"checkpoint {step} was trained with {name} = {model.get(name)!r}, but run.json says "
                 f"{getattr(self.cfg, name, None)!r}; restore run.json's model table (nothing was moved)"
             )
+        self._check_training(step, meta.get("train"))
         return meta
+
+    def _check_training(self, step, recorded):
+        """Checkpoint `step` was trained with the training config run.json has: an edit (lr, the schedule, the seed,
+        ...) would silently change the rest of the run, or (grad_clip, weight_decay) the optimizer state's structure.
+        Refused before any array is read, so nothing is taken for damage. Only the steps may differ, by an extension."""
+        if not isinstance(recorded, dict):
+            return  # written before checkpoints recorded their training config
+        recorded = with_added_defaults(TrainConfig, recorded)
+        for f in dataclasses.fields(TrainConfig):
+            was, now = recorded.get(f.name), getattr(self.tcfg, f.name)
+            if f.metadata.get("resumable") or was == now or (f.name == "steps" and was in self.extended_from):
+                continue
+            raise UserError(
+                f"checkpoint {step} was trained with train.{f.name} = {was!r}, but run.json says {now!r}; restore run.json's "
+                f"train table (nothing was moved; to train with another {f.name}, start a new run with --init-from)"
+            )
 
     def read(self, step, with_opt_state=True) -> Checkpoint:
         """Checkpoint `step`, verified. Raises Damaged on evidence of damage, OSError on a failed read."""
@@ -291,8 +308,7 @@ class CheckpointStore:
                 if want.get(path) != digest:
                     raise Damaged(f"{item}{path} does not match the sha256 recorded when it was saved")
         state = TrainState(got["params"], got.get("opt_state"), np.int32(step))
-        train = meta.get("train")
-        return Checkpoint(state, meta.get("data_position", 0), with_added_defaults(TrainConfig, train) if isinstance(train, dict) else None)
+        return Checkpoint(state, meta.get("data_position", 0))
 
     def restore(self, with_opt_state=True, move_damaged=False, warn=None) -> Checkpoint:
         """The latest good checkpoint. A damaged one is named in a warning and skipped
@@ -364,19 +380,3 @@ def _os_error(e: BaseException):
             return e
         e = e.__cause__ or e.__context__
     return None
-
-
-def check_resumable(checkpoint: Checkpoint, tcfg: TrainConfig, run_file, extended_from=()):
-    """A resumed run goes on as its checkpoint was trained: a training field of run.json that differs from the
-    checkpoint's record (an edit to lr, the schedule, the seed, ...) is refused, naming it. The steps may
-    differ only by an extension (extended_from: the step counts the run was extended from)."""
-    if checkpoint.train is None:
-        return  # written before checkpoints recorded their training config
-    for f in dataclasses.fields(TrainConfig):
-        recorded, now = checkpoint.train.get(f.name), getattr(tcfg, f.name)
-        if f.metadata.get("resumable") or recorded == now or (f.name == "steps" and recorded in extended_from):
-            continue
-        raise UserError(
-            f"checkpoint {checkpoint.step} was trained with train.{f.name} = {recorded!r}, but {run_file} says {now!r}; "
-            f"restore run.json's train table to resume (to change {f.name}, start a new run with --init-from)"
-        )

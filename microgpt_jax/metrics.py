@@ -1,7 +1,7 @@
-"""RUN_DIR/metrics.jsonl: one JSON record per line, only ever appended.
+"""RUN_DIR/metrics.jsonl: one JSON record per line, only ever appended (a sink of the loop's Log hook).
 
-A record is {"step", "loss", "lr", "tokens_per_s", "elapsed"} and
-"val_loss" where one was measured. A resumed run appends {"resumed_at": S}
+A record is {"step", each step metric ("loss", "grad_norm", ...), "lr",
+"tokens_per_s", "elapsed"} and "val_loss" where one was measured. A resumed run appends {"resumed_at": S}
 before its own records: a reader drops the records after step S written
 before it (steps trained again), so the file reads as one history. A torn
 line (a kill or a full disk mid-write) is dropped with a warning.

@@ -134,7 +134,11 @@ class RunDir:
     @functools.cached_property
     def store(self) -> CheckpointStore:
         """One store per open run (its restore target is traced once; an odd directory is warned about once)."""
-        return CheckpointStore(self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged")
+        extensions = self.history.get("extensions", [])
+        extended_from = {self.extends} | {e.get(k) for e in extensions if isinstance(e, dict) for k in ("from_steps", "to_steps")}
+        return CheckpointStore(
+            self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged", extended_from - {None}
+        )
 
     # -- create and open ------------------------------------------------------------------
 

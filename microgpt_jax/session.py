@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from microgpt_jax import memory, parallel
-from microgpt_jax.checkpoint import check_resumable
 from microgpt_jax.data import load_train_data
 from microgpt_jax.errors import UserError
 from microgpt_jax.flops import describe_peak, flops_per_token
@@ -173,9 +172,6 @@ class Session:
                 f"the processes found different latest good checkpoints (steps {steps}) in {store.directory}; "
                 "every process must see the same run directory (a shared file system)"
             )
-        extensions = run.history.get("extensions", [])
-        extended_from = {run.extends, *(e.get("from_steps") for e in extensions), *(e.get("to_steps") for e in extensions)}
-        check_resumable(checkpoint, self.configs.train, run.run_file, extended_from - {None})
         if checkpoint.data_position != self.data.position(checkpoint.step):
             raise UserError(
                 f"checkpoint {checkpoint.step} was at data position {checkpoint.data_position}, but this data order puts "

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -178,15 +177,16 @@ def test_export_runs_through_cli_main_without_training(tmp_path, capsys):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-# TODO(integrator): microgpt_jax.dataset.verify(path) -> str comes with the dataset reader's branch; this fake stands in
-# for it. Once it lands, drop the fake and verify a real prepared dataset (and a damaged one: one line, exit 2).
-def test_prepare_verify_prints_the_datasets_line(monkeypatch, capsys):
-    fake = types.ModuleType("microgpt_jax.dataset")
-    fake.verify = lambda path: f"{path}: ok (fake)"
-    monkeypatch.setitem(sys.modules, "microgpt_jax.dataset", fake)
-    code, out = run_in_process(capsys, "prepare", "--verify", "ds")
-    assert code == 0, out.err
-    assert out.out == "ds: ok (fake)\n"
+def test_prepare_verify_prints_one_line_or_refuses_a_damaged_dataset(tmp_path, capsys, names_path):
+    assert run_in_process(capsys, "prepare", names_path, "--out", tmp_path / "ds")[0] == 0
+    code, out = run_in_process(capsys, "prepare", "--verify", tmp_path / "ds")
+    assert code == 0 and len(out.out.splitlines()) == 1 and str(tmp_path / "ds") in out.out, out
+    tokens = tmp_path / "ds" / "tokens.bin"
+    data = bytearray(tokens.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit, somewhere no sampled block need look
+    tokens.write_bytes(bytes(data))
+    code, out = run_in_process(capsys, "prepare", "--verify", tmp_path / "ds")
+    assert_one_line_error(code, out.err, "tokens.bin")
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,18 @@ def test_a_run_json_that_disagrees_with_the_checkpoints_moves_nothing(tmp_path, 
     assert snapshot(run_dir) == before and not (run_dir / "damaged").exists()
 
 
+@pytest.mark.parametrize("key, value", [("lr", 0.02), ("seed", 7), ("schedule", "cosine"), ("steps", 10), ("grad_clip", 1.0)])
+def test_a_training_field_edited_in_run_json_is_refused_on_resume(tmp_path, capsys, finished, key, value):
+    """The checkpoint records the training config: an edit would silently change the rest of the run (steps: only by --steps)."""
+    run_dir = copy_of(finished, tmp_path)
+    recorded = json.loads((run_dir / "run.json").read_text())["train"][key]
+    edit_run_json(run_dir, lambda meta: meta["train"].__setitem__(key, value))
+    before = snapshot(run_dir)
+    code, out = run_in_process(capsys, "train", "--resume", run_dir)
+    assert_one_line_error(code, out.err, f"checkpoint 6 was trained with train.{key} = {recorded!r}, but ", f"says {value!r}")
+    assert snapshot(run_dir) == before
+
+
 # -- damage is only evidence of damage ------------------------------------------------------
 
 
