@@ -55,16 +55,15 @@ def test_eval_reproduces_the_val_loss_the_training_recorded(tmp_path, capsys, mo
 
 
 def test_eval_on_another_device_count_equals_the_recorded_val_loss(tmp_path):
-    """Trained on 2 (virtual) devices, evaluated on 1 and on 2: each row's loss alone, the rows added exactly."""
+    """Trained on 2 (virtual) devices, evaluated on 1: each row's loss alone, the rows added exactly."""
     env = lambda n: {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}  # noqa: E731
     flags = [*helpers.TINY, "--steps", "2", "--batch-size", "6", "--eval-every", "2", "--eval-size", "200"]
     done = helpers.cli("train", *flags, "--out", tmp_path / "run", env=env(2))
     assert done.returncode == 0 and "devices: 2" in done.stdout, done.stderr
     (recorded,) = [r["val_loss"] for r in read_metrics(tmp_path / "run")]
-    for devices in (1, 2):
-        done = helpers.cli("eval", tmp_path / "run", "--json", env=env(devices))
-        assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["loss"] == recorded, devices
+    done = helpers.cli("eval", tmp_path / "run", "--json", env=env(1))  # (on the training's devices: the test above)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["loss"] == recorded
 
 
 def validation_docs():

@@ -15,7 +15,7 @@ from microgpt_jax.loop import run_steps
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer
-from tests.helpers import assert_close, cli
+from tests.helpers import assert_close, cli, run_in_process
 
 # --- layouts ---
 
@@ -191,23 +191,20 @@ def test_split_is_deterministic_and_refuses_an_empty_side(names_path):
 # --- the command line ---
 
 
-def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, shakespeare_path):
+def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, shakespeare_path, capsys):
     small = ["--steps", "12", "--log-every", "4", "--eval-every", "8", "--eval-size", "64", "--n-embd", "8", "--n-head", "2"]
-    a = cli("train", "--batch-size", "16", *small, "--data", str(names_path), "--out", "a", cwd=tmp_path)
-    assert a.returncode == 0, a.stderr
-    assert "step  4 / 12 | loss" in a.stdout and "val" in a.stdout and "tok/s" in a.stdout and "eta" in a.stdout
+    code, a = run_in_process(capsys, "train", "--batch-size", "16", *small, "--data", names_path, "--out", tmp_path / "a")
+    assert code == 0, a.err
+    assert "step  4 / 12 | loss" in a.out and "val" in a.out and "tok/s" in a.out and "eta" in a.out
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 8, 12]
     assert set(records[1]) == {"step", "loss", "grad_norm", "val_loss", "lr", "tokens_per_s", "elapsed"}
     assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    b = cli(
-        "train", "--mode", "stream", "--block-size", "32", "--batch-size", "4", *small,
-        "--data", str(shakespeare_path), "--out", "b", cwd=tmp_path,
-    )  # fmt: skip
-    assert b.returncode == 0, b.stderr
-    assert "stream" in b.stdout
-    c = cli("plot", "a", "b", "--out", "both.png", cwd=tmp_path)
-    assert c.returncode == 0, c.stderr
+    stream = ["--mode", "stream", "--block-size", "32", "--batch-size", "4", *small, "--data", shakespeare_path]
+    code, b = run_in_process(capsys, "train", *stream, "--out", tmp_path / "b")
+    assert code == 0 and "stream" in b.out, b.err
+    code, c = run_in_process(capsys, "plot", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "both.png")
+    assert code == 0, c.err
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -80,9 +80,10 @@ def stopped_at(w):
     return lines[0]
 
 
-@pytest.mark.parametrize("targets", [[0], [1], [0, 1]], ids=["sigterm-0", "sigterm-1", "sigterm-both"])
+@pytest.mark.parametrize("targets", [[1], [0, 1]], ids=["sigterm-1", "sigterm-both"])
 def test_sigterm_stops_both_at_the_same_chunk(targets):
-    for attempt in range(5 if len(targets) == 2 else 3):  # sigterm-0 and sigterm-1 together: 6 runs of one process
+    """The property tested once, here (the command line's side: tests/test_multiprocess.py); a race, so run twice."""
+    for attempt in range(2):
 
         def during(workers):
             for w in workers:
