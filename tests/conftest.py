@@ -13,7 +13,10 @@ jax.config.update("jax_enable_x64", True)
 # Every command and test reads names from ../shared/data; nothing goes to the network.
 os.environ.setdefault("MICROGPT_JAX_DATA", str(NAMES))
 # The compiled-program cache of this test session: never the user's.
-os.environ["MICROGPT_JAX_CACHE"] = tempfile.mkdtemp(prefix="microgpt-jax-test-cache-")
+# One per test run, shared by pytest-xdist's workers and the commands they start: a program compiled once is read after.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_prefix = "microgpt-jax-test-cache-"
+os.environ["MICROGPT_JAX_CACHE"] = os.path.join(tempfile.gettempdir(), _prefix + _run) if _run else tempfile.mkdtemp(prefix=_prefix)
 
 
 @pytest.fixture(scope="session")

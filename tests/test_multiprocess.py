@@ -130,10 +130,7 @@ def test_two_processes_equal_one_and_resume_across(tmp_path, capsys):
     assert (two / "loss.png").is_file() and sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert_same_run(two, one)
 
-    # a checkpoint of the 2-process run resumed in 1 process, and the other way round
-    code, out, err = train("--resume", str(resume_from_step_5(two, tmp_path / "two_then_one")))
-    assert code == 0 and "at step 5" in out, err
-    assert_same_run(tmp_path / "two_then_one", one)
+    # a checkpoint of the 1-process run resumed in 2 processes (the checkpoints do not depend on the process count)
     (out0, _), _ = train_two_processes("--resume", str(resume_from_step_5(one, tmp_path / "one_then_two")))
     assert "resuming" in out0 and "at step 5" in out0
     assert_same_run(tmp_path / "one_then_two", one)
