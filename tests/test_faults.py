@@ -156,7 +156,7 @@ def test_resume_may_change_how_often_it_saves_and_how_many_it_keeps(tmp_path, fi
 # -- one process at a time -------------------------------------------------------------------
 
 
-def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path, finished):
+def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path, capsys, finished):
     run_dir = copy_of(finished, tmp_path)
     holder = subprocess.Popen(
         [
@@ -174,8 +174,8 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path,
         before = snapshot(run_dir)
         out = cli_process("train", "--resume", run_dir, "--steps", "8")
         assert_one_line_error(out.returncode, out.stderr, f"{run_dir} is in use by another microgpt-jax process (pid {holder.pid})")
-        out = cli_process("train", *FLAGS, "--out", run_dir)
-        assert_one_line_error(out.returncode, out.stderr, "is an existing run")
+        code, out = run_in_process(capsys, "train", *FLAGS, "--out", run_dir)
+        assert_one_line_error(code, out.err, "is an existing run")
         assert snapshot(run_dir) == before
     finally:
         holder.kill()
@@ -183,8 +183,8 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path,
     empty = tmp_path / "empty"
     empty.mkdir()
     with RunDir(empty, {}, None, ROOT, "").lock():  # a new run's directory, locked before run.json exists
-        out = cli_process("train", *FLAGS, "--out", empty)
-        assert_one_line_error(out.returncode, out.stderr, f"{empty} is in use by another microgpt-jax process")
+        code, out = run_in_process(capsys, "train", *FLAGS, "--out", empty)  # flock: another open file, even in this process
+        assert_one_line_error(code, out.err, f"{empty} is in use by another microgpt-jax process")
     assert [p.name for p in empty.iterdir()] == [".lock"]
 
 

@@ -105,7 +105,7 @@ PHASES = {  # the survivor's state when its peer dies -> the flags of the victim
 }
 
 
-@pytest.mark.parametrize("victim,phase", [(1, "step"), (0, "step"), (1, "agree_on_stop"), (0, "barrier")])
+@pytest.mark.parametrize("victim,phase", [(1, "step"), (1, "agree_on_stop"), (0, "barrier")])  # 0 hosts the coordinator
 def test_a_dead_peer_ends_the_survivor_with_one_line(victim, phase):
     survivor = 1 - victim
     flags = [[], []]
