@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from microgpt_jax.data import DataConfig, DocumentSource
 from microgpt_jax.loop import run_steps
-from microgpt_jax.model import GPTConfig, init_params_reference, param_shapes
+from microgpt_jax.memory import num_params
+from microgpt_jax.model import GPTConfig, init_params_reference
 from microgpt_jax.sample import sample_reference
 from microgpt_jax.text import reference_docs
 from microgpt_jax.tokenizer import CharTokenizer
@@ -27,7 +28,7 @@ def reproduce(data_path, steps=1000, print=print):
     print(f"vocab size: {tokenizer.size}")
     cfg = GPTConfig(vocab_size=tokenizer.size)
     params = jax.tree.map(jnp.asarray, init_params_reference(cfg, rng))
-    print(f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}")
+    print(f"num params: {num_params(cfg)}")
 
     tcfg = TrainConfig(steps=steps, dtype="float64")
     trainer = Trainer(cfg, tcfg)

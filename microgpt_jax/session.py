@@ -18,7 +18,6 @@ from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
 from microgpt_jax.loop import Checkpoints, Log, NonFinite, Plot, Progress, Signals, chunk_length, fit
 from microgpt_jax.metrics import MetricsFile
-from microgpt_jax.model import param_shapes
 from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig
 from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, init_state
 
@@ -68,7 +67,7 @@ class Session:
             [
                 self.data.describe(),
                 f"vocab size: {self.tokenizer.size}" + ("" if self.tokenizer.kind == "char" else f" ({self.tokenizer.kind} tokenizer)"),
-                f"num params: {sum(o * i for o, i in param_shapes(cfg).values())}",
+                f"num params: {memory.num_params(cfg)}",
                 f"devices: {self.mesh.devices.size} ({jax.process_count()} process(es), {jax.default_backend()})",
                 f"attention: {self.trainer.attention} (cudnn: a GPU in bfloat16; einsum: exact, elsewhere)",
                 f"device kind: {kind}, {describe_peak(kind, dtype)}, {flops_per_token(cfg):,.0f} FLOPs per token",
