@@ -320,7 +320,7 @@ class Weights(NamedTuple):
     """A model to sample, check or start from: its config, tokenizer, params and where they come from."""
 
     cfg: GPTConfig
-    tokenizer: object  # text.Vocab or a tokenizer.py tokenizer
+    tokenizer: object  # a tokenizer.py tokenizer: CharTokenizer, ByteTokenizer or BPETokenizer
     params: dict
     origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
     run: "RunDir | None" = None
