@@ -153,13 +153,16 @@ def _quiet_orbax():
 
 
 class CheckpointStore:
-    """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype."""
+    """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype.
 
-    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=()):
+    like: the state's shapes and dtypes, if not a run's (abstract_state): a sweep's, with its member axis.
+    """
+
+    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=(), like=None):
         self.directory, self.cfg, self.tcfg, self.keep = Path(directory), cfg, tcfg, keep
         self.extended_from = set(extended_from)  # step counts the run was extended from: a checkpoint may record them
         self.damaged_dir = Path(damaged_dir) if damaged_dir else self.directory.parent / "damaged"
-        self.like = abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
+        self.like = like or abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
         self._warned = set()
 
     @contextlib.contextmanager

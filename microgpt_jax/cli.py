@@ -5,64 +5,13 @@ and help are the field's own (config.field), and a command names the
 tables whose fields it takes (CONFIG_FLAGS).
 """
 
-import argparse
-import dataclasses
 import sys
 
 from microgpt_jax import commands
+from microgpt_jax.commands import add_config_flags, flag, given_configs
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import ArgumentParser, UserError, run_cli
-from microgpt_jax.rundir import RunConfig
 from microgpt_jax.runtime import use_compilation_cache
-
-
-class GivenFlag(argparse.Action):
-    """Stores the value and records that the flag was typed: `train --resume` checks typed flags against the run."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.given = {**getattr(namespace, "given", {}), self.dest: values}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-class GivenSwitch(argparse.BooleanOptionalAction):
-    """--name / --no-name for a bool field, recorded as typed like GivenFlag."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, values, option_string)
-        GivenFlag.__call__(self, parser, namespace, getattr(namespace, self.dest), option_string)
-
-
-def add_config_flags(parser, tables: dict):
-    """One --flag per field of each table ({table: fields, or None for every field but those from the data}),
-    typed, defaulted and explained by the field itself (a bool field is a pair of switches, --name and --no-name)."""
-    for table, only in tables.items():
-        cls = RunConfig.TABLES[table]
-        names = only or [f.name for f in dataclasses.fields(cls) if f.name not in RunConfig.FROM_DATA]
-        group = parser.add_argument_group(f"{table} ({cls.__name__})")
-        for f in dataclasses.fields(cls):
-            if f.name not in names:
-                continue
-            choices = f.metadata.get("choices")
-            one_of = f"one of {', '.join(choices)}; " if choices else ""
-            typed = {"action": GivenFlag, "type": type(f.default), "choices": choices}
-            kind = {"action": GivenSwitch} if type(f.default) is bool else typed
-            described = f"{f.metadata['help']} ({one_of}default {f.default})"
-            group.add_argument(flag(f.name), dest=f.name, default=f.default, help=described, **kind)
-
-
-def given_configs(args) -> dict:
-    """{table: {field: value}}: the config file's values (--config), then the typed flags over them (and a field
-    that comes from the data, such as --vocab-size, where given)."""
-    given = getattr(args, "given", {}) | {n: getattr(args, n) for n in RunConfig.FROM_DATA if getattr(args, n, None) is not None}
-    tables = RunConfig.read_toml(args.config) if getattr(args, "config", None) else {}
-    return {
-        table: {**tables.get(table, {}), **{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}}
-        for table, cls in RunConfig.TABLES.items()
-    }
 
 
 def build_parser():
@@ -83,6 +32,15 @@ def build_parser():
     return parser
 
 
+def joined_values(argv) -> list:
+    """`--variant "--qk-norm"` as `--variant=--qk-norm`: a value of flags that argparse would take for a flag of its own."""
+    out, it = [], iter(argv)
+    for arg in it:
+        value = next(it, None) if arg in commands.FLAG_VALUED else None
+        out.append(arg if value is None else f"{arg}={value}")
+    return out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -91,7 +49,7 @@ def main(argv=None):
         # as cargo, docker and pip do (git's exit 1 would make `microgpt-jax | less` look like a failure).
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args = parser.parse_args(joined_values(argv))
     use_compilation_cache()
     from microgpt_jax.memory import TooBig
 

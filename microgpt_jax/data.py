@@ -237,6 +237,45 @@ class StreamSource(Source):
         return self._eval_stacked(windows_batch(self.val_text, np.arange(count) * T, T, read_rows=self._read(count)))
 
 
+class Stacked(Source):
+    """The sources of a sweep's members side by side: batches [steps, M, rows, T], eval sets [M, E, rows, T].
+
+    Each member reads its own source (its seed's order and split); a source
+    with fewer rows (or eval batches) than the most is padded with rows of
+    weight 0, which add exactly nothing to its loss and gradients.
+    """
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self.rows = max(s.rows for s in self.sources)
+
+    def describe(self) -> str:
+        return f"{self.sources[0].describe()}, for each of {len(self.sources)} members"
+
+    def notes(self) -> list[str]:
+        return self.sources[0].notes()
+
+    def position(self, step) -> int:
+        return self.sources[0].position(step)  # a step's place in the order is the same for every seed's order
+
+    def batches(self, start, num_steps, length) -> Batch:
+        return _stack([s.batches(start, num_steps, length) for s in self.sources], axis=1)
+
+    def eval_set(self) -> Batch | None:
+        sets = [s.eval_set() for s in self.sources]
+        return None if any(e is None for e in sets) else _stack(sets, axis=0)
+
+
+def _stack(batches, axis) -> Batch:
+    """Batches [..., rows, T] of several members -> one with a member axis at `axis`, padded (weight 0) to the most of each dim."""
+    shape = np.max([b.tokens.shape for b in batches], axis=0)
+
+    def pad(a):
+        return np.pad(a, [(0, n - k) for n, k in zip(shape, a.shape)])
+
+    return Batch(*(np.stack([pad(a) for a in field], axis=axis) for field in zip(*batches)))
+
+
 def load_train_data(path, dcfg: DataConfig, batch_size, block_size, seed, row_multiple=1, local_rows=None, vocab_size=None, tokenizer=None):
     """(tokenizer, source) for a run: documents or text, the split, the layout.
 

@@ -127,7 +127,7 @@ class StepInfo(NamedTuple):
         """({metric: mean}, trained tokens, training seconds) of the steps after `step` (None: since fit began)."""
         chunks = [c for c in self.history if step is None or c[0] >= step]
         names = sorted(chunks[-1][1], key=lambda k: k != "loss")  # the loss first, as a reader expects it
-        means = {k: float(np.mean(np.concatenate([c[1][k] for c in chunks]))) for k in names}
+        means = {k: np.mean(np.concatenate([c[1][k] for c in chunks]), axis=0) for k in names}  # a sweep's: one per member
         return means, sum(c[2] for c in chunks), sum(c[3] for c in chunks)
 
 
@@ -257,7 +257,8 @@ class Log:
 
     def __call__(self, info: StepInfo):
         means, tokens, seconds = info.since(self.last)
-        record = {"step": info.step, **means, "lr": float(self.lr(info.step - 1)), "tokens_per_s": tokens / seconds}
+        record = {"step": info.step, **{k: float(v) for k, v in means.items()}, "lr": float(self.lr(info.step - 1))}
+        record["tokens_per_s"] = tokens / seconds
         record["elapsed"] = info.elapsed
         if self.evaluate is not None and (info.final or info.step % self.eval_every == 0):
             record["val_loss"] = self.evaluate(info.state.params)
@@ -311,8 +312,8 @@ class Progress:
 class Checkpoints:
     """Saves every `every` steps, at the end and on a stop; never weights that are NaN or infinite."""
 
-    def __init__(self, store, every, data_position, run_path):
-        self.store, self.every, self.data_position, self.run_path = store, every, data_position, run_path
+    def __init__(self, store, every, data_position, run_path, command="train"):
+        self.store, self.every, self.data_position, self.run_path, self.command = store, every, data_position, run_path, command
 
     def __call__(self, info: StepInfo):
         state = jax.tree.map(np.asarray, info.state)
@@ -323,7 +324,7 @@ class Checkpoints:
                 f"and saved nothing after it; {self.store.latest()} ({ADVICE})"
             )
         self.store.save(state, self.data_position(info.step))
-        return f"saved checkpoint {info.step}; resume with `microgpt-jax train --resume {self.run_path}`"
+        return f"saved checkpoint {info.step}; resume with `microgpt-jax {self.command} --resume {self.run_path}`"
 
 
 class Plot:

@@ -120,13 +120,13 @@ def attention_scores(T: int) -> int:
     return q * q * full * (full + 1) // 2 + rest * T
 
 
-def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, grad_accum=1) -> Estimate:
+def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, grad_accum=1, members=1) -> Estimate:
     """Bytes of a training run of cfg: `rows` batch rows of block_size, `chunk_steps` steps per compiled chunk.
 
     dtype is the compute dtype, param_dtype that of the weights and Adam's
     moments (train.TrainConfig.dtype and .param_dtype); grad_accum
     micro-batches per step (TrainConfig.grad_accum): the activations are one
-    micro-batch's. Only Python ints.
+    micro-batch's; members: a sweep's, each holding all of it. Only Python ints.
     """
     c = np.dtype(dtype).itemsize  # compute: the weights' cast under bfloat16
     p = np.dtype(param_dtype).itemsize  # weights, moments, gradients, batch weights
@@ -182,7 +182,7 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, gr
     # the same built on the host by data.TrainData.batches: the laid-out steps and their padded,
     # stacked copy (int32 fields, float64 weights), and the weights cast for the device
     host_batches = CHUNKS_IN_FLIGHT * positions * (2 * (BATCH_INT32_BYTES + 8) + p)
-    return Estimate(weights, optimizer, gradients, activations, batches, host_batches)
+    return Estimate(*(members * n for n in (weights, optimizer, gradients, activations, batches, host_batches)))
 
 
 def _host_available() -> int | None:
@@ -219,14 +219,16 @@ def available_bytes(device=None) -> int | None:
     return None
 
 
-def check_fits(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, available=None, device=None, grad_accum=1) -> Estimate:
+def check_fits(
+    cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, available=None, device=None, grad_accum=1, members=1
+) -> Estimate:
     """Raise UserError (one sentence) if a run of cfg cannot fit in memory; else return the estimate (`estimate`'s arguments).
 
     available (bytes) defaults to available_bytes(device); device defaults
     to JAX's first device. On a CPU everything counts, the host's batches
     too (the host is the device); on an accelerator only what its memory holds.
     """
-    est = estimate(cfg, rows, chunk_steps, dtype, param_dtype, grad_accum)
+    est = estimate(cfg, rows, chunk_steps, dtype, param_dtype, grad_accum, members)
     if device is None and available is None:
         device = jax.devices()[0]
     on_host = device is None or device.platform == "cpu"

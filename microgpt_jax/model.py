@@ -276,14 +276,15 @@ def attention_mask(positions_BT, segments_BT):
 DROPOUT_SITES = ("attn", "attn_out", "mlp_out")  # per layer: the attention weights, the attention and MLP branches
 
 
-def dropout_keep(key, cfg: GPTConfig, rows_B, T) -> dict | None:
+def dropout_keep(key, cfg: GPTConfig, rows_B, T, keep_prob=None) -> dict | None:
     """Which entries dropout keeps (True, with probability 1 - dropout) at every site of rows rows_B, by name; None without dropout.
 
     `layer{i}.attn` is [B, H, T, T] (the attention weights), `layer{i}.attn_out`
     and `layer{i}.mlp_out` [B, T, D] (the branches before the residual add).
     Row r's masks are one draw from fold_in(key, r), cut into the sites in
     that order: a micro-batch draws exactly its rows' share of the whole
-    batch's masks, and only that.
+    batch's masks, and only that. keep_prob: 1 - dropout as an array (a
+    sweep member's), in place of cfg's.
     """
     if not cfg.dropout:
         return None
@@ -292,16 +293,17 @@ def dropout_keep(key, cfg: GPTConfig, rows_B, T) -> dict | None:
     sizes = [math.prod(shape) for shape in sites.values()]
 
     def row(r):
-        keep = jax.random.bernoulli(jax.random.fold_in(key, r), 1 - cfg.dropout, (sum(sizes),))  # one draw: one RNG to compile
+        p = 1 - cfg.dropout if keep_prob is None else keep_prob
+        keep = jax.random.bernoulli(jax.random.fold_in(key, r), p, (sum(sizes),))  # one draw: one RNG to compile
         parts = jnp.split(keep, np.cumsum(sizes)[:-1])
         return {name: part.reshape(shape) for (name, shape), part in zip(sites.items(), parts)}
 
     return jax.vmap(row)(rows_B)
 
 
-def keep_to_masks(keep: dict | None, cfg: GPTConfig, dtype) -> dict | None:
-    """Inverted dropout's multipliers: 0 where dropped, 1 / (1 - dropout) where kept."""
-    scale = np.asarray(1 / (1 - cfg.dropout), dtype)
+def keep_to_masks(keep: dict | None, cfg: GPTConfig, dtype, scale=None) -> dict | None:
+    """Inverted dropout's multipliers: 0 where dropped, 1 / (1 - dropout) where kept (scale: that, as an array)."""
+    scale = np.asarray(1 / (1 - cfg.dropout), dtype) if scale is None else scale.astype(dtype)
     return None if keep is None else {name: k.astype(dtype) * scale for name, k in keep.items()}
 
 

@@ -7,6 +7,8 @@ training writes RUN_DIR/loss.png when it is installed.
 import os
 from pathlib import Path
 
+import numpy as np
+
 from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
 
@@ -28,8 +30,8 @@ def legend_labels(run_dirs) -> list[str]:
     return labels
 
 
-def plot_runs(run_dirs, out_path):
-    """Training (solid) and validation (dashed, dots) loss against step, one colour per run, saved to out_path."""
+def _pyplot(out_path):
+    """matplotlib's pyplot, files only, once out_path's format is known to be one it writes."""
     try:
         import matplotlib
 
@@ -37,19 +39,14 @@ def plot_runs(run_dirs, out_path):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plotting needs matplotlib; install it with: pip install 'microgpt-jax[plot]'") from None
-    out_path = Path(out_path)
     formats = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
-    if out_path.suffix.lstrip(".").lower() not in formats:
-        raise UserError(f"cannot write a plot as {out_path.name}: name the file with one of .{', .'.join(sorted(formats))}")
-    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, ((_, records), label) in enumerate(zip(runs, legend_labels(run_dirs))):
-        color = f"C{i % 10}"
-        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label} train")
-        val = [r for r in records if r.get("val_loss") is not None]
-        if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, ms=3, label=f"{label} val")
+    if Path(out_path).suffix.lstrip(".").lower() not in formats:
+        raise UserError(f"cannot write a plot as {Path(out_path).name}: name the file with one of .{', .'.join(sorted(formats))}")
+    return plt
+
+
+def _save(plt, fig, ax, out_path):
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
@@ -61,4 +58,42 @@ def plot_runs(run_dirs, out_path):
         raise UserError(f"could not write {out_path} ({e.strerror or e}); pass a writable path") from None
     finally:
         plt.close(fig)
-    return out_path
+    return Path(out_path)
+
+
+def plot_sweep(summary: dict, records: list, out_path):
+    """A sweep's training loss: one colour per setting, the mean over its seeds as a line, their range as a band;
+    the validation loss's means as dashed dots. records: each member's metrics records."""
+    plt = _pyplot(out_path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, setting in enumerate(summary["settings"]):
+        color = f"C{i % 10}"
+        idx = [j for j, m in enumerate(summary["members"]) if m["values"] == setting["settings"] and not m["frozen"]]
+        steps = sorted(set.intersection(*[{r["step"] for r in records[j]} for j in idx])) if idx else []
+        if not steps:
+            continue
+        for key, style in (("loss", "-"), ("val_loss", "o--")):
+            by_step = [[r[key] for j in idx for r in records[j] if r["step"] == s and key in r] for s in steps]
+            points = [(s, v) for s, v in zip(steps, by_step) if len(v) == len(idx)]
+            if not points:
+                continue
+            xs, vs = [s for s, _ in points], np.asarray([v for _, v in points])
+            label = f"{setting['label']} ({len(idx)} seeds){' val' if key == 'val_loss' else ''}"
+            ax.plot(xs, vs.mean(axis=1), style, color=color, ms=3, label=label)
+            if key == "loss" and len(idx) > 1:
+                ax.fill_between(xs, vs.min(axis=1), vs.max(axis=1), color=color, alpha=0.2)
+    return _save(plt, fig, ax, out_path)
+
+
+def plot_runs(run_dirs, out_path):
+    """Training (solid) and validation (dashed, dots) loss against step, one colour per run, saved to out_path."""
+    plt = _pyplot(out_path)
+    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, ((_, records), label) in enumerate(zip(runs, legend_labels(run_dirs))):
+        color = f"C{i % 10}"
+        ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color, label=f"{label} train")
+        val = [r for r in records if r.get("val_loss") is not None]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=color, ms=3, label=f"{label} val")
+    return _save(plt, fig, ax, out_path)

@@ -108,6 +108,27 @@ def _atomic_write(path: Path, text: str):
         tmp.unlink(missing_ok=True)
 
 
+def lock_directory(path: Path):
+    """Hold path/.lock (an open file, the lock released when it closes); refuse if another process holds it."""
+    lock_path = Path(path) / LOCK_FILE
+    try:
+        f = open(lock_path, "a+")
+    except OSError as e:
+        raise UserError(f"could not open {lock_path} ({e.strerror or e}); the directory must be writable") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{path} is in use by another microgpt-jax process (pid {holder}); wait for it to finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 class RunDir:
     """An open run directory: its configs (by table name), tokenizer and data file."""
 
@@ -233,27 +254,8 @@ class RunDir:
 
     def lock(self) -> "RunDir":
         """Hold RUN_DIR/.lock until unlock() or the process ends; refuse if another process holds it."""
-        if not parallel.is_main_process() or self._lock is not None:
-            return self  # process 0 holds it for the whole multi-process run
-        path = self.path / LOCK_FILE
-        try:
-            f = open(path, "a+")
-        except OSError as e:
-            raise UserError(f"could not open {path} ({e.strerror or e}); the run directory must be writable") from None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise UserError(
-                f"{self.path} is in use by another microgpt-jax process (pid {holder}); wait for it to finish or stop it"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._lock = f
+        if parallel.is_main_process() and self._lock is None:  # process 0 holds it for the whole multi-process run
+            self._lock = lock_directory(self.path)
         return self
 
     def __enter__(self):

@@ -30,6 +30,8 @@ class Session:
     new run trains its own).
     """
 
+    member_axis = ()  # a sweep's batches have one: (members,)
+
     def __init__(self, configs: RunConfig, data_path, devices=None, vocab_size=None, tokenizer=None):
         cfg, tcfg, dcfg, ccfg = configs.model, configs.train, configs.data, configs.checkpoint
         self.mesh = parallel.make_mesh(devices)
@@ -80,9 +82,12 @@ class Session:
     def abstract_args(self):
         """(state, batches) of the chunk loop as shapes and dtypes only: what the run will pass it, nothing allocated."""
         cfg, tcfg = self.configs.model, self.configs.train
-        positions = jax.ShapeDtypeStruct((self.chunk_steps, self.data.rows, cfg.block_size), jnp.int32)
+        positions = jax.ShapeDtypeStruct((self.chunk_steps, *self.member_axis, self.data.rows, cfg.block_size), jnp.int32)
         weights = jax.ShapeDtypeStruct(positions.shape, tcfg.param_dtype)
-        return abstract_state(cfg, tcfg), Batch(positions, positions, positions, positions, weights)
+        return self._abstract_state(), Batch(positions, positions, positions, positions, weights)
+
+    def _abstract_state(self) -> TrainState:
+        return abstract_state(self.configs.model, self.configs.train)
 
     def estimate(self) -> memory.Estimate:
         tcfg = self.configs.train
@@ -110,7 +115,7 @@ class Session:
         the device's memory and the estimate. Trains nothing, allocates no weights, writes nothing."""
         cfg, tcfg = self.configs.model, self.configs.train
         step = self.compile_step()
-        state = abstract_state(cfg, tcfg)
+        state = self._abstract_state()
         nbytes = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
         device = self.mesh.devices.flat[0]
         available = memory.available_bytes(device)

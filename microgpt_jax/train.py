@@ -11,10 +11,12 @@ and a dict of metrics (the loop stacks each over a chunk's steps). The
 loop that runs a whole training run, and its hooks, are in loop.py.
 """
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import jax
@@ -98,34 +100,57 @@ def make_schedule(tcfg: TrainConfig):
     min_lr + (lr - min_lr) * (1 - u) (linear) or min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi u)) (cosine).
 
     At the defaults (no warmup, min_lr 0, linear) this is microgpt's lr * (1 - s / steps), bit for bit.
+    tcfg may also be a sweep member's `Hyper` (arrays, under vmap): the same arithmetic, the branches selected.
     """
     lr, lo, w, n = tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps
+    cosine = tcfg.schedule == "cosine" if isinstance(tcfg.schedule, str) else tcfg.schedule
 
     def schedule(count):
         # optax counts in int32, and int32 / int is float32 in JAX: evaluate the
         # schedule in the weights' dtype so a float64 run gets a float64 lr.
         s = jnp.asarray(count, tcfg.param_dtype)
         u = (s - w) / (n - w)
-        shape = 0.5 * (1 + jnp.cos(math.pi * u)) if tcfg.schedule == "cosine" else 1 - u
+        if isinstance(cosine, bool):
+            shape = 0.5 * (1 + jnp.cos(math.pi * u)) if cosine else 1 - u
+        else:
+            shape = jnp.where(cosine, 0.5 * (1 + jnp.cos(math.pi * u)), 1 - u)
         decay = lo + (lr - lo) * shape
-        return jnp.where(s < w, lr * s / w, decay) if w else decay
+        if isinstance(w, int):
+            return jnp.where(s < w, lr * s / w, decay) if w else decay
+        return jnp.where(s < w, lr * s / jnp.where(w > 0, w, 1), decay)
 
     return schedule
 
 
-def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, every_option=False) -> optax.GradientTransformation:
     """Adam (AdamW with weight_decay), after clipping the gradients' global norm to grad_clip if it is set.
 
     Each option off leaves its transformation out: at the defaults this is
     the seed's Adam, its arithmetic and its state's structure unchanged.
+    every_option: each transformation in, a no-op at 0 (clipping selected
+    away, a decay of 0 * w), for a sweep member's `Hyper` of arrays: the
+    same arithmetic and the same state arrays as its solo run's optimizer.
     """
     adam = dict(learning_rate=make_schedule(tcfg), b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps)
+    if every_option:
+        return optax.flatten(optax.chain(_clip_if_set(tcfg.grad_clip), optax.adamw(**adam, weight_decay=tcfg.weight_decay)))
     opt = optax.adamw(**adam, weight_decay=tcfg.weight_decay) if tcfg.weight_decay else optax.adam(**adam)
     if tcfg.grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), opt)
     # optax.flatten: the update on one vector of all weights, a handful of fused
     # kernels instead of a handful per weight matrix (same arithmetic, element by element).
     return optax.flatten(opt)
+
+
+def _clip_if_set(max_norm) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm(max_norm) where max_norm (an array) is above 0, else the updates as they are."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        clipped, state = clip.update(updates, state, params)
+        return jax.tree.map(lambda c, u: jnp.where(max_norm > 0, c, u), clipped, updates), state
+
+    return optax.GradientTransformation(clip.init, update)
 
 
 def dropout_key(seed, step):
@@ -161,12 +186,14 @@ def micro_batches(a, grad_accum, groups=1):
     return a.reshape(groups, grad_accum, B // (groups * grad_accum), *rest).swapaxes(0, 1).reshape(grad_accum, B // grad_accum, *rest)
 
 
-def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None, per_row=False):
+def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None, per_row=False, dropout=None):
     """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16); with a key, dropout's
-    masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it. per_row: each row's sum."""
-    keep = None if key is None else dropout_keep(key, cfg, rows_B, batch.tokens.shape[1])
+    masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it. per_row: each row's sum.
+    dropout: (keep probability, scale) arrays of a sweep member, in place of cfg.dropout's."""
+    keep_prob, scale = dropout or (None, None)
+    keep = None if key is None else dropout_keep(key, cfg, rows_B, batch.tokens.shape[1], keep_prob)
     params = jax.tree.map(lambda p: p.astype(dtype), params)
-    return loss_fn(params, batch, cfg, attention, keep_to_masks(keep, cfg, dtype), per_row=per_row)
+    return loss_fn(params, batch, cfg, attention, keep_to_masks(keep, cfg, dtype, scale), per_row=per_row)
 
 
 def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
@@ -191,16 +218,17 @@ def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
     return jax.lax.scan(add, zeros, micro)[0]
 
 
-def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1):
+def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1, dropout=None):
     """One optimizer step: (the new state, its metrics). A metric added here is logged, stacked and shown everywhere."""
     key = dropout_key(seed, state.step)  # unused without dropout
-    loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, cfg=cfg, dtype=dtype, attention=attention, key=key)
+    loss_args = dict(cfg=cfg, dtype=dtype, attention=attention, key=key, dropout=dropout)
+    loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, **loss_args)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
 
-def _steps(state: TrainState, batches, num_steps, **step_args):
+def _steps(state: TrainState, batches, num_steps, step=_step, **step_args):
     """The first num_steps entries of the leading (step) axis of batches, one step each: every metric stacked [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
@@ -209,11 +237,11 @@ def _steps(state: TrainState, batches, num_steps, **step_args):
 
     def body(i, carry):
         state, metrics = carry
-        state, step_metrics = _step(state, jax.tree.map(lambda a: a[i], batches), **step_args)
+        state, step_metrics = step(state, jax.tree.map(lambda a: a[i], batches), **step_args)
         return state, jax.tree.map(lambda stacked, m: stacked.at[i].set(m), metrics, step_metrics)
 
     first = jax.tree.map(lambda a: a[0], batches)
-    shapes = jax.eval_shape(lambda s, b: _step(s, b, **step_args)[1], state, first)
+    shapes = jax.eval_shape(lambda s, b: step(s, b, **step_args)[1], state, first)
     metrics = jax.tree.map(lambda m: jnp.zeros((batches.tokens.shape[0], *m.shape), m.dtype), shapes)
     return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
@@ -336,3 +364,166 @@ def abstract_state(cfg: GPTConfig, tcfg: TrainConfig) -> TrainState:
     """Shapes and dtypes of a run's state, nothing allocated: what a checkpoint is read into."""
     params = {name: jax.ShapeDtypeStruct(shape, tcfg.param_dtype) for name, shape in param_shapes(cfg).items()}
     return TrainState(params, jax.eval_shape(make_optimizer(tcfg).init, params), jax.ShapeDtypeStruct((), jnp.int32))
+
+
+# -- sweeps: many runs of one model shape, trained together ------------------------------------
+
+# the training fields a sweep member may set for itself (model.dropout too): none changes an array's shape or the code
+MEMBER_FIELDS = ("lr", "min_lr", "warmup", "schedule", "beta1", "beta2", "eps", "weight_decay", "grad_clip", "seed")
+
+
+class Hyper(NamedTuple):
+    """The members' hyperparameters as arrays [M] (under vmap, one member's scalars)."""
+
+    lr: jax.Array
+    min_lr: jax.Array
+    warmup: jax.Array
+    schedule: jax.Array  # True: cosine
+    beta1: jax.Array
+    beta2: jax.Array
+    eps: jax.Array
+    weight_decay: jax.Array
+    grad_clip: jax.Array
+    seed: jax.Array
+    keep_prob: jax.Array  # 1 - dropout
+    drop_scale: jax.Array  # 1 / (1 - dropout)
+
+    @classmethod
+    def of(cls, tcfgs, dropouts, param_dtype) -> "Hyper":
+        """The members' TrainConfigs and dropouts, stacked; each value computed on the host as a solo run computes it."""
+        float_ = lambda values: np.asarray(values, param_dtype)  # noqa: E731
+        columns = {name: float_([getattr(t, name) for t in tcfgs]) for name in MEMBER_FIELDS if name not in ("schedule", "seed")}
+        return cls(
+            **columns,
+            schedule=np.asarray([t.schedule == "cosine" for t in tcfgs]),
+            seed=np.asarray([t.seed for t in tcfgs], jax.dtypes.canonicalize_dtype(np.int64)),  # as the device holds it
+            keep_prob=float_([1 - d for d in dropouts]),
+            drop_scale=float_([1 / (1 - d) for d in dropouts]),
+        )
+
+
+class Members(NamedTuple):
+    """A sweep state's optimizer slot: every member's optimizer state, hyperparameters, and where it froze."""
+
+    opt_state: tuple
+    hyper: Hyper
+    frozen_at: jax.Array  # int32 [M]: the steps a member had done when its loss or weights went non-finite; -1 while it trains
+
+
+def member_optimizer(hyper: Hyper, steps, param_dtype) -> optax.GradientTransformation:
+    """One member's optimizer (hyper: its scalars): make_optimizer's with every option in."""
+    return make_optimizer(SimpleNamespace(**hyper._asdict(), steps=steps, param_dtype=param_dtype), every_option=True)
+
+
+def _member_step(state: TrainState, batch, hyper: Hyper, frozen_at, cfg, dtype, attention, grad_accum, groups, steps, param_dtype):
+    """One member's step (under vmap): its solo run's step, or nothing once it has gone non-finite."""
+    optimizer = member_optimizer(hyper, steps, param_dtype)
+    dropout = (hyper.keep_prob, hyper.drop_scale) if cfg.dropout else None
+    args = dict(cfg=cfg, optimizer=optimizer, dtype=dtype, attention=attention, seed=hyper.seed, grad_accum=grad_accum, groups=groups)
+    new, metrics = _step(state, batch, dropout=dropout, **args)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    finite &= jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new.params)]))
+    ok = (frozen_at < 0) & finite
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new.params, new.opt_state), (state.params, state.opt_state))
+    return kept, jnp.where((frozen_at < 0) & ~finite, state.step, frozen_at), metrics
+
+
+def _sweep_step(state: TrainState, batch, **step_args):
+    """Every member's step at once (vmap): params, optimizer states, hyperparameters and the batch have a leading member axis."""
+    members = state.opt_state
+
+    def member(params, opt_state, batch, hyper, frozen_at):
+        return _member_step(TrainState(params, opt_state, state.step), batch, hyper, frozen_at, **step_args)
+
+    (params, opt_state), frozen_at, metrics = jax.vmap(member)(state.params, members.opt_state, batch, members.hyper, members.frozen_at)
+    return TrainState(params, Members(opt_state, members.hyper, frozen_at), state.step + 1), metrics
+
+
+class SweepTrainer(Trainer):
+    """The compiled step, loop and evaluation of a sweep: members of one model shape, each with its own TrainConfig.
+
+    The state is a TrainState whose params have a leading member axis [M, ...],
+    whose opt_state is `Members` (optimizer states [M, ...], the members'
+    hyperparameters as arrays, where each froze) and whose step is shared;
+    batches are [steps, M, rows, T]. One compilation serves every member and
+    any hyperparameter values. With a mesh whose device count divides M, the
+    members are spread over the devices (no all-reduce between them); else
+    each member's rows are split over the devices, as in a solo run.
+
+    cfg: the members' model (with dropout > 0 if any member's is: each
+    member's own rate is in its hyperparameters).
+    """
+
+    def __init__(self, cfg: GPTConfig, tcfgs, dropouts, mesh=None, attention=None):
+        base = tcfgs[0]
+        Evaluator.__init__(self, cfg, base.dtype, base.param_dtype, mesh, attention)
+        self.tcfg, self.tcfgs, self.dropouts = base, list(tcfgs), list(dropouts)
+        self.hyper = Hyper.of(tcfgs, dropouts, base.param_dtype)
+        devices = 1 if mesh is None else mesh.devices.size
+        self.by_member = devices > 1 and len(tcfgs) % devices == 0
+        groups = 1 if mesh is None or self.by_member else devices
+        check_accumulation(base, groups)
+        fixed = dict(cfg=cfg, dtype=self.dtype, attention=self.attention, grad_accum=base.grad_accum, groups=groups)
+        fixed |= dict(steps=base.steps, param_dtype=base.param_dtype)
+        self.step = jax.jit(partial(_sweep_step, **fixed), donate_argnums=0)
+        self.steps = jax.jit(partial(_steps, step=_sweep_step, **fixed), donate_argnums=0)
+        self._compiled = {}
+        row_losses = jax.vmap(partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention))
+        self._row_losses = jax.jit(row_losses)
+
+    def evaluate(self, params, batches) -> list[float]:
+        """Each member's summed validation loss (batches [M, E, rows, T]), added exactly as a solo run's."""
+        rows = np.asarray(self._row_losses(params, batches), np.float64)
+        return [math.fsum(r.ravel().tolist()) for r in rows]
+
+    def _place(self, tree, axis):
+        """Arrays with a member axis at `axis` onto the mesh: members over the devices, or (rows split) per member."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        if self.by_member:
+            return jax.device_put(tree, parallel.batch_sharding(self.mesh, axis))
+        return jax.device_put(tree, parallel.replicated(self.mesh))
+
+    def put(self, batches: Batch) -> Batch:
+        """Stacked member batches [steps, M, rows, T] (or an eval set [M, E, rows, T]) -> device arrays."""
+        batches = batches._replace(weights=batches.weights.astype(self.param_dtype))
+        if self.mesh is None or self.by_member:
+            return self._place(batches, 1 if batches.tokens.ndim == 4 else 0)
+        axis = batches.tokens.ndim - 2  # the rows
+        return jax.device_put(batches, parallel.batch_sharding(self.mesh, axis))
+
+    def put_state(self, state: TrainState) -> TrainState:
+        """A sweep state read from a checkpoint (host arrays) -> placed as init places it."""
+        return TrainState(self._place(state.params, 0), self._place(state.opt_state, 0), self.replicate(jnp.asarray(state.step)))
+
+    def _opt_init(self, params_M, hyper):
+        tcfg = self.tcfg
+        return jax.vmap(lambda params, h: member_optimizer(h, tcfg.steps, tcfg.param_dtype).init(params))(params_M, hyper)
+
+    def init(self, params_M) -> TrainState:
+        """The state before step 0 of members with these stacked params: each optimizer at zero, none frozen."""
+        params_M, hyper = self._place(params_M, 0), self._place(self.hyper, 0)
+        frozen_at = self._place(np.full(len(self.tcfgs), -1, np.int32), 0)
+        members = Members(jax.jit(self._opt_init)(params_M, hyper), hyper, frozen_at)
+        return TrainState(params_M, members, self.replicate(jnp.zeros((), jnp.int32)))
+
+    def abstract_state(self) -> TrainState:
+        """The sweep state's shapes and dtypes, nothing allocated: what a sweep checkpoint is read into."""
+        M = len(self.tcfgs)
+        params = {k: jax.ShapeDtypeStruct((M, *a.shape), a.dtype) for k, a in abstract_state(self.cfg, self.tcfg).params.items()}
+        hyper = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.hyper)
+        opt_state = jax.eval_shape(self._opt_init, params, hyper)
+        members = Members(opt_state, hyper, jax.ShapeDtypeStruct((M,), jnp.int32))
+        return TrainState(params, members, jax.ShapeDtypeStruct((), jnp.int32))
+
+    def member_state(self, state: TrainState, m: int) -> TrainState:
+        """Member m's state as its solo run's: host arrays, its own optimizer's state structure, the steps it trained."""
+        params, opt_state = jax.tree.map(lambda a: np.asarray(a)[m], (state.params, state.opt_state.opt_state))
+        frozen_at = int(np.asarray(state.opt_state.frozen_at)[m])
+        solo = jax.tree.structure(abstract_state(self.cfg_of(m), self.tcfgs[m]).opt_state)
+        opt_state = jax.tree.unflatten(solo, jax.tree.leaves(opt_state))
+        return TrainState(params, opt_state, np.int32(frozen_at if frozen_at >= 0 else int(state.step)))
+
+    def cfg_of(self, m) -> GPTConfig:
+        """Member m's own model config (its dropout)."""
+        return dataclasses.replace(self.cfg, dropout=self.dropouts[m])
