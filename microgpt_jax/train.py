@@ -228,12 +228,14 @@ def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", s
     return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
 
 
-def _steps(state: TrainState, batches, num_steps, step=_step, **step_args):
+def _steps(state: TrainState, batches, num_steps, step=None, **step_args):
     """The first num_steps entries of the leading (step) axis of batches, one step each: every metric stacked [len(batches)].
 
     num_steps is traced, so a shorter chunk (the last of a run, or one that
     ends where a hook is due) runs the same compiled loop and skips the rest.
+    step: the step function (default _step; a sweep's _sweep_step).
     """
+    step = step or _step
 
     def body(i, carry):
         state, metrics = carry

@@ -5,7 +5,7 @@ import json
 import shlex
 
 from microgpt_jax.commands import DATA_HELP, add_config_flags, add_vocab_size, given_configs
-from microgpt_jax.commands.sweep import add_member_arguments
+from microgpt_jax.commands.sweep import add_seeds
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int
 
 PARSER = {
@@ -19,19 +19,25 @@ def add_arguments(p):
     add_vocab_size(p)
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument(
-        "--config", default=None, metavar="FILE.toml", help="config values in tables [model], [train], [data]; flags override them"
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="config values in tables [model], [train], [data]; flags override them (default: none)",
     )
     p.add_argument(
         "--variant",
         dest="variants",
         action="append",
-        default=[],
+        default=None,
         metavar="FLAGS",
-        help="config flags of a variant, over the baseline's (the flags alone), e.g. '--qk-norm --n-kv-head 1'; once per variant",
+        help="config flags of a variant, over the baseline's (the flags alone), e.g. '--qk-norm --n-kv-head 1'; once per variant "
+        "(at least one; default: none)",
     )
-    p.add_argument("--json", default=None, metavar="PATH", help="also write every number (each member's too) as JSON here")
+    p.add_argument(
+        "--json", default=None, metavar="PATH", help="also write every number (each member's too) as JSON here (default: only the table)"
+    )
     p.add_argument("--devices", type=positive_int, default=None, help="devices (default: all)")
-    add_member_arguments(p)
+    add_seeds(p, "5")
 
 
 def variant_configs(flags: str, base_given: dict) -> dict:
@@ -52,8 +58,6 @@ def run(args):
     from microgpt_jax.sweep import Variant, compare, format_comparison, parse_seeds
     from microgpt_jax.text import resolve_data_path
 
-    if args.sets:
-        raise UserError("compare takes --variant FLAGS (one per variant), not --set; `microgpt-jax sweep` takes --set")
     if not args.variants:
         raise UserError("pass at least one --variant FLAGS to compare with the baseline (e.g. --variant '--qk-norm')")
     base = args.given_configs

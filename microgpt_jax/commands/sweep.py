@@ -16,12 +16,17 @@ def add_arguments(p):
     add_vocab_size(p)
     p.add_argument("--data", default=None, help=DATA_HELP + "; or a dataset directory written by `microgpt-jax prepare`")
     p.add_argument("--out", default=None, metavar="SWEEP_DIR", help="a new sweep directory (default: nothing is saved)")
-    p.add_argument("--resume", default=None, metavar="SWEEP_DIR", help="continue this sweep from its latest good checkpoint")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="SWEEP_DIR",
+        help="continue this sweep from its latest good checkpoint (default: start a new sweep)",
+    )
     p.add_argument(
         "--config",
         default=None,
         metavar="FILE.toml",
-        help="config values in tables [model], [train], [data], [checkpoint]; flags override them",
+        help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
     )
     add_member_arguments(p)
     p.add_argument(
@@ -35,18 +40,25 @@ def add_arguments(p):
     )
 
 
-def add_member_arguments(p):
+def add_seeds(p, default):
     p.add_argument(
-        "--seeds", default="3", metavar="N|A-B|A,B,...", help="the seeds: N means 0..N-1, A-B a range, A,B,... a list (default %(default)s)"
+        "--seeds",
+        default=default,
+        metavar="N|A-B|A,B,...",
+        help="the seeds: N means 0..N-1, A-B a range, A,B,... a list (default %(default)s)",
     )
+
+
+def add_member_arguments(p):
+    add_seeds(p, "3")
     p.add_argument(
         "--set",
         dest="sets",
         action="append",
-        default=[],
+        default=None,
         metavar="FIELD=V1,V2,...",
         help="values of a field that changes no shape (lr, min_lr, warmup, schedule, beta1, beta2, eps, weight_decay, grad_clip, "
-        "dropout); several --set make a product",
+        "dropout); several --set make a product (default: none, only the seeds vary)",
     )
 
 
@@ -67,7 +79,7 @@ def run(args):
         else:
             directory, tokenizers = None, None
             base = RunConfig.of(args.given_configs)
-            members = members_of(base, parse_seeds(args.seeds), [parse_set(s) for s in args.sets])
+            members = members_of(base, parse_seeds(args.seeds), [parse_set(s) for s in args.sets or ()])
             data_path = resolve_data_path(args.data)
         set_precision(members[0].configs.train.dtype)
         sweep = Sweep(members, data_path, args.devices, args.given_configs["model"].get("vocab_size"), tokenizers)
