@@ -9,7 +9,7 @@ from microgpt_jax.commands.sweep import add_seeds
 from microgpt_jax.errors import ArgumentParser, UserError, positive_int
 
 PARSER = {
-    "help": "train a baseline and variants (--variant FLAGS) over the same seeds; their validation losses with 95% intervals",
+    "help": "train a baseline and variants (--variant FLAGS) over the same seeds; their validation losses with 95%% intervals",
     "epilog": "e.g. microgpt-jax compare --steps 500 --seeds 5 --variant '--qk-norm' --variant '--pos rope'",
 }
 CONFIG_FLAGS = {"model": None, "train": None, "data": None}
