@@ -305,51 +305,81 @@ VARIANTS = {  # name -> (model fields, training fields), each alone over the rec
 }
 
 
-def variant_run(text, model, train, steps=None, chunk=50):
-    """(validation loss at the end, trained tokens/s after the first chunk) of the recipe with these fields over it."""
+VARIANT_SEEDS = 5
+
+
+def recipe_configs(model=None, train=None, steps=None):
+    """The nanoGPT CPU recipe's RunConfig (configs/nanogpt-cpu.toml) with these fields over it."""
     import dataclasses
 
-    import jax
-
-    from microgpt_jax.data import DataConfig, load_train_data
-    from microgpt_jax.loop import run_steps
-    from microgpt_jax.model import GPTConfig, init_params
     from microgpt_jax.rundir import RunConfig
-    from microgpt_jax.train import TrainConfig, Trainer
 
     tables = RunConfig.read_toml(Path(__file__).parents[1] / VARIANT_RECIPE)
-    tcfg = TrainConfig(**tables["train"] | train)
-    tcfg = dataclasses.replace(tcfg, steps=steps or tcfg.steps)
-    cfg = GPTConfig(**tables["model"] | model)
-    tokenizer, data = load_train_data(text, DataConfig(**tables["data"]), tcfg.batch_size, cfg.block_size, tcfg.seed)
-    cfg = dataclasses.replace(cfg, vocab_size=tokenizer.size)
-    trainer = Trainer(cfg, tcfg)
-    state = trainer.init(init_params(cfg, jax.random.key(tcfg.seed), tcfg.param_dtype))
-    tokens, start = 0, None
-    for c in run_steps(trainer, state, data, stop=tcfg.steps, length=chunk):
-        state = c.state
-        if start is None:
-            start = time.perf_counter()  # after the first chunk: compilation apart
-        else:
-            tokens += c.tokens
-    jax.block_until_ready(state)
-    tokens_per_s = tokens / (time.perf_counter() - start)
-    return float(trainer.evaluate(state.params, trainer.put(data.eval_set()))), tokens_per_s
+    configs = RunConfig.of({**tables, "model": tables["model"] | (model or {}), "train": tables["train"] | (train or {})})
+    return configs.replace(train=dataclasses.replace(configs.train, steps=steps or configs.train.steps))
 
 
 @case
-def variants(inputs):
-    """Each variant alone over the nanoGPT CPU recipe on the text: validation loss after its steps, tokens/s, both against the baseline."""
+def variants(inputs, steps=None, seeds=VARIANT_SEEDS):
+    """Each variant alone over the nanoGPT CPU recipe on the text, `compare`d with the baseline over 5 seeds: the validation
+    loss's mean, its difference paired by seed with a 95% interval, tokens/s."""
+    from microgpt_jax.sweep import Variant, compare, format_comparison
+
+    variants = [Variant(name, recipe_configs(model, train, steps)) for name, (model, train) in VARIANTS.items()]
+    result = compare(variants, list(range(seeds)), inputs.text_path())
+    print(format_comparison(result))
     results = {}
-    for name, (model, train) in VARIANTS.items():
-        val_loss, rate = variant_run(inputs.text_path(), model, train)
-        results[f"variants_{name}_val_loss"] = val_loss
-        results[f"variants_{name}_tokens_per_s"] = rate
-    base_loss, base_rate = results["variants_baseline_val_loss"], results["variants_baseline_tokens_per_s"]
-    for name in VARIANTS:
-        results[f"variants_{name}_val_loss_minus_baseline"] = results[f"variants_{name}_val_loss"] - base_loss
-        results[f"variants_{name}_speed_vs_baseline"] = results[f"variants_{name}_tokens_per_s"] / base_rate
+    for row in result["variants"]:
+        name = row["variant"]
+        results[f"variants_{name}_val_loss_mean"] = row["mean"]
+        results[f"variants_{name}_val_loss_std"] = row["std"]
+        results[f"variants_{name}_tokens_per_s"] = row["tokens_per_s"]
+        if "diff" in row:
+            results[f"variants_{name}_minus_baseline"] = row["diff"]
+            results[f"variants_{name}_minus_baseline_ci95_low"], results[f"variants_{name}_minus_baseline_ci95_high"] = row["ci95"]
     return results
+
+
+def sweep_rates(configs, seeds, data_path, chunk, chunks):
+    """(solo steps/s, sweep steps/s, solo compile s, sweep compile s, the sweep's tokens/s, the model) of `seeds` members
+    of these configs and of one solo run (the first seed's), steady state, measured one after the other in this process."""
+    import dataclasses
+
+    from microgpt_jax.session import Session
+    from microgpt_jax.sweep import Member, Sweep
+
+    solo = Session(configs.replace(train=dataclasses.replace(configs.train, seed=seeds[0])), data_path)
+    solo_rate, _, solo_compile, _ = steady_rate(solo.trainer, solo.initial_state().params, solo.data, chunk, chunks)
+    members = [Member(f"seed={s}", s, {}, configs.replace(train=dataclasses.replace(configs.train, seed=s))) for s in seeds]
+    sweep = Sweep(members, data_path)
+    rate, tokens_per_s, compile_s, _ = steady_rate(sweep.trainer, sweep.initial_state().params, sweep.data, chunk, chunks)
+    return solo_rate, rate, solo_compile, compile_s, tokens_per_s, sweep.configs.model
+
+
+@case
+def sweep(inputs):
+    """16 seeds of microgpt's model (1000 steps) and 8 of the nanoGPT CPU recipe's shape as one vmapped sweep, against one solo run."""
+    import jax
+
+    from microgpt_jax.rundir import RunConfig
+
+    out = {}
+    solo, rate, solo_c, compile_s, _, _ = sweep_rates(RunConfig(), list(range(16)), inputs.names_path(), 100, 11)
+    out |= {"sweep16_vs_solo_time_ratio": solo / rate, "sweep16_compile_s": compile_s, "sweep16_solo_compile_s": solo_c}
+    configs = recipe_configs()
+    dtype = configs.train.dtype
+    peak_before = matmul_peak(2048, dtype)
+    solo, rate, solo_c, compile_s, tokens_per_s, cfg = sweep_rates(configs, list(range(8)), inputs.text_path(), 10, 5)
+    peak = max(peak_before, matmul_peak(2048, dtype))
+    out |= {
+        "sweep8_nanogpt_vs_solo_time_ratio": solo / rate,
+        "sweep8_nanogpt_mfu": tokens_per_s * flops_per_token(cfg) / peak,
+        "sweep8_nanogpt_tokens_per_s": tokens_per_s,
+        "sweep8_nanogpt_compile_s": compile_s,
+        "sweep8_matmul_peak_gflops": peak / 1e9,
+        "sweep_device": jax.devices()[0].device_kind,
+    }
+    return out
 
 
 @case
