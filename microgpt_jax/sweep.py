@@ -38,7 +38,7 @@ from microgpt_jax.data import Stacked, load_train_data
 from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.loop import Checkpoints, Signals, StepInfo, Stopped, chunk_length, fit
-from microgpt_jax.metrics import MetricsFile
+from microgpt_jax.metrics import MetricsFile, read_metrics
 from microgpt_jax.model import init_params
 from microgpt_jax.rundir import RunConfig, RunDir, lock_directory
 from microgpt_jax.session import Session
@@ -308,8 +308,7 @@ class Sweep(Session):
             stop = Signals(peer_timeout, sweep.resume_hint if sweep else (lambda: "no checkpoint was saved"))
             hooks = self.hooks(state, sweep)
             if int(state.step) == self.configs.train.steps:  # saved at the end, stopped before the members' runs were written
-                with stop:
-                    hooks[-1](StepInfo(state, int(state.step), int(state.step), {}, 0.0, None, ()))
+                hooks[-1](StepInfo(state, int(state.step), int(state.step), {}, 0.0, None, ()))
             state = fit(self.trainer, state, self.data, hooks, stop, self.chunk_steps)
         except BrokenPipeError:
             raise
@@ -422,50 +421,47 @@ class Finish:
     def __call__(self, info: StepInfo):
         if not info.final:
             return
-        self.sweep.result = summary(self.sweep.members, self.log, info)
-        _, tokens, seconds = info.since(None) if info.history else ({}, 0, 1.0)
-        self.sweep.tokens_per_s = tokens / seconds
+        frozen_at = np.asarray(info.state.opt_state.frozen_at)
+        if info.history:
+            _, tokens, seconds = info.since(None)
+            self.sweep.tokens_per_s = tokens / seconds
         if self.directory is None:
+            self.sweep.result = summary(self.sweep.members, self.log.records, frozen_at, info.step)
             return
         for m, run in enumerate(self.directory.runs):
             state = self.sweep.trainer.member_state(info.state, m)
             run.store.remove_partial()
             run.store.save(state, self.sweep.data.sources[m].position(int(state.step)))
+        records = [read_metrics(run.path) for run in self.directory.runs]  # the whole history, a resumed sweep's too
+        self.sweep.result = summary(self.sweep.members, records, frozen_at, info.step)
         path = self.directory.path
         (path / (SUMMARY_FILE + ".tmp")).write_text(json.dumps(self.sweep.result, indent=2) + "\n")
         (path / (SUMMARY_FILE + ".tmp")).replace(path / SUMMARY_FILE)
         from microgpt_jax.plot import plot_sweep
 
         try:
-            plot_sweep(self.sweep.result, self.log.records, path / "loss.png")
+            plot_sweep(self.sweep.result, records, path / "loss.png")
         except UserError as e:
             print(f"no loss plot: {e}")
         return f"the members' runs are in {path / 'runs'}"
 
 
-def summary(members, log: SweepLog, info: StepInfo) -> dict:
-    """Each member's last losses and where it froze; each setting's mean and standard deviation over its seeds."""
+def summary(members, records, frozen_at, step) -> dict:
+    """Each member's last losses and where it froze (records: each member's metrics records; frozen_at: the
+    sweep state's); each setting's validation loss, mean and standard deviation over its seeds."""
     rows = []
-    for m, member in enumerate(members):
-        records = log.records[m]
-        last = records[-1] if records else {}
-        val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
-        rows.append(
-            {
-                "name": member.name,
-                "seed": member.seed,
-                "values": member.values,
-                "steps": log.frozen.get(m, info.step),
-                "frozen": m in log.frozen,
-                "loss": last.get("loss"),
-                "val_loss": val,
-                "run": f"runs/{member.name}",
-            }
-        )
-    settings = []
-    for label, idx in log.groups.items():
+    for member, history, frozen in zip(members, records, frozen_at):
+        val = next((r["val_loss"] for r in reversed(history) if "val_loss" in r), None)
+        row = {"name": member.name, "seed": member.seed, "values": member.values, "steps": int(frozen) if frozen >= 0 else step}
+        row |= {"frozen": bool(frozen >= 0), "loss": history[-1]["loss"] if history else None, "val_loss": val}
+        rows.append(row | {"run": f"runs/{member.name}"})
+    settings = {}
+    for i, member in enumerate(members):
+        settings.setdefault(settings_label(member.values), []).append(i)
+    groups = []
+    for label, idx in settings.items():
         vals = [rows[i]["val_loss"] for i in idx if not rows[i]["frozen"] and rows[i]["val_loss"] is not None]
-        settings.append(
+        groups.append(
             {
                 "settings": members[idx[0]].values,
                 "label": label,
@@ -475,7 +471,7 @@ def summary(members, log: SweepLog, info: StepInfo) -> dict:
                 "val_loss_std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
             }
         )
-    return {"step": info.step, "steps": info.last_step, "members": rows, "settings": settings}
+    return {"step": step, "members": rows, "settings": groups}
 
 
 # -- compare: variants against a baseline, paired by seed ----------------------------------------
