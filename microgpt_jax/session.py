@@ -122,7 +122,8 @@ class Session:
         est = self.estimate()
         on_host = device.platform == "cpu"
         lines = [
-            f"parameters: {memory.num_params(cfg):,} ({memory.format_bytes(nbytes(state.params))} in {tcfg.param_dtype})",
+            f"parameters: {memory.num_params(cfg):,}{f' x {self.member_axis[0]} members' if self.member_axis else ''} "
+            f"({memory.format_bytes(nbytes(state.params))} in {tcfg.param_dtype})",
             f"optimizer state: {memory.format_bytes(nbytes(state.opt_state))}",
         ]
         if step is None:

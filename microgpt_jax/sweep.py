@@ -325,7 +325,7 @@ class Sweep(Session):
         eval_set = self.data.eval_set()
         evaluate = None
         if eval_set is not None:
-            on_device = self.trainer.put(eval_set)
+            on_device = self.trainer.put(eval_set, member_axis=0)
             evaluate = lambda params: self.trainer.evaluate(params, on_device)  # noqa: E731
         sinks = [MetricsFile(run.path, resumed_at=start or None) for run in sweep.runs] if sweep else None
         log = SweepLog(self.members, self.member_configs, tcfg.log_every, tcfg.eval_every, evaluate, sinks)

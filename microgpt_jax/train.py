@@ -467,11 +467,27 @@ class SweepTrainer(Trainer):
         check_accumulation(base, groups)
         fixed = dict(cfg=cfg, dtype=self.dtype, attention=self.attention, grad_accum=base.grad_accum, groups=groups)
         fixed |= dict(steps=base.steps, param_dtype=base.param_dtype)
-        self.step = jax.jit(partial(_sweep_step, **fixed), donate_argnums=0)
-        self.steps = jax.jit(partial(_steps, step=_sweep_step, **fixed), donate_argnums=0)
+        self.step = jax.jit(partial(_sweep_step, **fixed), donate_argnums=0, **self._sweep_shardings(0, 1))
+        self.steps = jax.jit(partial(_steps, step=_sweep_step, **fixed), donate_argnums=0, **self._sweep_shardings(1, 2, looped=True))
         self._compiled = {}
         row_losses = jax.vmap(partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention))
-        self._row_losses = jax.jit(row_losses)
+        self._row_losses = jax.jit(row_losses, **self._sweep_shardings(0, 2, evaluation=True))
+
+    def _sweep_shardings(self, member_axis, rows_axis, looped=False, evaluation=False):
+        """in/out shardings of the step, the loop (and its step count) or the evaluation, their batches' member and row
+        axes where given: members over the devices (by_member), else the members' weights replicated and their rows split."""
+        if self.mesh is None:
+            return {}
+        repl = parallel.replicated(self.mesh)
+        if self.by_member:
+            members = parallel.batch_sharding(self.mesh, 0)
+            state, batches, out = TrainState(members, members, repl), parallel.batch_sharding(self.mesh, member_axis), members
+        else:
+            state, batches, out = repl, parallel.batch_sharding(self.mesh, rows_axis), repl
+        if evaluation:
+            return dict(in_shardings=(members if self.by_member else repl, batches), out_shardings=out)
+        metrics = parallel.batch_sharding(self.mesh, member_axis) if self.by_member else repl
+        return dict(in_shardings=(state, batches, *((repl,) if looped else ())), out_shardings=(state, metrics))
 
     def evaluate(self, params, batches) -> list[float]:
         """Each member's summed validation loss (batches [M, E, rows, T]), added exactly as a solo run's."""
@@ -486,13 +502,12 @@ class SweepTrainer(Trainer):
             return jax.device_put(tree, parallel.batch_sharding(self.mesh, axis))
         return jax.device_put(tree, parallel.replicated(self.mesh))
 
-    def put(self, batches: Batch) -> Batch:
-        """Stacked member batches [steps, M, rows, T] (or an eval set [M, E, rows, T]) -> device arrays."""
+    def put(self, batches: Batch, member_axis=1) -> Batch:
+        """Stacked member batches [steps, M, rows, T] (or an eval set [M, E, rows, T], member_axis 0) -> device arrays."""
         batches = batches._replace(weights=batches.weights.astype(self.param_dtype))
         if self.mesh is None or self.by_member:
-            return self._place(batches, 1 if batches.tokens.ndim == 4 else 0)
-        axis = batches.tokens.ndim - 2  # the rows
-        return jax.device_put(batches, parallel.batch_sharding(self.mesh, axis))
+            return self._place(batches, member_axis)
+        return jax.device_put(batches, parallel.batch_sharding(self.mesh, 2))  # [steps or M, M or E, rows, T]: the rows
 
     def put_state(self, state: TrainState) -> TrainState:
         """A sweep state read from a checkpoint (host arrays) -> placed as init places it."""

@@ -23,10 +23,14 @@ def run_worker(num_devices):
 
 
 def test_four_devices_equal_one_device():
+    """A run's batch split over 4 devices; a sweep's 4 members spread over them, and 3 members' rows split over them."""
     result = run_worker(4)
     assert result["devices_used"] == [4]  # the batch really was split over 4 devices
     assert result["loss_excess"] <= ATOL, result
     assert result["param_excess"] <= ATOL, result
+    spread, split = result["sweep_4"], result["sweep_3"]
+    assert spread["by_member"] and spread["devices_used"] == [4] and spread["excess"] <= ATOL, spread
+    assert not split["by_member"] and split["excess"] <= ATOL, split
 
 
 def test_batch_must_divide_over_devices():
