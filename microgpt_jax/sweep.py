@@ -426,6 +426,7 @@ class Finish:
             _, tokens, seconds = info.since(None)
             self.sweep.tokens_per_s = tokens / seconds
         if self.directory is None:
+            self.sweep.records = self.log.records
             self.sweep.result = summary(self.sweep.members, self.log.records, frozen_at, info.step)
             return
         for m, run in enumerate(self.directory.runs):
@@ -433,6 +434,7 @@ class Finish:
             run.store.remove_partial()
             run.store.save(state, self.sweep.data.sources[m].position(int(state.step)))
         records = [read_metrics(run.path) for run in self.directory.runs]  # the whole history, a resumed sweep's too
+        self.sweep.records = records
         self.sweep.result = summary(self.sweep.members, records, frozen_at, info.step)
         path = self.directory.path
         (path / (SUMMARY_FILE + ".tmp")).write_text(json.dumps(self.sweep.result, indent=2) + "\n")
@@ -507,7 +509,7 @@ def compare(variants, seeds, data_path, devices=None, vocab_size=None, out=None)
     groups = {}
     for v in variants:
         groups.setdefault(shape_key(v.configs), []).append(v)
-    val, speed = {}, {}
+    val, speed, curves = {}, {}, {}
     for i, group in enumerate(groups.values()):
         members = [
             Member(f"{v.label},seed={s}", s, {"variant": v.label}, v.configs.replace(train=dataclasses.replace(v.configs.train, seed=s)))
@@ -518,14 +520,15 @@ def compare(variants, seeds, data_path, devices=None, vocab_size=None, out=None)
         print(f"group {i + 1} of {len(groups)}: {labels} ({len(members)} members, one compiled program)", file=out, flush=True)
         sweep = Sweep(members, data_path, devices, vocab_size)
         sweep.train(quiet=True)
-        for member, row in zip(members, sweep.result["members"]):
+        for member, row, history in zip(members, sweep.result["members"], sweep.records):
             val[member.name] = math.nan if row["frozen"] or row["val_loss"] is None else row["val_loss"]
+            curves[member.name] = [[r["step"], r["loss"]] for r in history]
         for v in group:
             speed[v.label] = sweep.tokens_per_s
-    return _statistics(variants, seeds, val, speed)
+    return _statistics(variants, seeds, val, speed, curves)
 
 
-def _statistics(variants, seeds, val, speed) -> dict:
+def _statistics(variants, seeds, val, speed, curves) -> dict:
     base = variants[0]
     rows = []
     for v in variants:
@@ -536,6 +539,7 @@ def _statistics(variants, seeds, val, speed) -> dict:
             "mean": float(np.mean(losses)),
             "std": float(np.std(losses, ddof=1)) if len(seeds) > 1 else math.nan,
             "tokens_per_s": speed[v.label],
+            "loss_curves": {str(s): curves[f"{v.label},seed={s}"] for s in seeds},  # [step, training loss] per record
         }
         if v is not base:
             diffs = [a - b for a, b in zip(losses, (val[f"{base.label},seed={s}"] for s in seeds))]

@@ -102,3 +102,11 @@ def test_every_notebook_is_tested():
         "02_computation_graph.ipynb",
         "03_prototype_a_change.ipynb",
     ]
+
+
+def test_compare_notebook_runs(names_path, monkeypatch):
+    book = execute(NOTEBOOKS / "04_compare_variants.ipynb", names_path, monkeypatch)
+    text = "".join(outputs(book, "stream"))
+    assert "group 3 of 3: --pos rope (5 members, one compiled program)" in text
+    assert "--qk-norm: " in text and "95% t interval" in text
+    assert len(outputs(book, "image/png")) == 1  # the bands and the paired differences
