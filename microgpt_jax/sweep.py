@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -140,13 +141,21 @@ class SweepDir:
         self.path, self.base, self.members, self.data_path, self.runs = Path(path), base, members, Path(data_path), runs
         self.store, self._lock = None, None
 
-    @classmethod
-    def create(cls, path, base: RunConfig, members, tokenizers, data_path) -> "SweepDir":
+    @staticmethod
+    def check_new(path):
+        """Refuse a path that holds anything (an existing sweep above all): nothing is overwritten."""
         path = Path(path)
         if (path / SWEEP_FILE).exists():
             raise UserError(f"{path} is an existing sweep; continue it with `microgpt-jax sweep --resume {path}`, or pass a new directory")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UserError(f"{path} already exists and is not empty; pass a new directory so nothing is overwritten")
+
+    @classmethod
+    def create(cls, path, base: RunConfig, members, tokenizers, data_path) -> "SweepDir":
+        """A new sweep directory, locked, with every member's run directory; on a failure nothing of it is left."""
+        path = Path(path)
+        cls.check_new(path)
+        made = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
             lock = lock_directory(path)
@@ -156,7 +165,11 @@ class SweepDir:
             text = json.dumps(sweep.to_json(), indent=2) + "\n"
             (path / (SWEEP_FILE + ".tmp")).write_text(text)
             (path / (SWEEP_FILE + ".tmp")).replace(path / SWEEP_FILE)
-        except OSError as e:
+        except (OSError, UserError) as e:
+            if made:  # leave nothing half-made that would block the same command afterwards
+                shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"could not create the sweep directory {path} ({e.strerror or e}); pass a writable path") from None
         return sweep
 

@@ -155,3 +155,16 @@ def test_compare_pairs_each_variant_with_the_baseline_by_seed(capsys, tmp_path):
         assert (v["diff"], *v["ci95"]) == pytest.approx(paired_interval(diffs))
         assert v["distinguishable"] == (not v["ci95"][0] <= 0 <= v["ci95"][1])
         assert ("distinguishable from zero" in out.out) and f"{v['variant']}:" in out.out
+
+
+def test_a_used_directory_and_a_missing_sweep_are_one_line(capsys, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    code, out = run_in_process(capsys, "sweep", "--out", used, "--steps", "10")
+    assert_one_line_error(code, out.err, "not empty")
+    assert (used / "notes.txt").read_text() == "mine"
+    code, out = run_in_process(capsys, "sweep", "--resume", used)
+    assert_one_line_error(code, out.err, "not a sweep directory")
+    code, out = run_in_process(capsys, "compare", "--steps", "10")
+    assert_one_line_error(code, out.err, "--variant")

@@ -78,6 +78,8 @@ def run(args):
             directory.runs[0].check_data(args.data or data_path)
         else:
             directory, tokenizers = None, None
+            if args.out:
+                SweepDir.check_new(args.out)  # before anything is loaded or compiled
             base = RunConfig.of(args.given_configs)
             members = members_of(base, parse_seeds(args.seeds), [parse_set(s) for s in args.sets or ()])
             data_path = resolve_data_path(args.data)
