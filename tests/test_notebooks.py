@@ -101,6 +101,7 @@ def test_every_notebook_is_tested():
         "01_quickstart.ipynb",
         "02_computation_graph.ipynb",
         "03_prototype_a_change.ipynb",
+        "04_compare_variants.ipynb",
     ]
 
 
