@@ -7,11 +7,12 @@ tables whose fields it takes (CONFIG_FLAGS).
 
 import argparse
 import dataclasses
+import signal
 import sys
 
 from microgpt_jax import commands
 from microgpt_jax.config import ConfigError
-from microgpt_jax.errors import ArgumentParser, UserError, run_cli
+from microgpt_jax.errors import ArgumentParser, UserError, exit_at_once, run_cli
 from microgpt_jax.rundir import RunConfig
 from microgpt_jax.runtime import use_compilation_cache
 
@@ -80,6 +81,7 @@ def build_parser():
         add_config_flags(p, getattr(module, "CONFIG_FLAGS", {}))
         module.add_arguments(p)
         p.set_defaults(run=module.run)
+    parser.subcommands = sub.choices  # a mistyped flag is answered by its command's parser (ArgumentParser.unknown)
     return parser
 
 
@@ -91,7 +93,11 @@ def main(argv=None):
         # as cargo, docker and pip do (git's exit 1 would make `microgpt-jax | less` look like a failure).
         parser.print_help()
         return 0
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.subcommands[args.command].unknown(extra)
+    if signal.getsignal(signal.SIGINT) is exit_at_once:  # loaded: ctrl-C unwinds the command from here on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     use_compilation_cache()
     from microgpt_jax.memory import TooBig
 

@@ -44,6 +44,10 @@ def non_negative(value):
     return None if value >= 0 else "must be at least 0"
 
 
+def fits_64_bits(value):
+    return None if -(2**63) <= value < 2**63 else "must fit in 64 bits (-2**63 to 2**63 - 1)"
+
+
 def fraction(value):
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
@@ -107,6 +111,8 @@ def read_toml(path, classes: dict, not_in_files=()) -> dict:
         raise UserError(f"could not read the config file {path} ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     for table, values in tables.items():
         if not isinstance(values, dict):
             owner = next((t for t, cls in classes.items() if table in {f.name for f in dataclasses.fields(cls)}), "its table")

@@ -3,7 +3,7 @@
 import itertools
 import json
 
-from microgpt_jax.errors import positive_int
+from microgpt_jax.errors import positive_int, seed_int
 
 PARSER = {
     "help": "sample from a trained run",
@@ -21,7 +21,7 @@ def add_arguments(p):
     p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens (default: all tokens)")
     p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P (default: all tokens)")
     p.add_argument("--prompt", default="", help="every sample continues this text, e.g. ka (default: none, samples start fresh)")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the draws (default %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=42, help="random seed of the draws (default %(default)s)")
     p.add_argument(
         "--batch-size",
         type=positive_int,
