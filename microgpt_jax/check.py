@@ -190,7 +190,7 @@ def subject(run_dir=None, data=None, doc=None, model: GPTConfig | None = None, t
     """
     tcfg = tcfg or TrainConfig()
     if run_dir:
-        cfg, tokenizer, params, _, run = load_weights(run_dir)
+        cfg, tokenizer, params, _, run = load_weights(run_dir)[:5]
         data_path = resolve_data_path(data) if data or not run else run.data_path
         docs = [] if doc is not None else [first_document(data_path)] if is_dataset(data_path) else load_docs(data_path)
     else:

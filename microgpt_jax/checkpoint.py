@@ -366,8 +366,14 @@ class CheckpointStore:
         while target.exists():
             target = self.damaged_dir / f"{step}.{n}"
             n += 1
-        target.parent.mkdir(exist_ok=True)
-        os.replace(self.directory / str(step), target)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.rename(self.directory / str(step), target)
+        except OSError as e:
+            raise UserError(
+                f"checkpoint {step} is damaged, and could not be moved to {target} ({e.strerror or e}); "
+                f"{self.damaged_dir} must be a writable directory: move what is there away and try again (nothing was moved)"
+            ) from None
         return target
 
 

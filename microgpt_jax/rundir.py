@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -210,6 +211,14 @@ class RunDir:
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
         history = {key: meta[key] for key in ("init_from", "extensions") if key in meta}
+        if not isinstance(history.get("init_from", {}), dict):
+            raise bad("init_from", 'must be {"run" or "file": path, "step": n}')
+        steps = ("at_step", "from_steps", "to_steps")
+        extensions = history.get("extensions", [])
+        if not isinstance(extensions, list) or not all(
+            isinstance(e, dict) and all(type(e.get(k)) is int for k in steps) for e in extensions
+        ):
+            raise bad("extensions", f"must be a list of {{{', '.join(steps)}: int, ...}} as train --steps recorded them")
         return cls(path, configs, tokenizer, data["path"], data["sha256"], history)
 
     @staticmethod
@@ -324,14 +333,19 @@ class Weights(NamedTuple):
     params: dict
     origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
     run: "RunDir | None" = None
+    settings: dict | None = None  # the train and data tables they were trained with, where known: {table: {field: value}}
 
 
 def split_step(spec) -> tuple[Path, int | None]:
-    """RUN_DIR@STEP -> (RUN_DIR, STEP); anything else -> (path, None)."""
-    match = re.fullmatch(r"(.+)@([0-9]+)", str(spec))
-    if match and not Path(spec).exists():
-        return Path(match[1]), int(match[2])
-    return Path(spec), None
+    """RUN_DIR@STEP -> (RUN_DIR, STEP); anything else -> (path, None). A run's @ with no step number after it is refused."""
+    match = re.fullmatch(r"(.+)@([^@/]*)", str(spec))
+    if not match or Path(spec).exists():
+        return Path(spec), None
+    if not match[2].isascii() or not match[2].isdigit():
+        if (Path(match[1]) / RUN_FILE).is_file():
+            raise UserError(f"{spec}: a step is a checkpoint's number (RUN_DIR@500), got {match[2]!r}; pass RUN_DIR@STEP")
+        return Path(spec), None
+    return Path(match[1]), int(match[2])
 
 
 def load_weights(spec) -> Weights:
@@ -339,9 +353,12 @@ def load_weights(spec) -> Weights:
     path, step = split_step(spec)
     if path.suffix == ".safetensors" and path.is_file():
         return _load_safetensors(path)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise UserError(f"{path} is neither a run directory nor an exported .safetensors file; pass one of them")
     run = RunDir.open(path)
     checkpoint = run.store.restore(with_opt_state=False) if step is None else run.store.checkpoint(step)
-    return Weights(run.cfg, run.tokenizer, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run)
+    settings = {t: dataclasses.asdict(getattr(run.configs, t)) for t in ("train", "data")}
+    return Weights(run.cfg, run.tokenizer, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run, settings)
 
 
 def _load_safetensors(path) -> Weights:
@@ -354,9 +371,18 @@ def _load_safetensors(path) -> Weights:
         tokenizer = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else CharTokenizer(meta["vocab"])
     except (OSError, SafetensorError, KeyError, ValueError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
-    if tokenizer.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
-        raise UserError(f"{path} does not hold the weights its metadata describes; export it again")
-    return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
+    shapes = param_shapes(cfg)
+    wrong = [k for k in sorted(shapes) if k in params and (params[k].shape != tuple(shapes[k]) or params[k].dtype.kind != "f")]
+    if tokenizer.size != cfg.vocab_size or set(params) != set(shapes) or wrong:
+        what = (
+            f" ({wrong[0]} is {params[wrong[0]].dtype} {list(params[wrong[0]].shape)}, not float {list(shapes[wrong[0]])})" if wrong else ""
+        )
+        raise UserError(f"{path} does not hold the weights its metadata describes{what}; export it again")
+    bad = [k for k in sorted(params) if not np.isfinite(params[k]).all()]
+    if bad:  # NaN logits: every sample would be BOS, every loss NaN
+        raise UserError(f"{path} holds weights that are not finite (NaN or Inf) in {', '.join(bad)}; export them again from a good run")
+    settings = {t: json.loads(meta[t]) for t in ("train", "data") if t in meta}  # the run's own (a fine-tune inherits them)
+    return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))}, None, settings)
 
 
 class Start(NamedTuple):
@@ -430,13 +456,18 @@ def export_safetensors(run_dir, out_path) -> int:
     metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.tokenizer.to_json()), "step": str(step)}
     metadata |= {"vocab": run.tokenizer.chars} if run.tokenizer.kind == "char" else {}
     metadata |= {table: json.dumps(meta[table]) for table in RunConfig.TABLES}
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = None
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, str(tmp), metadata=metadata)
-        tmp.replace(out_path)  # atomic: OUT is whole or absent
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)  # a name no one else has
+        os.close(fd)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, tmp, metadata=metadata)
+        os.link(tmp, out_path)  # atomic, and never over a file: of two exports to one path, the second is refused
+    except FileExistsError:
+        raise UserError(f"{out_path} already exists (written meanwhile); pass a new file name so nothing is overwritten") from None
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         reason = getattr(e, "strerror", None) or str(e).split(": ", 1)[-1]
         raise UserError(f"could not write {out_path} ({reason}); nothing was written") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return step

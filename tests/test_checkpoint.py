@@ -383,7 +383,7 @@ def test_export_safetensors(tmp_path, finished_run, capsys):
 
     out = tmp_path / "model.safetensors"
     cli.main(["export", str(finished_run), str(out)])
-    cfg, tokenizer, params, _, _ = load_weights(finished_run)
+    cfg, tokenizer, params, _, _ = load_weights(finished_run)[:5]
     loaded = load_file(str(out))
     assert list(loaded) == sorted(param_shapes(cfg))
     assert all(np.array_equal(loaded[k], params[k]) and loaded[k].dtype == np.float32 for k in params)

@@ -55,10 +55,12 @@ def run(args):
 
     options = dict(top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     check_options(args.temperature, reference=args.reference, **options)  # before the weights are read
-    cfg, tokenizer, params, _, run = load_weights(args.run_dir)
+    weights = load_weights(args.run_dir)
+    cfg, tokenizer, params = weights.cfg, weights.tokenizer, weights.params
     prompt = encode_prompt(tokenizer, args.prompt, cfg)
     drawn = dict(reference=args.reference, seed=args.seed, temperature=args.temperature, prompt=prompt, **options)
-    batches = sample_run(params, cfg, args.num_samples, tokenizer=tokenizer, mode=run.dcfg.mode if run else "docs", **drawn)
+    mode = (weights.settings or {}).get("data", {}).get("mode", "docs")  # a run's or an export's: stream starts at a line
+    batches = sample_run(params, cfg, args.num_samples, tokenizer=tokenizer, mode=mode, **drawn)
     framed = not args.json and breaks_lines(tokenizer)
 
     def render(number, s):
