@@ -195,8 +195,18 @@ class CheckpointStore:
         steps = self.steps()
         return f"the latest checkpoint is step {steps[-1]} in {self.directory}" if steps else "no checkpoint was saved"
 
+    def check_no_files(self):
+        """A file named as a step (checkpoints/30) would be deleted by orbax's save of that step: refused first."""
+        files = sorted(p.name for p in self.directory.glob("*") if STEP_NAME.fullmatch(p.name) and not p.is_dir())
+        if files:
+            raise UserError(
+                f"{self.directory} holds the file {files[0]} where checkpoint {files[0]} would be saved; "
+                "move it out of the way (nothing was changed)"
+            )
+
     def remove_partial(self):
         """Delete steps orbax never finished writing (a crash or a full disk mid-save): never a checkpoint."""
+        self.check_no_files()
         if self.directory.is_dir() and parallel.is_main_process():
             for p in self.directory.glob(f"*{TMP_MARK}*"):
                 shutil.rmtree(p, ignore_errors=True)
@@ -213,6 +223,7 @@ class CheckpointStore:
         step = int(state.step)
         if step in self.steps():
             return  # never overwrite a checkpoint in place
+        self.check_no_files()
         params, opt_state = jax.tree.map(np.asarray, (state.params, state.opt_state))
         meta = {
             "step": step,

@@ -238,6 +238,14 @@ class RunDir:
         except UserError as e:
             raise UserError(f"{tokenizer_file}: {e}") from None
 
+    def remove_if_empty(self) -> bool:
+        """Remove this new run's directory if no step left anything in it (no checkpoint, no metrics record): True if removed."""
+        metrics = self.path / "metrics.jsonl"
+        if not parallel.is_main_process() or self.store.steps() or (metrics.exists() and metrics.stat().st_size):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return not self.path.exists()
+
     # -- one process at a time --------------------------------------------------------------
 
     def lock(self) -> "RunDir":

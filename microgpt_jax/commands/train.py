@@ -122,4 +122,9 @@ def run(args):
         if args.out:
             origin = start.init and start.init.origin
             run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, origin))
-        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
+        try:
+            session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
+        except UserError as e:  # a new run that failed before it held anything (W&B would not start): gone, so the retry runs
+            if args.out and run.remove_if_empty():
+                raise UserError(f"{e} ({args.out}, which held nothing yet, was removed)") from None
+            raise
