@@ -62,7 +62,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     TABLES: ClassVar[dict] = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
-    FROM_DATA: ClassVar[tuple] = ("vocab_size",)  # set from the data: no key of a config file
+    FROM_DATA: ClassVar[tuple] = ("vocab_size",)  # set from the data (a config file's is the size asked for: bpe's)
+    FILE_ONLY: ClassVar[dict] = {"data": {"path": str}}  # a config file's keys beyond the fields: the data, as --data
 
     @classmethod
     def of(cls, tables: dict) -> "RunConfig":
@@ -93,11 +94,13 @@ class RunConfig:
     @classmethod
     def read_toml(cls, path) -> dict:
         """A config file's {table: {field: value}}, each table checked by its class (config.read_toml)."""
-        return read_toml(path, cls.TABLES, cls.FROM_DATA)
+        return read_toml(path, cls.TABLES, extra=cls.FILE_ONLY)
 
-    def to_toml(self) -> str:
-        """These configs as a config file that read_toml reads back."""
-        return to_toml(dict(self.items()), self.FROM_DATA)
+    def to_toml(self, data_path=None, vocab_known=True) -> str:
+        """These configs as a config file that read_toml reads back: the data file too, if given; vocab_known False
+        leaves the vocabulary size out (the data will give it)."""
+        extra = {"data": {"path": (str(data_path), "the data file or dataset (--data)")}} if data_path else {}
+        return to_toml(dict(self.items()), () if vocab_known else self.FROM_DATA, extra)
 
 
 def _atomic_write(path: Path, text: str):
@@ -429,8 +432,23 @@ def open_for_training(given: dict, data=None, resume=None, init_from=None, out=N
         yield Start(run, run.resumed_configs(given), data_path, None, run.tokenizer, vocab_size)
 
 
+def inherited(given: dict, init: Weights, init_from) -> RunConfig:
+    """A fine-tune's configs: the weights' own train and data settings (where known), the given values over them."""
+    tables = {t: dict(given.get(t, {})) for t in RunConfig.TABLES}
+    for table, values in (init.settings or {}).items():
+        fields = {f.name for f in dataclasses.fields(RunConfig.TABLES[table])}
+        tables[table] = {k: v for k, v in values.items() if k in fields} | tables[table]
+    try:
+        return RunConfig.of(tables)
+    except ConfigError as e:  # a value taken from the weights' run, with one given: say where each came from
+        if any(e.field in given.get(t, {}) for t in RunConfig.TABLES):
+            raise
+        raise UserError(f"{e} (taken from --init-from {init_from}; pass --{e.field.replace('_', '-')} to change it)") from None
+
+
 def _new_start(given: dict, data, init_from, vocab_size) -> Start:
-    configs, init = RunConfig.of(given), load_weights(init_from) if init_from else None
+    init = load_weights(init_from) if init_from else None
+    configs = inherited(given, init, init_from) if init else RunConfig.of(given)
     given_data, data_path = given.get("data", {}), resolve_data_path(data)
     if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
         configs = configs.replace(data=dataclasses.replace(configs.data, tokenizer=init.tokenizer.kind))

@@ -253,6 +253,8 @@ def make_tokenizer(kind, texts=(), vocab_size=None, given=None, chars=None):
     """
     if kind == "char":
         tokenizer = CharTokenizer.from_docs(texts if chars is None else chars)
+        if isinstance(given, CharTokenizer) and set(tokenizer.chars) <= set(given.chars):
+            tokenizer = given  # a fine-tune on some of the weights' characters: their ids
     elif kind == "byte":
         tokenizer = ByteTokenizer()
     elif given is not None and given.kind == "bpe":
