@@ -155,8 +155,9 @@ def _quiet_orbax():
 class CheckpointStore:
     """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype."""
 
-    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=()):
+    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=(), tokenizer=None):
         self.directory, self.cfg, self.tcfg, self.keep = Path(directory), cfg, tcfg, keep
+        self.tokenizer = tokenizer  # the run's tokenizer's sha256: each checkpoint records it, a read checks it
         self.extended_from = set(extended_from)  # step counts the run was extended from: a checkpoint may record them
         self.damaged_dir = Path(damaged_dir) if damaged_dir else self.directory.parent / "damaged"
         self.like = abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
@@ -230,6 +231,7 @@ class CheckpointStore:
             "data_position": data_position,
             "model": dataclasses.asdict(self.cfg),
             "train": dataclasses.asdict(self.tcfg),  # what decides the rest of the run: a resume is checked against it
+            **({"tokenizer_sha256": self.tokenizer} if self.tokenizer else {}),
             "sha256": {"params": tree_sha256(params), "opt_state": tree_sha256(opt_state)},
         }
         args = ocp.args.Composite(
@@ -277,6 +279,12 @@ class CheckpointStore:
                 f"{getattr(self.cfg, name, None)!r}; restore run.json's model table (nothing was moved)"
             )
         self._check_training(step, meta.get("train"))
+        recorded = meta.get("tokenizer_sha256")
+        if recorded and self.tokenizer and recorded != self.tokenizer:
+            raise UserError(
+                f"checkpoint {step} was trained with another vocabulary than the run's (tokenizer_sha256 {recorded[:12]}...); "
+                "restore run.json's vocab or tokenizer.json (nothing was moved)"
+            )
         return meta
 
     def _check_training(self, step, recorded):

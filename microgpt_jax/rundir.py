@@ -38,7 +38,7 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.text import resolve_data_path
-from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json
+from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json, tokenizer_sha256
 from microgpt_jax.train import TrainConfig
 
 RUN_FILE = "run.json"
@@ -141,7 +141,13 @@ class RunDir:
         extensions = self.history.get("extensions", [])
         extended_from = {self.extends} | {e.get(k) for e in extensions if isinstance(e, dict) for k in ("from_steps", "to_steps")}
         return CheckpointStore(
-            self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged", extended_from - {None}
+            self.path / "checkpoints",
+            self.cfg,
+            self.tcfg,
+            self.ccfg.keep,
+            self.path / "damaged",
+            extended_from - {None},
+            tokenizer_sha256(self.tokenizer),
         )
 
     # -- create and open ------------------------------------------------------------------
@@ -182,6 +188,7 @@ class RunDir:
             "version": VERSION,
             **self.configs.to_json(),
             **({"vocab": self.tokenizer.chars} if self.tokenizer.kind == "char" else {}),
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
             **self.history,
         }
@@ -207,6 +214,14 @@ class RunDir:
         except ConfigError as e:
             raise bad(e.field, e.problem) from None
         tokenizer = cls.read_tokenizer(path, configs.data.tokenizer, meta.get("vocab"), bad)
+        recorded = meta.get("tokenizer_sha256", tokenizer_sha256(tokenizer))  # a run.json from before it was recorded: none
+        if recorded != tokenizer_sha256(tokenizer) and tokenizer.kind == "bpe":
+            raise UserError(
+                f"{Path(path) / TOKENIZER_FILE} is not the tokenizer the run was trained with (its sha256 is not run.json's "
+                "tokenizer_sha256); restore it from a copy"
+            )
+        if recorded != tokenizer_sha256(tokenizer):
+            raise bad("vocab", "is not the vocabulary the run was trained with (tokenizer_sha256 differs)")
         if tokenizer.size != configs.model.vocab_size:
             what = "characters" if tokenizer.kind == "char" else "ids"
             raise bad("vocab", f"has {tokenizer.size - 1} {what} (+ BOS), but model.vocab_size is {configs.model.vocab_size}")
@@ -238,6 +253,8 @@ class RunDir:
             return BPETokenizer(tokenizer_file.read_text())
         except OSError as e:
             raise UserError(f"could not read the run's tokenizer {tokenizer_file} ({e.strerror or e}); restore it from a copy") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{tokenizer_file} is not valid UTF-8 (byte {e.start}); restore it from a copy") from None
         except UserError as e:
             raise UserError(f"{tokenizer_file}: {e}") from None
 

@@ -16,6 +16,7 @@ punctuation, each as UTF-8 bytes), then merges up to the vocabulary size.
 """
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -227,6 +228,11 @@ def train_bpe(texts, vocab_size=BPE_VOCAB_SIZE) -> BPETokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=alphabet, show_progress=False, special_tokens=[])
     hf.train_from_iterator(texts, trainer)
     return BPETokenizer(hf.to_str())
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The sha256 of a tokenizer's JSON (canonical): run.json and each checkpoint record it, so a swapped one shows."""
+    return hashlib.sha256(json.dumps(tokenizer.to_json(), sort_keys=True).encode()).hexdigest()
 
 
 def from_json(meta) -> "CharTokenizer | ByteTokenizer | BPETokenizer":
