@@ -108,7 +108,16 @@ def main(argv=None):
         args.given_configs = given_configs(args)
         return args.run(args)
     except (ConfigError, TooBig) as e:  # a config value is wrong, or a run cannot fit: name the flags that set it
-        raise UserError(e.with_flags(flag)) from None
+        raise UserError(worded(e, args)) from None
+
+
+def worded(e, args) -> str:
+    """A ConfigError as the flag that set it, or as the config file's key where the file set it and no flag did."""
+    typed = set(getattr(args, "given", {})) | {n for n in RunConfig.FROM_DATA if getattr(args, n, None) is not None}
+    in_file = [t for t, values in args.given_configs.items() if getattr(e, "field", None) in values] if "given_configs" in args else []
+    if isinstance(e, ConfigError) and e.field not in typed and in_file and getattr(args, "config", None):
+        return f"{args.config}: [{in_file[0]}] {e}"
+    return e.with_flags(flag)
 
 
 def entry():

@@ -50,7 +50,8 @@ def test_a_config_file_with_flags_over_it(tmp_path, capsys):
     [
         ("[train]\nlr_max = 1\n", "[train] has no key 'lr_max' (its keys: steps,"),
         ("[optim]\nlr = 1\n", "unknown table [optim]; the tables are [model], [train], [data], [checkpoint]"),
-        ("[model]\nvocab_size = 30\n", "[model] has no key 'vocab_size'"),
+        ("[model]\nvocab_size = 30\n", "[model] vocab_size 30 differs from the 27 ids the char tokenizer gives"),  # no flag blamed
+        ("[data]\npath = 3\n", "[data] path must be a str, got 3"),
         ("[checkpoint]\nkeep = 0\n", "[checkpoint] keep must be positive, got 0"),
         ('[train]\nsteps = "ten"\n', "[train] steps must be an integer, got 'ten'"),
         ("[train\nlr = 1\n", "is not valid TOML"),
