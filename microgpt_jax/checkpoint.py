@@ -49,7 +49,7 @@ STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # a step directory's name, as orbax wr
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
-    save_every: int = field(1000, "save a checkpoint every N steps and at the end", check=positive, resumable=True)
+    save_every: int = field(250, "save a checkpoint every N steps and at the end", check=positive, resumable=True)
     keep: int = field(3, "checkpoints kept; the oldest is removed once a new one is complete", check=positive, resumable=True)
 
     def __post_init__(self):

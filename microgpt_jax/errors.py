@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -45,8 +46,17 @@ def run_cli(main, argv=None):
     """Run a command-line entry point: a UserError becomes one line on stderr and exit 2."""
     if sys.stdout is None:  # `>&-`: fd 1 would go to the next file opened (a checkpoint's), so nothing starts
         fail("the standard output is closed (>&-); send it somewhere (> FILE, or > /dev/null)")
-    for s in (signal.SIGTERM, signal.SIGHUP):  # the command unwinds: its temporary files go (train saves first)
-        signal.signal(s, _stop)
+    signals = (signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, _stop) for s in signals}  # the command unwinds: its temporary files go (train saves first)
+    try:
+        code = _run(main, argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    raise SystemExit(code or 0)
+
+
+def _run(main, argv):
     try:
         code = main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
@@ -63,7 +73,7 @@ def run_cli(main, argv=None):
             raise
         _quiet_stdout()  # a full disk under `> FILE` (or /dev/full): say so once, not again at exit
         fail(f"could not write the output ({e.strerror}); what was printed before is whole", code=1)
-    raise SystemExit(code or 0)
+    return code
 
 
 class ArgumentParser(argparse.ArgumentParser):

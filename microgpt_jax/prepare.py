@@ -23,7 +23,7 @@ import numpy as np
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig, split_point
-from microgpt_jax.dataset import DOCS, FORMAT, META, ORDER, TOKENS, VERSION, file_checksums, meta_checksum
+from microgpt_jax.dataset import BOUND, DOCS, FORMAT, META, ORDER, TOKENS, VERSION, binding, file_checksums, meta_checksum
 from microgpt_jax.errors import UserError
 from microgpt_jax.text import REFERENCE_SEED, code_points, decode_utf8, no_docs, read_blocks, split_docs
 from microgpt_jax.tokenizer import make_tokenizer
@@ -96,16 +96,19 @@ def prepare(path, out, dcfg: DataConfig, vocab_size=None, seed=REFERENCE_SEED, c
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir(parents=True)
+        written = SourceHash()  # the text as this last pass read it: the first pass's, or the dataset is not one text's
         if dcfg.mode == "docs":
-            tokens, lengths = write_docs(read(), tokenizer, tmp, dtype)
+            tokens, lengths = write_docs(read(written), tokenizer, tmp, dtype)
             width = np.dtype("<u4" if count < 1 << 32 else "<u8")
             (tmp / ORDER).write_bytes(np.frombuffer(order, width).tobytes())
             split = {"unit": "documents", "train": n_train, "validation": count - n_train, "seed": seed}
             extra = {"docs": count, "doc_lengths": {"tokens": lengths[0].tolist(), "count": lengths[1].tolist()}}
         else:
-            tokens, train_tokens = write_stream(read(), tokenizer, tmp / TOKENS, dtype, n_train)
+            tokens, train_tokens = write_stream(read(written), tokenizer, tmp / TOKENS, dtype, n_train)
             split = {"unit": "tokens", "train": train_tokens, "validation": tokens - train_tokens, "train_characters": n_train}
             extra = {}
+        if written.sha.digest() != source.sha.digest():
+            raise UserError(f"{path} changed while it was read; nothing was written: prepare it again once it stays the same")
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -118,8 +121,9 @@ def prepare(path, out, dcfg: DataConfig, vocab_size=None, seed=REFERENCE_SEED, c
             **extra,
             "split": {"val_fraction": dcfg.val_fraction, **split},
             "source": {"path": str(Path(path).resolve()), "sha256": source.sha.hexdigest(), "bytes": source.bytes},
-            "files": {f.name: file_checksums(f) for f in sorted(tmp.iterdir())},
+            "bound": list(BOUND),  # the files' hashes begin with these fields (dataset.binding)
         }
+        meta["files"] = {f.name: file_checksums(f, bound=binding(meta)) for f in sorted(tmp.iterdir())}
         meta["checksum"] = meta_checksum(meta)
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         tmp.rename(out)

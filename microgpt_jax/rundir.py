@@ -457,10 +457,11 @@ def inherited(given: dict, init: Weights, init_from) -> RunConfig:
         tables[table] = {k: v for k, v in values.items() if k in fields} | tables[table]
     try:
         return RunConfig.of(tables)
-    except ConfigError as e:  # a value taken from the weights' run, with one given: say where each came from
+    except ConfigError as e:  # values taken from the weights' run, with some given: say where they came from
+        name = f"--{e.field.replace('_', '-')}"
         if any(e.field in given.get(t, {}) for t in RunConfig.TABLES):
-            raise
-        raise UserError(f"{e} (taken from --init-from {init_from}; pass --{e.field.replace('_', '-')} to change it)") from None
+            raise UserError(f"{name} {e.problem} (the values not given are --init-from {init_from}'s; pass them to change them)") from None
+        raise UserError(f"{e} (taken from --init-from {init_from}; pass {name} to change it)") from None
 
 
 def _new_start(given: dict, data, init_from, vocab_size) -> Start:

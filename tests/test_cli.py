@@ -28,7 +28,7 @@ def bad_files(tmp_path):
 
 def test_missing_data_file_as_a_real_process(tmp_path):
     out = cli("train", "--steps", "1", "--data", str(tmp_path / "missing.txt"))
-    assert_one_line_error(out.returncode, out.stderr, "data file not found", "--data")
+    assert_one_line_error(out.returncode, out.stderr, "data file not found", "missing.txt")
 
 
 def test_bad_model_config_as_a_real_process():

@@ -342,3 +342,147 @@ def test_a_run_from_before_the_variants_resumes_and_samples(tmp_path, capsys, mo
     edit_run_json(run_dir, lambda meta: meta["model"].pop("n_embd"))  # a field every run.json has is still required
     code, out = run_in_process(capsys, "sample", run_dir)
     assert_one_line_error(code, out.err, "model.n_embd is missing")
+
+
+# -- the fault campaign of issue 23: one line each, nothing lost ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(finished, tmp_path_factory):
+    """finished's latest checkpoint exported, and its metadata and arrays (cases write edited copies)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = tmp_path_factory.mktemp("exported") / "w.safetensors"
+    cli.main(["export", str(finished), str(path)])
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    return path, meta, load_file(str(path))
+
+
+def edited_export(exported, tmp_path, edit):
+    from safetensors.numpy import save_file
+
+    _, meta, params = exported
+    params = dict(params)
+    edit(params)
+    save_file(params, str(tmp_path / "e.safetensors"), metadata=meta)
+    return tmp_path / "e.safetensors"
+
+
+def nan_at_0(params):
+    params["wte"] = params["wte"].copy()
+    params["wte"][0, 0] = np.nan
+
+
+def junk_history(key, value):
+    def case(finished, tmp_path, exported=None):
+        run_dir = copy_of(finished, tmp_path)
+        edit_run_json(run_dir, lambda meta: meta.__setitem__(key, value))
+        return ["sample", run_dir]
+
+    return case
+
+
+def damaged_beside_a_file(finished, tmp_path, exported=None):
+    run_dir = copy_of(finished, tmp_path)
+    (run_dir / "damaged").write_text("a note")
+    shutil.rmtree(run_dir / "checkpoints" / "6" / "params")
+    return ["train", "--resume", run_dir]
+
+
+def a_file_named_as_a_step(finished, tmp_path, exported=None):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    (run_dir / "checkpoints" / "6").write_text("a note")
+    return ["train", "--resume", run_dir]
+
+
+def vocab_edited_and_rehashed(finished, tmp_path, exported=None):
+    """A vocabulary of the same length, its sha256 in run.json made again: the checkpoints' record refuses it."""
+    from microgpt_jax.tokenizer import CharTokenizer, tokenizer_sha256
+
+    run_dir = copy_of(finished, tmp_path)
+    chars = "0" + RunDir.open(run_dir).tokenizer.chars[1:]
+    edit_run_json(run_dir, lambda meta: meta.update(vocab=chars, tokenizer_sha256=tokenizer_sha256(CharTokenizer(chars))))
+    return ["sample", run_dir]
+
+
+def vocab_edited(finished, tmp_path, exported=None):
+    run_dir = copy_of(finished, tmp_path)
+    edit_run_json(run_dir, lambda meta: meta.update(vocab="0" + meta["vocab"][1:]))
+    return ["train", "--resume", run_dir]
+
+
+def a_file(name, content):
+    def case(finished, tmp_path, exported=None):
+        (tmp_path / name).write_bytes(content)
+        return tmp_path / name
+
+    return case
+
+
+def a_fifo(finished, tmp_path, exported=None):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    return ["train", *TINY, "--steps", "1", "--data", tmp_path / "fifo"]
+
+
+CAMPAIGN = {  # each: (args, or a function of (finished, tmp_path) giving them; the fragments of the one line)
+    "RUN@-1": (lambda f, t, e: ["sample", f"{f}@-1"], ["a step is a checkpoint's number (RUN_DIR@500), got '-1'"]),
+    "RUN@abc": (lambda f, t, e: ["export", f"{f}@abc", t / "w.safetensors"], ["got 'abc'"]),
+    "a text file as weights": (lambda f, t, e: ["sample", a_file("x.txt", b"emma\n")(f, t, e)], ["is neither a run directory nor"]),
+    "safetensors of the wrong shape": (
+        lambda f, t, e: ["sample", edited_export(e, t, lambda p: p.update(wte=np.zeros((3, 3), np.float32)))],
+        ["does not hold the weights its metadata describes (wte is float32 [3, 3], not float [27, 8])"],
+    ),
+    "safetensors of ints": (
+        lambda f, t, e: ["train", "--init-from", edited_export(e, t, lambda p: p.update(wte=p["wte"].astype(np.int32)))],
+        ["(wte is int32 [27, 8], not float [27, 8])"],
+    ),
+    "safetensors holding a NaN": (
+        lambda f, t, e: ["train", "--init-from", edited_export(e, t, nan_at_0), "--steps", "1"],
+        ["holds weights that are not finite (NaN or Inf) in wte"],
+    ),
+    "run.json extensions junk": (junk_history("extensions", "x"), ["run.json: extensions must be a list"]),
+    "run.json extension of strings": (junk_history("extensions", [{"at_step": "a"}]), ["run.json: extensions must be a list"]),
+    "run.json init_from junk": (junk_history("init_from", 3), ["run.json: init_from must be"]),
+    "a plain file named damaged": (damaged_beside_a_file, ["checkpoint 6 is damaged, and could not be moved", "nothing was moved"]),
+    "a plain file named as a step": (a_file_named_as_a_step, ["holds the file 6 where checkpoint 6 would be saved"]),
+    "vocab edited": (vocab_edited, ["run.json: vocab is not the vocabulary the run was trained with"]),
+    "vocab edited, its hash too": (vocab_edited_and_rehashed, ["checkpoint 6 was trained with another vocabulary"]),
+    "seed past int64": (["train", "--seed", 2**64], ["--seed must fit in 64 bits"]),
+    "seed past int64 in a file": (
+        lambda f, t, e: ["train", "--config", a_file("c.toml", b"[train]\nseed = 99999999999999999999\n")(f, t, e)],
+        ["c.toml: [train] seed must fit in 64 bits"],
+    ),
+    "sample seed past int64": (lambda f, t, e: ["sample", f, "--seed", 2**63], ["--seed: must fit in 64 bits"]),
+    "TOML not UTF-8": (lambda f, t, e: ["train", "--config", a_file("c.toml", b'[train]\nlr = "\xff"\n')(f, t, e)], ["is not valid UTF-8"]),
+    "max-new-tokens past int32": (lambda f, t, e: ["sample", f, "--max-new-tokens", 10**11], ["the most is 2,147,483,647"]),
+    "a batch past memory": (
+        lambda f, t, e: ["sample", f, "--num-samples", 10**9, "--batch-size", 10**9, "--max-new-tokens", 10**5],
+        ["1,000,000,000 samples of 100,001 tokens at once need about", "lower --batch-size"],
+    ),
+    "data a directory": (lambda f, t, e: ["train", "--data", t], ["is a directory but no dataset"]),
+    "data a FIFO": (a_fifo, ["is not a regular file (a pipe or a device?)"]),
+    "data missing, from the environment": (["train", "--data", "/nonexistent.txt"], ["data file not found: /nonexistent.txt"]),
+    "a mistyped flag": (["train", "--n_layer", "2"], ["microgpt-jax train: unrecognized arguments", "did you mean --n-layer?"]),
+    "plot over a file": (lambda f, t, e: ["plot", f, "--out", a_file("mine.png", b"mine")(f, t, e)], ["mine.png already exists"]),
+    "init-from: an inherited value against a given one": (
+        lambda f, t, e: ["train", "--init-from", f, "--warmup", "8"],  # the parent's 6 steps are inherited
+        ["--warmup must be below steps (6), got 8 (the values not given are --init-from"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CAMPAIGN)
+def test_the_campaigns_faults_are_one_line_and_lose_nothing(case, tmp_path, capsys, finished, exported):
+    args, fragments = CAMPAIGN[case]
+    before = snapshot(finished)
+    args = args(finished, tmp_path, exported) if callable(args) else args
+    run_dirs = [a for a in args if isinstance(a, Path) and (a / "run.json").exists()]
+    kept = {d: snapshot(d) for d in run_dirs}
+    code, out = run_in_process(capsys, *args)
+    assert_one_line_error(code, out.err, *fragments)
+    assert snapshot(finished) == before and all(snapshot(d) == kept[d] for d in run_dirs)

@@ -162,8 +162,8 @@ def test_sampler_compiles_once_per_shape():
     params = random_params(CFG)
     sample(params, CFG, 20, prompt=PROMPT, batch_size=16)
     size = sample_rows._cache_size()
-    # new values, same shapes (the last batch of 20 or 5 samples runs padded to 16 rows)
-    sample(params, CFG, 5, prompt=PROMPT, batch_size=16, seed=1, temperature=0.3, top_k=5, top_p=0.5)
+    # new values, same shapes (the last batch of 20 or 21 samples runs padded to 16 rows)
+    sample(params, CFG, 21, prompt=PROMPT, batch_size=16, seed=1, temperature=0.3, top_k=5, top_p=0.5)
     sample(params, CFG, 40, prompt=PROMPT, batch_size=16, seed=2, temperature=0)
     assert sample_rows._cache_size() == size
 
