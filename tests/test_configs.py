@@ -37,9 +37,10 @@ def printed_config(capsys, *args):
 def test_a_config_file_with_flags_over_it(tmp_path, capsys):
     path = tmp_path / "c.toml"
     path.write_text('[model]\nn_embd = 32\nn_head = 8\n[train]\nlr = 0.02\nsteps = 50\n[data]\nmode = "stream"\n')
-    text = printed_config(capsys, "--config", path, "--lr", "0.005")
+    text = printed_config(capsys, "--config", path, "--lr", "0.005", "--data", path, "--tokenizer", "bpe", "--vocab-size", "300")
     assert "n_embd = 32" in text and "n_head = 8" in text and "steps = 50" in text and 'mode = "stream"' in text
     assert "lr = 0.005" in text  # the flag wins over the file
+    assert f"path = {json.dumps(str(path))}" in text and "vocab_size = 300" in text  # the run's data and bpe size, too
     again = tmp_path / "again.toml"
     again.write_text(text)  # what --print-config prints is a config file that resolves to itself
     assert printed_config(capsys, "--config", again) == text

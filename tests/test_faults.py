@@ -486,3 +486,125 @@ def test_the_campaigns_faults_are_one_line_and_lose_nothing(case, tmp_path, caps
     code, out = run_in_process(capsys, *args)
     assert_one_line_error(code, out.err, *fragments)
     assert snapshot(finished) == before and all(snapshot(d) == kept[d] for d in run_dirs)
+
+
+def test_a_fine_tune_inherits_the_runs_settings_and_keeps_its_ids(tmp_path, capsys, finished):
+    """The parent's batch and schedule, not microgpt's defaults, said in one line; data with some of its characters."""
+    some = tmp_path / "some.txt"
+    some.write_text("abba\nbob\nada\n" * 20)
+    code, out = run_in_process(capsys, "train", "--init-from", finished, "--data", some, "--steps", "2", "--out", tmp_path / "ft")
+    assert code == 0, out.err
+    said = out.out.splitlines()[0]
+    assert said.startswith(f"fine-tuning from {finished} (step 6): its weights, model and tokenizer; its settings: batch_size 2")
+    assert said.endswith("given: --steps")
+    meta, parent = (json.loads((d / "run.json").read_text()) for d in (tmp_path / "ft", finished))
+    assert meta["train"] == {**parent["train"], "steps": 2} and meta["data"] == parent["data"]
+    assert meta["vocab"] == parent["vocab"] and meta["model"] == parent["model"]  # the weights' ids, not the data's 4 characters
+
+
+def test_an_export_samples_as_its_run_does(tmp_path, capsys):
+    """A stream run's samples start at a line, not BOS: its export's too (the mode is in its metadata)."""
+    run_dir = tmp_path / "stream"
+    assert run_in_process(capsys, "train", *TINY, "--mode", "stream", "--steps", "2", "--out", run_dir)[0] == 0
+    assert run_in_process(capsys, "export", run_dir, tmp_path / "w.safetensors")[0] == 0
+    drawn = [
+        run_in_process(capsys, "sample", source, "--json", "--num-samples", "4")[1].out for source in (run_dir, tmp_path / "w.safetensors")
+    ]
+    assert drawn[0] == drawn[1] and drawn[0].count("\n") == 4
+
+
+def test_check_on_a_run_says_its_progress_and_trains_as_the_run(capsys, finished):
+    code, out = run_in_process(capsys, "check", finished, "--steps", "1")
+    assert code == 0, out.err
+    assert '"batch_size": 2' in out.out and '"lr": 0.01' in out.out  # the run's (FLAGS), not microgpt's batch of 1
+    assert out.err.splitlines()[-1] == "check: training step 1 of 1 on both engines..."
+
+
+def test_the_readmes_checkpoints_are_kept_by_the_main_command():
+    """`runs/names@STEP` in the README names a checkpoint that `train --out runs/names` (1000 steps, the defaults) keeps."""
+    import re
+
+    ccfg, steps = checkpoint.CheckpointConfig(), train.TrainConfig().steps
+    kept = sorted({*range(ccfg.save_every, steps + 1, ccfg.save_every), steps})[-ccfg.keep :]
+    named = {int(s) for s in re.findall(r"runs/names@(\d+)", (ROOT / "README.md").read_text())}
+    assert named and named <= set(kept), (named, kept)
+
+
+def test_a_failed_wandb_start_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
+    from microgpt_jax import loggers
+
+    def offline(self):
+        raise UserError("could not start the W&B run (No API key configured); run `wandb login`, or set WANDB_MODE=offline")
+
+    monkeypatch.setattr(loggers.WandB, "__enter__", offline)
+    args = ["train", *TINY, "--steps", "2", "--out", tmp_path / "run"]
+    code, out = run_in_process(capsys, *args, "--wandb", "p")
+    assert_one_line_error(code, out.err, "set WANDB_MODE=offline", f"({tmp_path / 'run'}, which held nothing yet, was removed)")
+    assert not (tmp_path / "run").exists()
+    assert run_in_process(capsys, *args)[0] == 0  # the retry it suggests runs
+
+
+def test_prepare_stopped_or_fed_a_changing_text_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from microgpt_jax import errors, prepare
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"\xef\xbb\xbf" + b"emma\nolivia\nava\n" * 50)  # a BOM: no character of the vocabulary
+    real_scan = prepare.scan
+
+    def scan_then_append(*args):
+        counted = real_scan(*args)
+        with open(text, "a") as f:
+            f.write("zoe\n")
+        return counted
+
+    monkeypatch.setattr(prepare, "scan", scan_then_append)
+    code, out = run_in_process(capsys, "prepare", text, "--out", tmp_path / "ds")
+    assert_one_line_error(code, out.err, f"{text} changed while it was read; nothing was written")
+    monkeypatch.setattr(prepare, "scan", real_scan)
+    monkeypatch.setattr(prepare, "write_docs", lambda *args: errors._stop(signal.SIGTERM, None))  # as SIGTERM's handler does
+    code, out = run_in_process(capsys, "prepare", text, "--out", tmp_path / "ds")
+    assert (code, out.err) == (128 + signal.SIGTERM, "error: interrupted (SIGTERM)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # no dataset, no ds.tmp-PID
+    monkeypatch.undo()
+    meta = prepare.prepare(text, tmp_path / "ds", prepare.DataConfig())
+    assert meta["tokenizer"]["chars"] == "aeilmnostvz"
+
+
+def test_an_export_never_overwrites(tmp_path, capsys, monkeypatch, finished):
+    import safetensors.numpy
+
+    out_path = tmp_path / "w.safetensors"
+    (tmp_path / "w.safetensors.tmp").write_text("mine")  # a user's file, where a fixed temp name would write
+    real_save = safetensors.numpy.save_file
+
+    def another_export_meanwhile(params, path, metadata):
+        real_save(params, path, metadata=metadata)
+        out_path.write_text("the other export")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", another_export_meanwhile)
+    code, out = run_in_process(capsys, "export", finished, out_path)
+    assert_one_line_error(code, out.err, "already exists (written meanwhile)")
+    assert out_path.read_text() == "the other export" and (tmp_path / "w.safetensors.tmp").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w.safetensors.tmp"]  # no temp left
+
+
+def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished):
+    """Real processes (a closed fd and a signal need one), run side by side."""
+    import os
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = [sys.executable, "-m", "microgpt_jax", "sample", str(finished)]
+    procs = {
+        "closed": subprocess.Popen(["bash", "-c", f"{' '.join(run)} >&-"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
+        "full": subprocess.Popen(["bash", "-c", f"{' '.join(run)} > /dev/full"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
+        "ctrl-c": subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+    }
+    time.sleep(0.3)  # still importing
+    procs["ctrl-c"].send_signal(signal.SIGINT)
+    done = {name: (p.wait(timeout=120), p.stderr.read()) for name, p in procs.items()}
+    assert_one_line_error(*done["closed"], "the standard output is closed (>&-)")
+    assert_one_line_error(*done["full"], "could not write the output (No space left on device)")
+    assert done["ctrl-c"][0] == 130 and done["ctrl-c"][1].strip() == "error: interrupted"

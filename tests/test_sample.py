@@ -330,3 +330,10 @@ def test_cli_not_a_run(tmp_path, capsys):
     assert code == 2
     helpers.assert_one_line_error(code, err.err, "is not a run directory")
     assert err.err.count("\n") == 1
+
+
+def test_a_tiny_temperature_is_greedy():
+    """1e-15: logits / T overflow, and the draw would fall back to BOS (empty samples)."""
+    params = random_params(CFG)
+    greedy, tiny = (sample(params, CFG, 4, prompt=PROMPT, temperature=t) for t in (0.0, 1e-15))
+    assert [s.ids for s in tiny] == [s.ids for s in greedy]

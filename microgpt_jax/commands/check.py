@@ -17,7 +17,8 @@ def add_arguments(p):
         "run_dir",
         nargs="?",
         default=None,
-        help="check these weights: RUN_DIR, RUN_DIR@STEP or a .safetensors export (default: microgpt's initial weights)",
+        help="check these weights: RUN_DIR, RUN_DIR@STEP or a .safetensors export, with its training settings but those given "
+        "(default: microgpt's initial weights)",
     )
     p.add_argument("--doc", default=None, help="the one document every row of every step trains on (default: the data's, in order)")
     p.add_argument("--steps", type=positive_int, default=20, help="training steps to compare (default %(default)s)")

@@ -17,7 +17,9 @@ PARSER = {
 def add_arguments(p):
     p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
     p.add_argument("--num-samples", type=positive_int, default=20, help="samples to draw (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default %(default)s)")
+    p.add_argument(
+        "--temperature", type=float, default=0.5, help="softmax temperature; 0 (or below 1e-6) means greedy (default %(default)s)"
+    )
     p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens (default: all tokens)")
     p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P (default: all tokens)")
     p.add_argument("--prompt", default="", help="every sample continues this text, e.g. ka (default: none, samples start fresh)")

@@ -27,7 +27,7 @@ def add_arguments(p):
         "--config",
         default=None,
         metavar="FILE.toml",
-        help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
+        help="config values in tables [model], [train], [data] (and path: the data), [checkpoint]; flags override them (default: none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
     p.add_argument(
@@ -56,8 +56,8 @@ def add_arguments(p):
         "--init-from",
         default=None,
         metavar="RUN_DIR[@STEP]",
-        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): "
-        "fine-tuning (default: new weights)",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export), "
+        "with their model, tokenizer and train and data settings but those given: fine-tuning (default: new weights)",
     )
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
