@@ -28,6 +28,7 @@ BOS included, of log softmax(logits)[token], given the prompt.
 import math
 import random
 import sys
+import time
 from functools import partial
 from typing import NamedTuple
 
@@ -300,6 +301,8 @@ def sample_batches(
             out_BN, logp_B = pending
             if first + batch_size < num_samples:
                 pending = rows(first + batch_size)  # computes while this batch is read back and printed
+            while not out_BN.is_ready():  # waited for here, not inside the compiled call: ctrl-C stops a long batch
+                time.sleep(0.01)
             yield _cut(out_BN, logp_B, cfg.bos)[: num_samples - first]
 
     return batches()

@@ -601,10 +601,21 @@ def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished):
         "closed": subprocess.Popen(["bash", "-c", f"{' '.join(run)} >&-"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
         "full": subprocess.Popen(["bash", "-c", f"{' '.join(run)} > /dev/full"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
         "ctrl-c": subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        "long": subprocess.Popen(  # one batch of minutes: ctrl-C stops it while it runs
+            [*run, "--max-new-tokens", "100000000", "--num-samples", "1"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
     }
     time.sleep(0.3)  # still importing
     procs["ctrl-c"].send_signal(signal.SIGINT)
-    done = {name: (p.wait(timeout=120), p.stderr.read()) for name, p in procs.items()}
+    time.sleep(8)  # sampling
+    procs["long"].send_signal(signal.SIGINT)
+    done = {name: (p.wait(timeout=30), p.stderr.read()) for name, p in procs.items()}
+    assert done["long"] == (130, "error: interrupted\n") and procs["long"].stdout.read() == ""
     assert_one_line_error(*done["closed"], "the standard output is closed (>&-)")
     assert_one_line_error(*done["full"], "could not write the output (No space left on device)")
     assert done["ctrl-c"][0] == 130 and done["ctrl-c"][1].strip() == "error: interrupted"
