@@ -216,7 +216,8 @@ class Session:
             raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
             where = run.resume_hint() if run else "nothing was saved"
-            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None
+            fix = "; move that directory away first" if isinstance(e, IsADirectoryError) else ""  # else a resume fails the same way
+            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}){fix}; {where}") from None
         if run:
             print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         return state

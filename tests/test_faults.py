@@ -422,6 +422,14 @@ def a_file(name, content):
     return case
 
 
+def metrics_a_directory(finished, tmp_path, exported=None):
+    run_dir = copy_of(finished, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "6")
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").mkdir()
+    return ["train", "--resume", run_dir]
+
+
 def a_fifo(finished, tmp_path, exported=None):
     import os
 
@@ -468,6 +476,11 @@ CAMPAIGN = {  # each: (args, or a function of (finished, tmp_path) giving them; 
     "data a FIFO": (a_fifo, ["is not a regular file (a pipe or a device?)"]),
     "data missing, from the environment": (["train", "--data", "/nonexistent.txt"], ["data file not found: /nonexistent.txt"]),
     "a mistyped flag": (["train", "--n_layer", "2"], ["microgpt-jax train: unrecognized arguments", "did you mean --n-layer?"]),
+    "metrics.jsonl a directory, resumed": (metrics_a_directory, ["(Is a directory); move that directory away first; the latest"]),
+    "metrics.jsonl a directory, plotted": (
+        lambda f, t, e: ["plot", metrics_a_directory(f, t)[-1]],
+        ["metrics.jsonl is not a file (a directory?); move it away"],
+    ),
     "plot over a file": (lambda f, t, e: ["plot", f, "--out", a_file("mine.png", b"mine")(f, t, e)], ["mine.png already exists"]),
     "init-from: an inherited value against a given one": (
         lambda f, t, e: ["train", "--init-from", f, "--warmup", "8"],  # the parent's 6 steps are inherited

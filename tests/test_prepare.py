@@ -184,6 +184,11 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
         capsys, "train", "--init-from", tmp_path / "run", "--data", small_text, "--steps", "1", "--out", tmp_path / "b"
     )
     assert code == 0 and load_weights(tmp_path / "b").tokenizer == tokenizer, out  # fine-tuned: the weights' bpe, without --tokenizer
+    tokenizer_file = tmp_path / "b" / "tokenizer.json"
+    for swapped, fragment in [(other.hf_json.encode(), "is not the tokenizer the run was trained with"), (b"\xff{", "not valid UTF-8")]:
+        tokenizer_file.write_bytes(swapped)
+        code, out = run_in_process(capsys, "sample", tmp_path / "b")
+        assert_one_line_error(code, out.err, str(tokenizer_file), fragment)
 
 
 def test_training_with_the_byte_tokenizer(tmp_path, small_text, capsys):

@@ -333,7 +333,7 @@ def test_cli_not_a_run(tmp_path, capsys):
 
 
 def test_a_tiny_temperature_is_greedy():
-    """1e-15: logits / T overflow, and the draw would fall back to BOS (empty samples)."""
+    """1e-15: logits / T overflow, and the draw would fall back to BOS (empty samples). (A batch is at most the samples.)"""
     params = random_params(CFG)
-    greedy, tiny = (sample(params, CFG, 4, prompt=PROMPT, temperature=t) for t in (0.0, 1e-15))
+    greedy, tiny = (sample(params, CFG, 4, prompt=PROMPT, temperature=t, batch_size=b) for t, b in ((0.0, None), (1e-15, 10**9)))
     assert [s.ids for s in tiny] == [s.ids for s in greedy]
