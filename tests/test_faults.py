@@ -566,15 +566,17 @@ def test_prepare_stopped_or_fed_a_changing_text_leaves_nothing(tmp_path, capsys,
     text.write_bytes(b"\xef\xbb\xbf" + b"emma\nolivia\nava\n" * 50)  # a BOM: no character of the vocabulary
     real_scan = prepare.scan
 
-    def scan_then_append(*args):
-        counted = real_scan(*args)
-        with open(text, "a") as f:
-            f.write("zoe\n")
-        return counted
+    for more in ("ava\n", "zoe\n"):  # more documents; a character the first pass did not see
 
-    monkeypatch.setattr(prepare, "scan", scan_then_append)
-    code, out = run_in_process(capsys, "prepare", text, "--out", tmp_path / "ds")
-    assert_one_line_error(code, out.err, f"{text} changed while it was read; nothing was written")
+        def scan_then_append(*args):
+            counted = real_scan(*args)
+            with open(text, "a") as f:
+                f.write(more)
+            return counted
+
+        monkeypatch.setattr(prepare, "scan", scan_then_append)
+        code, out = run_in_process(capsys, "prepare", text, "--out", tmp_path / "ds")
+        assert_one_line_error(code, out.err, f"{text} changed while it was read; nothing was written")
     monkeypatch.setattr(prepare, "scan", real_scan)
     monkeypatch.setattr(prepare, "write_docs", lambda *args: errors._stop(signal.SIGTERM, None))  # as SIGTERM's handler does
     code, out = run_in_process(capsys, "prepare", text, "--out", tmp_path / "ds")
@@ -582,7 +584,7 @@ def test_prepare_stopped_or_fed_a_changing_text_leaves_nothing(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # no dataset, no ds.tmp-PID
     monkeypatch.undo()
     meta = prepare.prepare(text, tmp_path / "ds", prepare.DataConfig())
-    assert meta["tokenizer"]["chars"] == "aeilmnostvz"
+    assert meta["tokenizer"]["chars"] == "aeilmovz"
 
 
 def test_an_export_never_overwrites(tmp_path, capsys, monkeypatch, finished):
@@ -623,7 +625,7 @@ def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished):
             text=True,
         ),
     }
-    time.sleep(0.3)  # still importing
+    time.sleep(1.0)  # importing (earlier, the interpreter itself is starting: a plain kill)
     procs["ctrl-c"].send_signal(signal.SIGINT)
     time.sleep(8)  # sampling
     procs["long"].send_signal(signal.SIGINT)
