@@ -397,6 +397,9 @@ def _load_safetensors(path) -> Weights:
             meta, params = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         cfg = from_dict(GPTConfig, json.loads(meta["model"]))
         tokenizer = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else CharTokenizer(meta["vocab"])
+        settings = {t: json.loads(meta[t]) for t in ("train", "data") if t in meta}  # the run's own (a fine-tune inherits them)
+        if not all(isinstance(values, dict) for values in settings.values()):
+            raise ValueError("its train and data metadata must be JSON objects")
     except (OSError, SafetensorError, KeyError, ValueError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
     shapes = param_shapes(cfg)
@@ -409,7 +412,6 @@ def _load_safetensors(path) -> Weights:
     bad = [k for k in sorted(params) if not np.isfinite(params[k]).all()]
     if bad:  # NaN logits: every sample would be BOS, every loss NaN
         raise UserError(f"{path} holds weights that are not finite (NaN or Inf) in {', '.join(bad)}; export them again from a good run")
-    settings = {t: json.loads(meta[t]) for t in ("train", "data") if t in meta}  # the run's own (a fine-tune inherits them)
     return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))}, None, settings)
 
 

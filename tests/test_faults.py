@@ -474,7 +474,7 @@ CAMPAIGN = {  # each: (args, or a function of (finished, tmp_path) giving them; 
     ),
     "data a directory": (lambda f, t, e: ["train", "--data", t], ["is a directory but no dataset"]),
     "data a FIFO": (a_fifo, ["is not a regular file (a pipe or a device?)"]),
-    "data missing, from the environment": (["train", "--data", "/nonexistent.txt"], ["data file not found: /nonexistent.txt"]),
+    "data missing": (["train", "--data", "/nonexistent.txt"], ["data file not found: /nonexistent.txt"]),
     "a mistyped flag": (["train", "--n_layer", "2"], ["microgpt-jax train: unrecognized arguments", "did you mean --n-layer?"]),
     "metrics.jsonl a directory, resumed": (metrics_a_directory, ["(Is a directory); move that directory away first; the latest"]),
     "metrics.jsonl a directory, plotted": (
