@@ -244,16 +244,6 @@ def test_a_full_disk_while_writing_metrics_loses_nothing(tmp_path, capsys, finis
     assert RunDir.open(run_dir).store.steps() == [2, 4]
 
 
-def test_commands_piped_into_head(finished):
-    """More output than a pipe holds, read by `head -c 1`: one line, exit 141 (128 + SIGPIPE), no traceback."""
-    tiny = " ".join(TINY)
-    for command in (f"sample {finished} --num-samples 20000", f"train {tiny} --steps 3000 --log-every 1"):
-        script = f"set -o pipefail; {sys.executable} -m microgpt_jax {command} | head -c 1 > /dev/null"
-        out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 141, out.stderr
-        assert_one_line_error(out.returncode, out.stderr, "the output was closed early")
-
-
 # -- values that cannot work -------------------------------------------------------------------------
 
 
@@ -526,13 +516,6 @@ def test_an_export_samples_as_its_run_does(tmp_path, capsys):
     assert drawn[0] == drawn[1] and drawn[0].count("\n") == 4
 
 
-def test_check_on_a_run_says_its_progress_and_trains_as_the_run(capsys, finished):
-    code, out = run_in_process(capsys, "check", finished, "--steps", "1")
-    assert code == 0, out.err
-    assert '"batch_size": 2' in out.out and '"lr": 0.01' in out.out  # the run's (FLAGS), not microgpt's batch of 1
-    assert out.err.splitlines()[-1] == "check: training step 1 of 1 on both engines..."
-
-
 def test_the_readmes_checkpoints_are_kept_by_the_main_command():
     """`runs/names@STEP` in the README names a checkpoint that `train --out runs/names` (1000 steps, the defaults) keeps."""
     import re
@@ -605,19 +588,20 @@ def test_an_export_never_overwrites(tmp_path, capsys, monkeypatch, finished):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors", "w.safetensors.tmp"]  # no temp left
 
 
-def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished):
-    """Real processes (a closed fd and a signal need one), run side by side."""
+def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished, exported, tmp_path):
+    """Real processes (a closed fd or pipe and a signal need one), run side by side."""
     import os
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = [sys.executable, "-m", "microgpt_jax", "sample", str(finished)]
+    never_ends = edited_export(exported, tmp_path, lambda p: p.update(lm_head=np.zeros_like(p["lm_head"])))
     procs = {
         "closed": subprocess.Popen(["bash", "-c", f"{' '.join(run)} >&-"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
         "full": subprocess.Popen(["bash", "-c", f"{' '.join(run)} > /dev/full"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True),
         "ctrl-c": subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-        "long": subprocess.Popen(  # one batch of minutes: ctrl-C stops it while it runs
-            [*run, "--max-new-tokens", "100000000", "--num-samples", "1"],
+        "long": subprocess.Popen(  # one batch of minutes (all logits 0: greedy never draws BOS): ctrl-C stops it while it runs
+            [*run[:-1], str(never_ends), "--temperature", "0", "--max-new-tokens", "100000000", "--num-samples", "1"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -627,10 +611,21 @@ def test_closed_or_full_output_and_ctrl_c_at_start_up_are_one_line(finished):
     }
     time.sleep(1.0)  # importing (earlier, the interpreter itself is starting: a plain kill)
     procs["ctrl-c"].send_signal(signal.SIGINT)
-    time.sleep(8)  # sampling
+    tiny = " ".join(TINY)
+    for name, command in (
+        ("head: sample", f"sample {finished} --num-samples 20000"),
+        ("head: train", f"train {tiny} --steps 3000 --log-every 1"),
+    ):
+        script = f"set -o pipefail; {sys.executable} -m microgpt_jax {command} | head -c 1 > /dev/null"  # more than a pipe holds
+        procs[name] = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    procs["full"].wait(timeout=120)  # the same start-up as "long": past it, "long" is compiling or sampling
+    time.sleep(3)
     procs["long"].send_signal(signal.SIGINT)
     done = {name: (p.wait(timeout=30), p.stderr.read()) for name, p in procs.items()}
     assert done["long"] == (130, "error: interrupted\n") and procs["long"].stdout.read() == ""
     assert_one_line_error(*done["closed"], "the standard output is closed (>&-)")
     assert_one_line_error(*done["full"], "could not write the output (No space left on device)")
+    for name in ("head: sample", "head: train"):  # 141: 128 + SIGPIPE
+        assert done[name][0] == 141 and done[name][1].startswith("error: the output was closed early"), done[name]
+        assert_one_line_error(*done[name], "the output was closed early")
     assert done["ctrl-c"][0] == 130 and done["ctrl-c"][1].strip() == "error: interrupted"
