@@ -18,7 +18,7 @@ from microgpt_jax.dataset import first_document, is_dataset
 from microgpt_jax.errors import UserError
 from microgpt_jax.layout import padded_batch, step_docs
 from microgpt_jax.model import GPTConfig, dropout_masks, forward, init_params_reference, loss_fn
-from microgpt_jax.rundir import load_weights
+from microgpt_jax.rundir import Weights, load_weights
 from microgpt_jax.text import load_docs, reference_docs, resolve_data_path
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer, dropout_key
@@ -130,7 +130,7 @@ def reference_optimizer(params, tcfg: TrainConfig):
     return reference.Adam(reference.parameters(params), tcfg.steps, **{k: getattr(tcfg, k) for k in options})
 
 
-def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
+def check_training(params, cfg, tcfg: TrainConfig, docs, progress=lambda message: None) -> list[Row]:
     """tcfg.steps steps on both engines, step s on batch_docs(docs, s, batch_size): losses, then final weights."""
     state = to_reference_state(params)
     adam = reference_optimizer(state, tcfg)
@@ -138,6 +138,7 @@ def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
     train_state = trainer.init(jax.tree.map(jnp.asarray, params))
     ref_losses, jax_losses = [], []
     for s in range(tcfg.steps):
+        progress(f"training step {s + 1} of {tcfg.steps} on both engines")
         this_step = batch_docs(docs, s, tcfg.batch_size)
         row_masks = step_masks(cfg, tcfg, s, tcfg.batch_size)[1]
         ref_losses.append(reference.train_batch(state, cfg, adam, s, this_step, tcfg.grad_accum, row_masks))
@@ -150,7 +151,7 @@ def check_training(params, cfg, tcfg: TrainConfig, docs) -> list[Row]:
     ]
 
 
-def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = None) -> list[Row]:
+def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = None, progress=lambda message: None) -> list[Row]:
     """The whole table: logits of docs[0], loss and gradients of step 0's batch, then `steps` training steps.
 
     docs: encoded documents (one is enough: a step then repeats it); tcfg: the
@@ -162,10 +163,11 @@ def run_check(cfg: GPTConfig, params, docs, steps=0, tcfg: TrainConfig | None = 
     tcfg = dataclasses.replace(tcfg or TrainConfig(), steps=max(steps, tcfg.warmup + 1 if tcfg else 1), dtype="float64")
     params = jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params)
     masks = step_masks(cfg, tcfg, 0, tcfg.batch_size)
+    progress("logits of the first document, then the loss and gradients of step 0's batch, on both engines")
     rows = [check_logits(params, cfg, docs[0], masks)]
     rows += check_grads(params, cfg, batch_docs(docs, 0, tcfg.batch_size), tcfg.grad_accum, masks)
     if steps:
-        rows += check_training(params, cfg, tcfg, docs)
+        rows += check_training(params, cfg, tcfg, docs, progress)
     return rows
 
 
@@ -190,7 +192,7 @@ def subject(run_dir=None, data=None, doc=None, model: GPTConfig | None = None, t
     """
     tcfg = tcfg or TrainConfig()
     if run_dir:
-        cfg, tokenizer, params, _, run = load_weights(run_dir)
+        cfg, tokenizer, params, _, run = (run_dir if isinstance(run_dir, Weights) else load_weights(run_dir))[:5]
         data_path = resolve_data_path(data) if data or not run else run.data_path
         docs = [] if doc is not None else [first_document(data_path)] if is_dataset(data_path) else load_docs(data_path)
     else:

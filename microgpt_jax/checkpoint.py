@@ -49,7 +49,7 @@ STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # a step directory's name, as orbax wr
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
-    save_every: int = field(1000, "save a checkpoint every N steps and at the end", check=positive, resumable=True)
+    save_every: int = field(250, "save a checkpoint every N steps and at the end", check=positive, resumable=True)
     keep: int = field(3, "checkpoints kept; the oldest is removed once a new one is complete", check=positive, resumable=True)
 
     def __post_init__(self):
@@ -158,8 +158,9 @@ class CheckpointStore:
     like: the state's shapes and dtypes, if not a run's (abstract_state): a sweep's, with its member axis.
     """
 
-    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=(), like=None):
+    def __init__(self, directory, cfg: GPTConfig, tcfg: TrainConfig, keep=3, damaged_dir=None, extended_from=(), tokenizer=None, like=None):
         self.directory, self.cfg, self.tcfg, self.keep = Path(directory), cfg, tcfg, keep
+        self.tokenizer = tokenizer  # the run's tokenizer's sha256: each checkpoint records it, a read checks it
         self.extended_from = set(extended_from)  # step counts the run was extended from: a checkpoint may record them
         self.damaged_dir = Path(damaged_dir) if damaged_dir else self.directory.parent / "damaged"
         self.like = like or abstract_state(cfg, tcfg)  # the weights' dtype comes from here, and only here
@@ -198,8 +199,18 @@ class CheckpointStore:
         steps = self.steps()
         return f"the latest checkpoint is step {steps[-1]} in {self.directory}" if steps else "no checkpoint was saved"
 
+    def check_no_files(self):
+        """A file named as a step (checkpoints/30) would be deleted by orbax's save of that step: refused first."""
+        files = sorted(p.name for p in self.directory.glob("*") if STEP_NAME.fullmatch(p.name) and not p.is_dir())
+        if files:
+            raise UserError(
+                f"{self.directory} holds the file {files[0]} where checkpoint {files[0]} would be saved; "
+                "move it out of the way (nothing was changed)"
+            )
+
     def remove_partial(self):
         """Delete steps orbax never finished writing (a crash or a full disk mid-save): never a checkpoint."""
+        self.check_no_files()
         if self.directory.is_dir() and parallel.is_main_process():
             for p in self.directory.glob(f"*{TMP_MARK}*"):
                 shutil.rmtree(p, ignore_errors=True)
@@ -216,12 +227,14 @@ class CheckpointStore:
         step = int(state.step)
         if step in self.steps():
             return  # never overwrite a checkpoint in place
+        self.check_no_files()
         params, opt_state = jax.tree.map(np.asarray, (state.params, state.opt_state))
         meta = {
             "step": step,
             "data_position": data_position,
             "model": dataclasses.asdict(self.cfg),
             "train": dataclasses.asdict(self.tcfg),  # what decides the rest of the run: a resume is checked against it
+            **({"tokenizer_sha256": self.tokenizer} if self.tokenizer else {}),
             "sha256": {"params": tree_sha256(params), "opt_state": tree_sha256(opt_state)},
         }
         args = ocp.args.Composite(
@@ -269,6 +282,12 @@ class CheckpointStore:
                 f"{getattr(self.cfg, name, None)!r}; restore run.json's model table (nothing was moved)"
             )
         self._check_training(step, meta.get("train"))
+        recorded = meta.get("tokenizer_sha256")
+        if recorded and self.tokenizer and recorded != self.tokenizer:
+            raise UserError(
+                f"checkpoint {step} was trained with another vocabulary than the run's (tokenizer_sha256 {recorded[:12]}...); "
+                "restore run.json's vocab or tokenizer.json (nothing was moved)"
+            )
         return meta
 
     def _check_training(self, step, recorded):
@@ -369,8 +388,14 @@ class CheckpointStore:
         while target.exists():
             target = self.damaged_dir / f"{step}.{n}"
             n += 1
-        target.parent.mkdir(exist_ok=True)
-        os.replace(self.directory / str(step), target)
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.rename(self.directory / str(step), target)
+        except OSError as e:
+            raise UserError(
+                f"checkpoint {step} is damaged, and could not be moved to {target} ({e.strerror or e}); "
+                f"{self.damaged_dir} must be a writable directory: move what is there away and try again (nothing was moved)"
+            ) from None
         return target
 
 

@@ -44,6 +44,10 @@ def non_negative(value):
     return None if value >= 0 else "must be at least 0"
 
 
+def fits_64_bits(value):
+    return None if -(2**63) <= value < 2**63 else "must fit in 64 bits (-2**63 to 2**63 - 1)"
+
+
 def fraction(value):
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
@@ -96,8 +100,11 @@ def resumable_fields(cls) -> set:
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
 
 
-def read_toml(path, classes: dict, not_in_files=()) -> dict:
-    """A config file: {table: {field: value}}, one table per config class, each table checked by its class."""
+def read_toml(path, classes: dict, not_in_files=(), extra=None) -> dict:
+    """A config file: {table: {field: value}}, one table per config class, each table checked by its class.
+
+    extra: {table: {key: type}}, keys a file may hold beyond the fields (they stay in the tables, checked by type only)."""
+    extra = extra or {}
     import tomllib
 
     try:
@@ -107,28 +114,35 @@ def read_toml(path, classes: dict, not_in_files=()) -> dict:
         raise UserError(f"could not read the config file {path} ({e.strerror or e})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
     for table, values in tables.items():
         if not isinstance(values, dict):
             owner = next((t for t, cls in classes.items() if table in {f.name for f in dataclasses.fields(cls)}), "its table")
             raise UserError(f"{path}: {table} is outside any table; put it below [{owner}]")
         if table not in classes:
             raise UserError(f"{path}: unknown table [{table}]; the tables are {', '.join(f'[{t}]' for t in classes)}")
-        names = [f.name for f in dataclasses.fields(classes[table]) if f.name not in not_in_files]
+        names = [f.name for f in dataclasses.fields(classes[table]) if f.name not in not_in_files] + list(extra.get(table, {}))
         for key in values:
             if key not in names:
                 raise UserError(f"{path}: [{table}] has no key {key!r} (its keys: {', '.join(names)})")
-        try:
-            classes[table](**values)  # each table's values checked by its class, the rest at their defaults
+        for key, kind in extra.get(table, {}).items():
+            if key in values and not isinstance(values[key], kind):
+                raise UserError(f"{path}: [{table}] {key} must be a {kind.__name__}, got {values[key]!r}")
+        try:  # each table's values checked by its class, the rest at their defaults
+            classes[table](**{k: v for k, v in values.items() if k not in extra.get(table, {})})
         except ConfigError as e:
             raise UserError(f"{path}: [{table}] {e}") from None
     return tables
 
 
-def to_toml(configs: dict, not_in_files=()) -> str:
-    """The configs as a config file that read_toml reads back."""
+def to_toml(configs: dict, not_in_files=(), extra=None) -> str:
+    """The configs as a config file that read_toml reads back; extra: {table: {key: (value, help)}} written first."""
     lines = []
     for table, cfg in configs.items():
         lines.append(f"[{table}]")
+        for key, (value, help) in (extra or {}).get(table, {}).items():
+            lines.append(f"{key} = {json.dumps(value)}  # {help}")
         for f in dataclasses.fields(cfg):
             if f.name not in not_in_files:
                 lines.append(f"{f.name} = {json.dumps(getattr(cfg, f.name))}  # {f.metadata['help']}")

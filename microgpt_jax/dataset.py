@@ -78,16 +78,30 @@ def sample_starts(size: int) -> np.ndarray:
     return np.unique(np.linspace(0, max(size - SAMPLE_BYTES, 0), SAMPLES).astype(np.int64) // 8 * 8)
 
 
-def file_checksums(path, full=True) -> dict:
-    """{bytes, sampled, sha256} of the file at path; full=False: no sha256 (reads 256 KiB at most)."""
+BOUND = ("mode", "tokenizer", "vocab_size", "bos", "dtype", "tokens", "docs", "doc_lengths", "split")
+
+
+def binding(meta: dict) -> bytes:
+    """The meta.json fields that say how to read the files, as canonical JSON: each file's hashes begin with them, so
+    an edit to one (mode, tokenizer, split, ...) fails the files' checksums even where meta.json's own was recomputed."""
+    if "bound" not in meta:
+        return b""  # written before the hashes were bound
+    return json.dumps({k: meta.get(k) for k in BOUND}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def file_checksums(path, full=True, bound=b"") -> dict:
+    """{bytes, sampled, sha256} of the file at path, each hash begun with bound; full=False: no sha256 (reads 256 KiB at most)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        sampled = hashlib.sha256()
+        sampled = hashlib.sha256(bound)
         for start in sample_starts(size).tolist():
             sampled.update(os.pread(f.fileno(), SAMPLE_BYTES, start))
         sums = {"bytes": size, "sampled": sampled.hexdigest()}
         if full:
-            sums["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+            sha = hashlib.sha256(bound)
+            while block := f.read(1 << 20):
+                sha.update(block)
+            sums["sha256"] = sha.hexdigest()
     return sums
 
 
@@ -97,12 +111,14 @@ def meta_checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def check_file(path, recorded, full=False):
+def check_file(path, recorded, full=False, bound=b""):
     """The file at path matches what meta.json records of it (sizes and sampled hash; full: its sha256 too)."""
-    for key, value in file_checksums(path, full).items():
+    for key, value in file_checksums(path, full, bound).items():
         if not isinstance(recorded, dict) or recorded.get(key) != value:
             what = {"bytes": "size", "sampled": "sampled hash"}.get(key, key)
-            raise refused(path, f"does not match the {what} meta.json records for it (it changed after `prepare` wrote it)")
+            raise refused(
+                path, f"does not match the {what} meta.json records for it (it, or meta.json, changed after `prepare` wrote them)"
+            )
 
 
 # -- the arrays --------------------------------------------------------------------------------
@@ -257,6 +273,11 @@ def open_dataset(path) -> Dataset:
     ]:
         if not ok:
             raise bad(key, f"is {meta.get(key)!r}")
+    lengths = meta.get("doc_lengths", {"tokens": [], "count": []})
+    if not (isinstance(lengths, dict) and all(isinstance(lengths.get(k), list) for k in ("tokens", "count"))) or not (
+        len(lengths["tokens"]) == len(lengths["count"]) and all(type(x) is int and x >= 0 for x in lengths["tokens"] + lengths["count"])
+    ):
+        raise bad("doc_lengths", 'must be {"tokens": [int, ...], "count": [int, ...]} of one length')
     split = meta.get("split")
     total = meta.get("docs") if meta["mode"] == "docs" else meta["tokens"]
     if not isinstance(split, dict) or not isinstance(split.get("train"), int) or not 0 < split["train"] <= total:
@@ -277,8 +298,12 @@ def open_dataset(path) -> Dataset:
         ds.docs = _file_array(path / DOCS, "<u8", n + 1, (n_tokens, f"the {n_tokens} entries of {TOKENS}"), increasing=True)
         ds.order = _file_array(path / ORDER, "<u4" if n < 1 << 32 else "<u8", n, (n, f"the {n} documents"))
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    if checked and set(files) != {a.path.name for a in ds.files()}:
+        raise bad(
+            "files", f"names {', '.join(sorted(files))}, but a {meta['mode']} dataset has {', '.join(a.path.name for a in ds.files())}"
+        )
     for array in ds.files() if checked else []:
-        check_file(array.path, files.get(array.path.name))
+        check_file(array.path, files.get(array.path.name), bound=binding(meta))
     ends = ds.docs[np.array([0, n])].tolist() if meta["mode"] == "docs" else None
     if ends is not None and ends != [0, n_tokens - 1]:
         raise refused(ds.docs.path, f"does not span {TOKENS} (bounds {ends[0]} to {ends[1]}, for {n_tokens} tokens)")
@@ -308,7 +333,19 @@ def load_prepared(path, dcfg, vocab_size=None) -> Dataset:
             )
     if vocab_size is not None and vocab_size != ds.tokenizer.size:
         raise ConfigError("vocab_size", f"{vocab_size} differs from the prepared dataset's {ds.tokenizer.size} ({path}); drop it")
+    if ds.mode == "docs":
+        check_permutation(ds)  # 4 bytes a document, read once: a repeated document would train twice, silently
     return ds
+
+
+def check_permutation(ds: Dataset):
+    n = ds.meta["docs"]
+    seen = np.zeros(n, bool)
+    for _, k in ds.order.pieces():  # each entry checked below the document count as it is read
+        seen[k] = True
+    if not seen.all():
+        missing = int(np.argmin(seen))
+        raise refused(ds.order.path, f"is not a permutation of the {n} documents (document {missing} is missing, another repeats)")
 
 
 def first_document(path) -> str:
@@ -349,15 +386,10 @@ def verify(path) -> str:
         n = ds.meta["docs"]
         if found != n + 1:
             raise refused(ds.docs.path, f"has {n + 1} bounds, where {TOKENS} has {found} BOS")
-        seen = np.zeros(n, bool)
-        for _, k in ds.order.pieces():  # each entry checked below the document count as it is read
-            seen[k] = True
-        if not seen.all():
-            missing = int(np.argmin(seen))
-            raise refused(ds.order.path, f"is not a permutation of the {n} documents (document {missing} is missing, another repeats)")
+        check_permutation(ds)
     recorded = ds.meta.get("files")
     for array in ds.files() if recorded is not None else []:
-        check_file(array.path, recorded.get(array.path.name), full=True)
+        check_file(array.path, recorded.get(array.path.name), full=True, bound=binding(ds.meta))
     docs = f", {ds.meta['docs']:,} documents between BOS, order.bin a permutation of them" if ds.mode == "docs" else ""
     sums = "every file matches its sha256" if recorded is not None else "no checksums to compare (written before prepare recorded them)"
     return f"{path}: ok: {n_tokens:,} tokens, every id below {ds.tokenizer.size}{docs}; {sums}"

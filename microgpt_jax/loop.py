@@ -190,7 +190,7 @@ class NonFinite:
 
 
 class Signals:
-    """SIGINT and SIGTERM ask the run to stop after the running chunk (and save); a second one quits at once.
+    """SIGINT, SIGTERM and SIGHUP ask the run to stop after the running chunk (and save); a second one quits at once.
 
     The loop's `stop`. The handler only sets a flag. After each chunk every
     process calls one collective that tells all of them whether any got a
@@ -205,7 +205,7 @@ class Signals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
                 self._previous[s] = signal.signal(s, self._on_signal)
         self._peers.__enter__()
         return self
@@ -221,7 +221,13 @@ class Signals:
             raise KeyboardInterrupt
         self.signum = signum
         message = f"\n{signal.Signals(signum).name}: finishing the current steps, then saving (send it again to quit without saving)\n"
-        os.write(2, message.encode())
+        if signum == signal.SIGHUP:  # the terminal is gone: what would go to it goes nowhere (a write there fails)
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                if os.isatty(fd):
+                    os.dup2(null, fd)
+        with contextlib.suppress(OSError):
+            os.write(2, message.encode())
 
     def poll(self):
         """(the signal's name, its exit code) once any process got one, else None."""

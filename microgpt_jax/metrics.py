@@ -48,6 +48,8 @@ def read_metrics(run_dir, warn=None) -> list[dict]:
     """The records of RUN_DIR/metrics.jsonl as one history, in step order."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
     path = Path(run_dir) / METRICS
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a file (a directory?); move it away: a run's metrics are that file")
     if not path.is_file():
         raise UserError(f"{path} not found; pass a run directory written by `microgpt-jax train --out DIR`")
     try:

@@ -23,7 +23,7 @@ import numpy as np
 
 from microgpt_jax.config import ConfigError
 from microgpt_jax.data import DataConfig, split_point
-from microgpt_jax.dataset import DOCS, FORMAT, META, ORDER, TOKENS, VERSION, file_checksums, meta_checksum
+from microgpt_jax.dataset import BOUND, DOCS, FORMAT, META, ORDER, TOKENS, VERSION, binding, file_checksums, meta_checksum
 from microgpt_jax.errors import UserError
 from microgpt_jax.text import REFERENCE_SEED, code_points, decode_utf8, no_docs, read_blocks, split_docs
 from microgpt_jax.tokenizer import make_tokenizer
@@ -94,18 +94,25 @@ def prepare(path, out, dcfg: DataConfig, vocab_size=None, seed=REFERENCE_SEED, c
     tokenizer = make_tokenizer(dcfg.tokenizer, training_texts(read(), dcfg.mode, n_train, order), vocab_size, chars=chars)
     dtype = np.dtype("<u2" if tokenizer.size <= 1 << 16 else "<u4")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+
+    def changed():
+        return UserError(f"{path} changed while it was read; nothing was written: prepare it again once it stays the same")
+
     try:
         tmp.mkdir(parents=True)
+        written = SourceHash()  # the text as this last pass read it: the first pass's, or the dataset is not one text's
         if dcfg.mode == "docs":
-            tokens, lengths = write_docs(read(), tokenizer, tmp, dtype)
+            tokens, lengths = write_docs(read(written), tokenizer, tmp, dtype, changed)
             width = np.dtype("<u4" if count < 1 << 32 else "<u8")
             (tmp / ORDER).write_bytes(np.frombuffer(order, width).tobytes())
             split = {"unit": "documents", "train": n_train, "validation": count - n_train, "seed": seed}
             extra = {"docs": count, "doc_lengths": {"tokens": lengths[0].tolist(), "count": lengths[1].tolist()}}
         else:
-            tokens, train_tokens = write_stream(read(), tokenizer, tmp / TOKENS, dtype, n_train)
+            tokens, train_tokens = write_stream(read(written), tokenizer, tmp / TOKENS, dtype, n_train, changed)
             split = {"unit": "tokens", "train": train_tokens, "validation": tokens - train_tokens, "train_characters": n_train}
             extra = {}
+        if written.sha.digest() != source.sha.digest():
+            raise changed()
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -118,8 +125,9 @@ def prepare(path, out, dcfg: DataConfig, vocab_size=None, seed=REFERENCE_SEED, c
             **extra,
             "split": {"val_fraction": dcfg.val_fraction, **split},
             "source": {"path": str(Path(path).resolve()), "sha256": source.sha.hexdigest(), "bytes": source.bytes},
-            "files": {f.name: file_checksums(f) for f in sorted(tmp.iterdir())},
+            "bound": list(BOUND),  # the files' hashes begin with these fields (dataset.binding)
         }
+        meta["files"] = {f.name: file_checksums(f, bound=binding(meta)) for f in sorted(tmp.iterdir())}
         meta["checksum"] = meta_checksum(meta)
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         tmp.rename(out)
@@ -187,7 +195,15 @@ def training_texts(texts, mode, n_train, order):
         seen += len(text)
 
 
-def write_docs(texts, tokenizer, directory, dtype):
+def encoded(encode, text, changed):
+    """encode(text); a character outside the vocabulary, which the first pass collected, means the text changed since."""
+    try:
+        return encode(text)
+    except UserError:
+        raise changed() from None
+
+
+def write_docs(texts, tokenizer, directory, dtype, changed):
     """tokens.bin (BOS doc BOS doc ... BOS) and docs.bin (where each BOS is): (tokens, (lengths, counts))."""
     counts = {}
     with open(directory / TOKENS, "wb") as tokens, open(directory / DOCS, "wb") as bounds:
@@ -198,7 +214,7 @@ def write_docs(texts, tokenizer, directory, dtype):
             docs = split_docs(text)
             if not docs:
                 continue
-            joined = tokenizer.joined(docs)
+            joined = encoded(tokenizer.joined, docs, changed)
             ids = np.empty(len(joined) + 1, dtype)  # the documents, then the BOS after the last
             ids[:-1], ids[-1] = joined, tokenizer.bos
             bos_at = np.flatnonzero(ids == tokenizer.bos) + written
@@ -211,14 +227,14 @@ def write_docs(texts, tokenizer, directory, dtype):
     return written, (lengths, np.array([counts[k] for k in lengths.tolist()], np.int64))
 
 
-def write_stream(texts, tokenizer, path, dtype, n_train):
+def write_stream(texts, tokenizer, path, dtype, n_train, changed):
     """tokens.bin: the training side's tokens, then the validation side's: (tokens, training tokens)."""
     written, train_tokens, seen = 0, 0, 0
     with open(path, "wb") as f:
         for text in texts:
             cut = min(max(n_train - seen, 0), len(text))  # the sides are tokenized apart, as from the text file
             for part, training in ((text[:cut], True), (text[cut:], False)):
-                ids = tokenizer.ids(part).astype(dtype)
+                ids = encoded(tokenizer.ids, part, changed).astype(dtype)
                 f.write(ids.tobytes())
                 written += len(ids)
                 train_tokens += len(ids) if training else 0

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -37,7 +38,7 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.jsonfile import check_format, read_json
 from microgpt_jax.model import GPTConfig, param_shapes
 from microgpt_jax.text import resolve_data_path
-from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json
+from microgpt_jax.tokenizer import BPETokenizer, CharTokenizer, from_json, tokenizer_sha256
 from microgpt_jax.train import TrainConfig
 
 RUN_FILE = "run.json"
@@ -61,7 +62,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     TABLES: ClassVar[dict] = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig, "checkpoint": CheckpointConfig}
-    FROM_DATA: ClassVar[tuple] = ("vocab_size",)  # set from the data: no key of a config file
+    FROM_DATA: ClassVar[tuple] = ("vocab_size",)  # set from the data (a config file's is the size asked for: bpe's)
+    FILE_ONLY: ClassVar[dict] = {"data": {"path": str}}  # a config file's keys beyond the fields: the data, as --data
 
     @classmethod
     def of(cls, tables: dict) -> "RunConfig":
@@ -92,11 +94,13 @@ class RunConfig:
     @classmethod
     def read_toml(cls, path) -> dict:
         """A config file's {table: {field: value}}, each table checked by its class (config.read_toml)."""
-        return read_toml(path, cls.TABLES, cls.FROM_DATA)
+        return read_toml(path, cls.TABLES, extra=cls.FILE_ONLY)
 
-    def to_toml(self) -> str:
-        """These configs as a config file that read_toml reads back."""
-        return to_toml(dict(self.items()), self.FROM_DATA)
+    def to_toml(self, data_path=None, vocab_known=True) -> str:
+        """These configs as a config file that read_toml reads back: the data file too, if given; vocab_known False
+        leaves the vocabulary size out (the data will give it)."""
+        extra = {"data": {"path": (str(data_path), "the data file or dataset (--data)")}} if data_path else {}
+        return to_toml(dict(self.items()), () if vocab_known else self.FROM_DATA, extra)
 
 
 def _atomic_write(path: Path, text: str):
@@ -158,7 +162,13 @@ class RunDir:
         extensions = self.history.get("extensions", [])
         extended_from = {self.extends} | {e.get(k) for e in extensions if isinstance(e, dict) for k in ("from_steps", "to_steps")}
         return CheckpointStore(
-            self.path / "checkpoints", self.cfg, self.tcfg, self.ccfg.keep, self.path / "damaged", extended_from - {None}
+            self.path / "checkpoints",
+            self.cfg,
+            self.tcfg,
+            self.ccfg.keep,
+            self.path / "damaged",
+            extended_from - {None},
+            tokenizer_sha256(self.tokenizer),
         )
 
     # -- create and open ------------------------------------------------------------------
@@ -199,6 +209,7 @@ class RunDir:
             "version": VERSION,
             **self.configs.to_json(),
             **({"vocab": self.tokenizer.chars} if self.tokenizer.kind == "char" else {}),
+            "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
             "data_file": {"path": str(self.data_path), "sha256": self.data_sha256},
             **self.history,
         }
@@ -224,6 +235,14 @@ class RunDir:
         except ConfigError as e:
             raise bad(e.field, e.problem) from None
         tokenizer = cls.read_tokenizer(path, configs.data.tokenizer, meta.get("vocab"), bad)
+        recorded = meta.get("tokenizer_sha256", tokenizer_sha256(tokenizer))  # a run.json from before it was recorded: none
+        if recorded != tokenizer_sha256(tokenizer) and tokenizer.kind == "bpe":
+            raise UserError(
+                f"{Path(path) / TOKENIZER_FILE} is not the tokenizer the run was trained with (its sha256 is not run.json's "
+                "tokenizer_sha256); restore it from a copy"
+            )
+        if recorded != tokenizer_sha256(tokenizer):
+            raise bad("vocab", "is not the vocabulary the run was trained with (tokenizer_sha256 differs)")
         if tokenizer.size != configs.model.vocab_size:
             what = "characters" if tokenizer.kind == "char" else "ids"
             raise bad("vocab", f"has {tokenizer.size - 1} {what} (+ BOS), but model.vocab_size is {configs.model.vocab_size}")
@@ -231,6 +250,14 @@ class RunDir:
         if not isinstance(data, dict) or not isinstance(data.get("path"), str) or not isinstance(data.get("sha256"), str):
             raise bad("data_file", 'must be {"path": ..., "sha256": ...}')
         history = {key: meta[key] for key in ("init_from", "extensions") if key in meta}
+        if not isinstance(history.get("init_from", {}), dict):
+            raise bad("init_from", 'must be {"run" or "file": path, "step": n}')
+        steps = ("at_step", "from_steps", "to_steps")
+        extensions = history.get("extensions", [])
+        if not isinstance(extensions, list) or not all(
+            isinstance(e, dict) and all(type(e.get(k)) is int for k in steps) for e in extensions
+        ):
+            raise bad("extensions", f"must be a list of {{{', '.join(steps)}: int, ...}} as train --steps recorded them")
         return cls(path, configs, tokenizer, data["path"], data["sha256"], history)
 
     @staticmethod
@@ -247,8 +274,18 @@ class RunDir:
             return BPETokenizer(tokenizer_file.read_text())
         except OSError as e:
             raise UserError(f"could not read the run's tokenizer {tokenizer_file} ({e.strerror or e}); restore it from a copy") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{tokenizer_file} is not valid UTF-8 (byte {e.start}); restore it from a copy") from None
         except UserError as e:
             raise UserError(f"{tokenizer_file}: {e}") from None
+
+    def remove_if_empty(self) -> bool:
+        """Remove this new run's directory if no step left anything in it (no checkpoint, no metrics record): True if removed."""
+        metrics = self.path / "metrics.jsonl"
+        if not parallel.is_main_process() or self.store.steps() or (metrics.exists() and metrics.stat().st_size):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return not self.path.exists()
 
     # -- one process at a time --------------------------------------------------------------
 
@@ -326,14 +363,19 @@ class Weights(NamedTuple):
     params: dict
     origin: dict  # {"run": path, "step": n} or {"file": path, "step": n}
     run: "RunDir | None" = None
+    settings: dict | None = None  # the train and data tables they were trained with, where known: {table: {field: value}}
 
 
 def split_step(spec) -> tuple[Path, int | None]:
-    """RUN_DIR@STEP -> (RUN_DIR, STEP); anything else -> (path, None)."""
-    match = re.fullmatch(r"(.+)@([0-9]+)", str(spec))
-    if match and not Path(spec).exists():
-        return Path(match[1]), int(match[2])
-    return Path(spec), None
+    """RUN_DIR@STEP -> (RUN_DIR, STEP); anything else -> (path, None). A run's @ with no step number after it is refused."""
+    match = re.fullmatch(r"(.+)@([^@/]*)", str(spec))
+    if not match or Path(spec).exists():
+        return Path(spec), None
+    if not match[2].isascii() or not match[2].isdigit():
+        if (Path(match[1]) / RUN_FILE).is_file():
+            raise UserError(f"{spec}: a step is a checkpoint's number (RUN_DIR@500), got {match[2]!r}; pass RUN_DIR@STEP")
+        return Path(spec), None
+    return Path(match[1]), int(match[2])
 
 
 def load_weights(spec) -> Weights:
@@ -341,9 +383,12 @@ def load_weights(spec) -> Weights:
     path, step = split_step(spec)
     if path.suffix == ".safetensors" and path.is_file():
         return _load_safetensors(path)
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise UserError(f"{path} is neither a run directory nor an exported .safetensors file; pass one of them")
     run = RunDir.open(path)
     checkpoint = run.store.restore(with_opt_state=False) if step is None else run.store.checkpoint(step)
-    return Weights(run.cfg, run.tokenizer, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run)
+    settings = {t: dataclasses.asdict(getattr(run.configs, t)) for t in ("train", "data")}
+    return Weights(run.cfg, run.tokenizer, checkpoint.params, {"run": str(path.resolve()), "step": checkpoint.step}, run, settings)
 
 
 def _load_safetensors(path) -> Weights:
@@ -354,11 +399,22 @@ def _load_safetensors(path) -> Weights:
             meta, params = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         cfg = from_dict(GPTConfig, json.loads(meta["model"]))
         tokenizer = from_json(json.loads(meta["tokenizer"])) if "tokenizer" in meta else CharTokenizer(meta["vocab"])
+        settings = {t: json.loads(meta[t]) for t in ("train", "data") if t in meta}  # the run's own (a fine-tune inherits them)
+        if not all(isinstance(values, dict) for values in settings.values()):
+            raise ValueError("its train and data metadata must be JSON objects")
     except (OSError, SafetensorError, KeyError, ValueError, TypeError, UserError) as e:
         raise UserError(f"{path} is not a model exported by `microgpt-jax export` ({e})") from None
-    if tokenizer.size != cfg.vocab_size or set(params) != set(param_shapes(cfg)):
-        raise UserError(f"{path} does not hold the weights its metadata describes; export it again")
-    return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))})
+    shapes = param_shapes(cfg)
+    wrong = [k for k in sorted(shapes) if k in params and (params[k].shape != tuple(shapes[k]) or params[k].dtype.kind != "f")]
+    if tokenizer.size != cfg.vocab_size or set(params) != set(shapes) or wrong:
+        what = (
+            f" ({wrong[0]} is {params[wrong[0]].dtype} {list(params[wrong[0]].shape)}, not float {list(shapes[wrong[0]])})" if wrong else ""
+        )
+        raise UserError(f"{path} does not hold the weights its metadata describes{what}; export it again")
+    bad = [k for k in sorted(params) if not np.isfinite(params[k]).all()]
+    if bad:  # NaN logits: every sample would be BOS, every loss NaN
+        raise UserError(f"{path} holds weights that are not finite (NaN or Inf) in {', '.join(bad)}; export them again from a good run")
+    return Weights(cfg, tokenizer, params, {"file": str(path.resolve()), "step": int(meta.get("step", 0))}, None, settings)
 
 
 class Start(NamedTuple):
@@ -397,8 +453,24 @@ def open_for_training(given: dict, data=None, resume=None, init_from=None, out=N
         yield Start(run, run.resumed_configs(given), data_path, None, run.tokenizer, vocab_size)
 
 
+def inherited(given: dict, init: Weights, init_from) -> RunConfig:
+    """A fine-tune's configs: the weights' own train and data settings (where known), the given values over them."""
+    tables = {t: dict(given.get(t, {})) for t in RunConfig.TABLES}
+    for table, values in (init.settings or {}).items():
+        fields = {f.name for f in dataclasses.fields(RunConfig.TABLES[table])}
+        tables[table] = {k: v for k, v in values.items() if k in fields} | tables[table]
+    try:
+        return RunConfig.of(tables)
+    except ConfigError as e:  # values taken from the weights' run, with some given: say where they came from
+        name = f"--{e.field.replace('_', '-')}"
+        if any(e.field in given.get(t, {}) for t in RunConfig.TABLES):
+            raise UserError(f"{name} {e.problem} (the values not given are --init-from {init_from}'s; pass them to change them)") from None
+        raise UserError(f"{e} (taken from --init-from {init_from}; pass {name} to change it)") from None
+
+
 def _new_start(given: dict, data, init_from, vocab_size) -> Start:
-    configs, init = RunConfig.of(given), load_weights(init_from) if init_from else None
+    init = load_weights(init_from) if init_from else None
+    configs = inherited(given, init, init_from) if init else RunConfig.of(given)
     given_data, data_path = given.get("data", {}), resolve_data_path(data)
     if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
         configs = configs.replace(data=dataclasses.replace(configs.data, tokenizer=init.tokenizer.kind))
@@ -432,13 +504,18 @@ def export_safetensors(run_dir, out_path) -> int:
     metadata = {"format": "microgpt-jax", "tokenizer": json.dumps(run.tokenizer.to_json()), "step": str(step)}
     metadata |= {"vocab": run.tokenizer.chars} if run.tokenizer.kind == "char" else {}
     metadata |= {table: json.dumps(meta[table]) for table in RunConfig.TABLES}
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = None
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, str(tmp), metadata=metadata)
-        tmp.replace(out_path)  # atomic: OUT is whole or absent
+        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)  # a name no one else has
+        os.close(fd)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.params.items()}, tmp, metadata=metadata)
+        os.link(tmp, out_path)  # atomic, and never over a file: of two exports to one path, the second is refused
+    except FileExistsError:
+        raise UserError(f"{out_path} already exists (written meanwhile); pass a new file name so nothing is overwritten") from None
     except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
         reason = getattr(e, "strerror", None) or str(e).split(": ", 1)[-1]
         raise UserError(f"could not write {out_path} ({reason}); nothing was written") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
     return step

@@ -28,6 +28,7 @@ BOS included, of log softmax(logits)[token], given the prompt.
 import math
 import random
 import sys
+import time
 from functools import partial
 from typing import NamedTuple
 
@@ -35,10 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from microgpt_jax import memory
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 from microgpt_jax.model import GPTConfig, decode_step, forward, forward_cached, init_cache, softmax
 from microgpt_jax.runtime import set_precision
+
+GREEDY_BELOW = 1e-6  # a lower temperature is greedy: logits / T would overflow to inf, and the draw fall back to BOS
+MAX_TOKENS = 2**31 - 1  # a batch's token positions are int32
 
 
 class Sample(NamedTuple):
@@ -127,7 +132,7 @@ def draw_tokens(u_B, logits_BV, temperature, top_k, top_p):
         return jnp.where(first_B < V, first_B, jnp.max(jnp.where(kept_BV, id_V, -1), axis=-1))
 
     greedy = lambda: jnp.argmax(logits_BV, axis=-1)
-    return jax.lax.cond(temperature > 0, drawn, greedy).astype(jnp.int32)
+    return jax.lax.cond(temperature >= GREEDY_BELOW, drawn, greedy).astype(jnp.int32)
 
 
 def _cumsum_in_order(p_V):
@@ -273,7 +278,10 @@ def sample_batches(
     """
     check_options(temperature, top_k, top_p)
     new_tokens = max_new_tokens or cfg.block_size - len(prompt)
-    batch_size = batch_size or default_batch_size(num_samples, new_tokens, fits=len(prompt) + new_tokens <= cfg.block_size)
+    batch_size = min(
+        batch_size or default_batch_size(num_samples, new_tokens, fits=len(prompt) + new_tokens <= cfg.block_size), num_samples
+    )
+    check_sample_fits(cfg, batch_size, len(prompt) + 1 + new_tokens, np.dtype(np.asarray(params["wte"]).dtype).itemsize)
     params = jax.tree.map(jnp.asarray, params)
     dtype, V = params["wte"].dtype, cfg.vocab_size
     prompt_P, key = _with_start(cfg, prompt, start), jax.random.key(seed)
@@ -293,9 +301,26 @@ def sample_batches(
             out_BN, logp_B = pending
             if first + batch_size < num_samples:
                 pending = rows(first + batch_size)  # computes while this batch is read back and printed
+            while not out_BN.is_ready():  # waited for here, not inside the compiled call: ctrl-C stops a long batch
+                time.sleep(0.01)
             yield _cut(out_BN, logp_B, cfg.bos)[: num_samples - first]
 
     return batches()
+
+
+def check_sample_fits(cfg: GPTConfig, rows, length, itemsize, available=None):
+    """A batch of rows samples of length tokens must be countable in int32 and fit in memory: else one line, before any
+    allocation (a native abort otherwise)."""
+    if length > MAX_TOKENS:
+        raise ConfigError("max_new_tokens", f"gives samples of {length:,} tokens; the most is {MAX_TOKENS:,} (int32 positions)")
+    per_row = 4 * length + itemsize * (2 * cfg.n_layer * cfg.block_size * cfg.kv_heads * cfg.head_dim + 4 * cfg.vocab_size)
+    per_row += itemsize * cfg.block_size * (8 * cfg.n_embd + cfg.n_head * cfg.block_size)  # a sliding step's forward
+    available = memory.available_bytes() if available is None else available
+    if available is not None and rows * per_row > available:
+        raise UserError(
+            f"{rows:,} samples of {length:,} tokens at once need about {memory.format_bytes(rows * per_row)} but "
+            f"{memory.format_bytes(available)} is available; lower --batch-size (or --max-new-tokens)",
+        )
 
 
 def sample_run(params, cfg: GPTConfig, num_samples, *, tokenizer, seed, temperature, mode="docs", reference=False, prompt=(), **options):

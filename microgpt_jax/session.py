@@ -22,6 +22,23 @@ from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig
 from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, init_state
 
 
+def vocabulary_mismatch(data, weights) -> str:
+    """Why the data's tokenizer is not the weights': new characters named, or the two kinds and sizes."""
+    where = weights.origin.get("run") or weights.origin.get("file")
+    new = sorted(set(data.chars) - set(weights.tokenizer.chars)) if data.kind == weights.tokenizer.kind == "char" else []
+    if new:
+        shown = "".join(new[:20]) + ("..." if len(new) > 20 else "")
+        return (
+            f"the data has {len(new)} characters the weights of {where} have no id for ({shown!r}); fine-tune on data "
+            f"within their {len(weights.tokenizer.chars)} characters"
+        )
+    return (
+        f"the data's {data.kind} vocabulary ({data.size} ids, BOS included) is not that of the weights of {where} "
+        f"({weights.tokenizer.kind}, {weights.tokenizer.size} ids); fine-tune with their tokenizer (drop --tokenizer) "
+        "or on a dataset prepared with it"
+    )
+
+
 class Session:
     """configs (a RunConfig) and a data file (or dataset directory) -> the mesh, the data source, the trainer.
 
@@ -147,11 +164,7 @@ class Session:
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
         if weights.tokenizer != self.tokenizer:
-            raise UserError(
-                f"the data's vocabulary ({self.tokenizer.kind}, {self.tokenizer.size - 1} ids + BOS) differs from that of the weights "
-                f"({weights.tokenizer.kind}, {weights.tokenizer.size - 1}, {weights.origin}); fine-tune on data with the same characters "
-                "and --tokenizer"
-            )
+            raise UserError(vocabulary_mismatch(self.tokenizer, weights))
         dtype = self.configs.train.param_dtype
         return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))
 
@@ -209,7 +222,8 @@ class Session:
             raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
             where = run.resume_hint() if run else "nothing was saved"
-            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}); {where}") from None
+            fix = "; move that directory away first" if isinstance(e, IsADirectoryError) else ""  # else a resume fails the same way
+            raise UserError(f"could not write {e.filename or 'a file'} ({e.strerror or e}){fix}; {where}") from None
         if run:
             print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         return state

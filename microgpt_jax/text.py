@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
 
 NAMES_PATH = Path(__file__).resolve().parent / "datasets" / "names.txt.gz"
@@ -35,6 +34,9 @@ def resolve_data_path(path=None) -> Path:
     return NAMES_PATH
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def read_blocks(path, size=BLOCK):
     """The file's bytes, gzip-decompressed for a .gz file, `size` at a time (the last block may be shorter).
 
@@ -42,11 +44,18 @@ def read_blocks(path, size=BLOCK):
     dataset is checked against its sha256 as it is read.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("data", f"file not found: {path}; pass an existing text file")
+    if not path.exists():
+        raise UserError(f"data file not found: {path}; pass an existing text file")
+    if not path.is_file():  # a directory is seen to (dataset.is_dataset) before this
+        raise UserError(f"data file {path} is not a regular file (a pipe or a device?); it is read more than once: save it to a file")
     shipped = hashlib.sha256() if path.resolve() == NAMES_PATH else None
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(len(BOM))  # a byte order mark is no text: dropped, so it becomes no character
+            if head != BOM and head:
+                if shipped:
+                    shipped.update(head)
+                yield head
             for block in iter(lambda: f.read(size), b""):
                 if shipped:
                     shipped.update(block)

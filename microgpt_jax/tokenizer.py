@@ -16,6 +16,7 @@ punctuation, each as UTF-8 bytes), then merges up to the vocabulary size.
 """
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -229,6 +230,11 @@ def train_bpe(texts, vocab_size=BPE_VOCAB_SIZE) -> BPETokenizer:
     return BPETokenizer(hf.to_str())
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """The sha256 of a tokenizer's JSON (canonical): run.json and each checkpoint record it, so a swapped one shows."""
+    return hashlib.sha256(json.dumps(tokenizer.to_json(), sort_keys=True).encode()).hexdigest()
+
+
 def from_json(meta) -> "CharTokenizer | ByteTokenizer | BPETokenizer":
     """A tokenizer from its to_json(); a value that is none is a one-line error."""
     kind = meta.get("kind") if isinstance(meta, dict) else None
@@ -253,6 +259,8 @@ def make_tokenizer(kind, texts=(), vocab_size=None, given=None, chars=None):
     """
     if kind == "char":
         tokenizer = CharTokenizer.from_docs(texts if chars is None else chars)
+        if isinstance(given, CharTokenizer) and set(tokenizer.chars) <= set(given.chars):
+            tokenizer = given  # a fine-tune on some of the weights' characters: their ids
     elif kind == "byte":
         tokenizer = ByteTokenizer()
     elif given is not None and given.kind == "bpe":

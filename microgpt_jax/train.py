@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from microgpt_jax import parallel
-from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
+from microgpt_jax.config import ConfigError, field, fits_64_bits, fraction, non_negative, positive, validate
 from microgpt_jax.layout import Batch
 from microgpt_jax.model import (
     ATTENTIONS,
@@ -65,7 +65,7 @@ class TrainConfig:
     eps: float = field(1e-8, "Adam's epsilon", check=positive)
     weight_decay: float = field(0.0, "decoupled weight decay (AdamW) of every weight; 0 means Adam", check=non_negative, since="0.2")
     grad_clip: float = field(0.0, "the gradients' global L2 norm is clipped to this; 0 means off", check=non_negative, since="0.2")
-    seed: int = field(42, "random seed: initial weights, data order")
+    seed: int = field(42, "random seed: initial weights, data order", check=fits_64_bits)
     dtype: str = field("float32", "compute dtype; bfloat16 keeps float32 weights", choices=DTYPES)
     eval_every: int = field(100, "validation loss every N steps", check=positive, resumable=True)
     log_every: int = field(10, "a metrics record every N steps", check=positive, resumable=True)

@@ -28,7 +28,7 @@ def bad_files(tmp_path):
 
 def test_missing_data_file_as_a_real_process(tmp_path):
     out = cli("train", "--steps", "1", "--data", str(tmp_path / "missing.txt"))
-    assert_one_line_error(out.returncode, out.stderr, "data file not found", "--data")
+    assert_one_line_error(out.returncode, out.stderr, "data file not found", "missing.txt")
 
 
 def test_bad_model_config_as_a_real_process():
@@ -131,13 +131,16 @@ def test_train_then_sample(tmp_path, capsys):
 
 
 def test_check_a_trained_run(tmp_path, capsys):
-    """`check RUN_DIR` reads the run's config, vocabulary and trained weights: no other flag."""
+    """`check RUN_DIR` reads the run's config, vocabulary, trained weights and training settings, saying its progress."""
     run = tmp_path / "run"
-    code, out = run_in_process(capsys, "train", "--steps", "20", "--n-embd", "8", "--n-head", "2", "--out", str(run))
+    flags = ["--steps", "20", "--n-embd", "8", "--n-head", "2", "--batch-size", "2", "--lr", "0.02"]
+    code, out = run_in_process(capsys, "train", *flags, "--out", str(run))
     assert code == 0, out.err
-    code, out = run_in_process(capsys, "check", str(run), "--steps", "2")
+    code, out = run_in_process(capsys, "check", str(run), "--steps", "2", "--lr", "0.005")
     assert code == 0, out.err
     assert '"n_embd": 8' in out.out.splitlines()[0]  # the run's config, not the defaults
+    assert '"batch_size": 2, "grad_accum": 1, "lr": 0.005' in out.out  # the run's batch, not microgpt's 1; the lr given
+    assert out.err.splitlines()[-1] == "check: training step 2 of 2 on both engines..."  # (the scalar engine is slow)
     assert out.out.splitlines()[-1].endswith(" 0 failed")
     code, out = run_in_process(capsys, "check", str(tmp_path / "nothing"))
     assert_one_line_error(code, out.err, "not a run directory")

@@ -37,9 +37,10 @@ def printed_config(capsys, *args):
 def test_a_config_file_with_flags_over_it(tmp_path, capsys):
     path = tmp_path / "c.toml"
     path.write_text('[model]\nn_embd = 32\nn_head = 8\n[train]\nlr = 0.02\nsteps = 50\n[data]\nmode = "stream"\n')
-    text = printed_config(capsys, "--config", path, "--lr", "0.005")
+    text = printed_config(capsys, "--config", path, "--lr", "0.005", "--data", path, "--tokenizer", "bpe", "--vocab-size", "300")
     assert "n_embd = 32" in text and "n_head = 8" in text and "steps = 50" in text and 'mode = "stream"' in text
     assert "lr = 0.005" in text  # the flag wins over the file
+    assert f"path = {json.dumps(str(path))}" in text and "vocab_size = 300" in text  # the run's data and bpe size, too
     again = tmp_path / "again.toml"
     again.write_text(text)  # what --print-config prints is a config file that resolves to itself
     assert printed_config(capsys, "--config", again) == text
@@ -50,7 +51,8 @@ def test_a_config_file_with_flags_over_it(tmp_path, capsys):
     [
         ("[train]\nlr_max = 1\n", "[train] has no key 'lr_max' (its keys: steps,"),
         ("[optim]\nlr = 1\n", "unknown table [optim]; the tables are [model], [train], [data], [checkpoint]"),
-        ("[model]\nvocab_size = 30\n", "[model] has no key 'vocab_size'"),
+        ("[model]\nvocab_size = 30\n", "[model] vocab_size 30 differs from the 27 ids the char tokenizer gives"),  # no flag blamed
+        ("[data]\npath = 3\n", "[data] path must be a str, got 3"),
         ("[checkpoint]\nkeep = 0\n", "[checkpoint] keep must be positive, got 0"),
         ('[train]\nsteps = "ten"\n', "[train] steps must be an integer, got 'ten'"),
         ("[train\nlr = 1\n", "is not valid TOML"),
@@ -114,7 +116,7 @@ def test_init_from_refuses_another_model_or_another_vocabulary(tmp_path, capsys,
     code, out = run_in_process(capsys, "train", "--init-from", finished, "--n-embd", "16", "--out", tmp_path / "a")
     assert_one_line_error(code, out.err, "--n-embd 16 differs from the model of --init-from", "(8)")
     code, out = run_in_process(capsys, "train", "--init-from", finished, "--data", shakespeare_path, "--out", tmp_path / "b")
-    assert_one_line_error(code, out.err, "the data's vocabulary (", "differs from that of the weights")
+    assert_one_line_error(code, out.err, "the data has 38 characters the weights of", "fine-tune on data within their 26 characters")
     code, out = run_in_process(capsys, "train", "--init-from", f"{finished}@5", "--out", tmp_path / "c")
     assert_one_line_error(code, out.err, "has no checkpoint 5 (its checkpoints: 2, 4, 6)")
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from microgpt_jax.data import DataConfig, load_train_data
-from microgpt_jax.dataset import SAMPLE_BYTES, open_dataset, sample_starts, verify
+from microgpt_jax.dataset import SAMPLE_BYTES, binding, file_checksums, meta_checksum, open_dataset, sample_starts, verify
 from microgpt_jax.errors import UserError
 from microgpt_jax.prepare import prepare
 from microgpt_jax.text import load_docs
@@ -58,6 +58,22 @@ def split_train(meta):
     meta["split"]["validation"] += 1000
 
 
+def consistent(edit):
+    """An edit of meta.json whose own checksum is made again (and the files' too): only the binding or the content shows it."""
+
+    def change(meta):
+        edit(meta)
+        meta["checksum"] = meta_checksum(meta)
+
+    return change
+
+
+def rehashed_order(d, good):
+    """order.bin with a duplicate, its checksums in meta.json made again to match."""
+    poke(d / "order.bin", "<u4", 5, np.fromfile(d / "order.bin", "<u4")[6])
+    edit_meta(d, consistent(lambda m: m["files"].update({"order.bin": file_checksums(d / "order.bin", bound=binding(m))})))
+
+
 ATTACKS = {  # each: (damage, what the refusal at open names)
     "token id past the vocabulary": (lambda d, good: poke(d / "tokens.bin", "<u2", 1, 27), "tokens.bin does not match the sampled hash"),
     "docs.bin of another dataset": (lambda d, good: shutil.copy(good / "other" / "docs.bin", d / "docs.bin"), "docs.bin does not match"),
@@ -69,6 +85,17 @@ ATTACKS = {  # each: (damage, what the refusal at open names)
         lambda d, good: edit_meta(d, lambda m: m.update(tokenizer={"kind": "byte"}, vocab_size=257, bos=256)),
         "meta.json does not match its checksum",
     ),
+    "meta.json mode, rehashed": (lambda d, good: edit_meta(d, consistent(lambda m: m.update(mode="stream"))), "meta.json: files names"),
+    "meta.json split, rehashed": (lambda d, good: edit_meta(d, consistent(split_train)), "does not match the sampled hash"),
+    "meta.json tokenizer, rehashed": (
+        lambda d, good: edit_meta(d, consistent(lambda m: m.update(tokenizer={"kind": "byte"}, vocab_size=257, bos=256))),
+        "does not match the sampled hash",
+    ),
+    "meta.json doc_lengths junk, rehashed": (
+        lambda d, good: edit_meta(d, consistent(lambda m: m.update(doc_lengths={"tokens": "x", "count": None}))),
+        "doc_lengths must be",
+    ),
+    "order.bin with a duplicate, rehashed": (rehashed_order, "order.bin is not a permutation"),
 }
 
 

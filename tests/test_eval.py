@@ -137,7 +137,7 @@ def run_dir(tmp_path_factory):
         (["{run}@7"], "has no checkpoint 7 (its checkpoints: 1)"),
         (["{run}", "--step", "3"], "has no checkpoint 3"),
         (["{run}@1", "--step", "1"], "give the step once"),
-        (["{run}", "--data", "{tmp}/missing.txt"], "--data file not found"),
+        (["{run}", "--data", "{tmp}/missing.txt"], "data file not found"),
         (["{run}", "--data", "{tmp}"], "is a directory but no dataset (no meta.json)"),
         (["{run}", "--data", "{tmp}/accents.txt"], "outside the run's vocabulary ('É')"),
         (["{run}", "--data", "{tmp}/empty.txt"], "data file is empty"),

@@ -163,7 +163,7 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
     flags = [*TINY, "--data", small_text, "--tokenizer", "bpe", "--vocab-size", "300", "--steps", "3", "--layout", "padded"]
     code, out = run_in_process(capsys, "train", *flags, "--out", tmp_path / "run")
     assert code == 0 and "vocab size: 300 (bpe tokenizer)" in out.out, out
-    cfg, tokenizer, params, _, run = load_weights(tmp_path / "run")
+    cfg, tokenizer, params, _, run = load_weights(tmp_path / "run")[:5]
     assert (tmp_path / "run" / "tokenizer.json").is_file() and tokenizer.kind == "bpe" and tokenizer.size == cfg.vocab_size == 300
     assert tokenizer == load_train_data(small_text, run.dcfg, 1, 8, 42, vocab_size=300)[0]  # the tokenizer trained on this text
     assert tokenizer.decode(tokenizer.encode("Café, 世界")) == "Café, 世界"  # what sample decodes its ids with
@@ -184,6 +184,11 @@ def test_a_bpe_run_keeps_its_tokenizer_for_sample_export_and_check(tmp_path, sma
         capsys, "train", "--init-from", tmp_path / "run", "--data", small_text, "--steps", "1", "--out", tmp_path / "b"
     )
     assert code == 0 and load_weights(tmp_path / "b").tokenizer == tokenizer, out  # fine-tuned: the weights' bpe, without --tokenizer
+    tokenizer_file = tmp_path / "b" / "tokenizer.json"
+    for swapped, fragment in [(other.hf_json.encode(), "is not the tokenizer the run was trained with"), (b"\xff{", "not valid UTF-8")]:
+        tokenizer_file.write_bytes(swapped)
+        code, out = run_in_process(capsys, "sample", tmp_path / "b")
+        assert_one_line_error(code, out.err, str(tokenizer_file), fragment)
 
 
 def test_training_with_the_byte_tokenizer(tmp_path, small_text, capsys):

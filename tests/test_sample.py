@@ -162,8 +162,8 @@ def test_sampler_compiles_once_per_shape():
     params = random_params(CFG)
     sample(params, CFG, 20, prompt=PROMPT, batch_size=16)
     size = sample_rows._cache_size()
-    # new values, same shapes (the last batch of 20 or 5 samples runs padded to 16 rows)
-    sample(params, CFG, 5, prompt=PROMPT, batch_size=16, seed=1, temperature=0.3, top_k=5, top_p=0.5)
+    # new values, same shapes (the last batch of 20 or 21 samples runs padded to 16 rows)
+    sample(params, CFG, 21, prompt=PROMPT, batch_size=16, seed=1, temperature=0.3, top_k=5, top_p=0.5)
     sample(params, CFG, 40, prompt=PROMPT, batch_size=16, seed=2, temperature=0)
     assert sample_rows._cache_size() == size
 
@@ -330,3 +330,10 @@ def test_cli_not_a_run(tmp_path, capsys):
     assert code == 2
     helpers.assert_one_line_error(code, err.err, "is not a run directory")
     assert err.err.count("\n") == 1
+
+
+def test_a_tiny_temperature_is_greedy():
+    """1e-15: logits / T overflow, and the draw would fall back to BOS (empty samples). (A batch is at most the samples.)"""
+    params = random_params(CFG)
+    greedy, tiny = (sample(params, CFG, 4, prompt=PROMPT, temperature=t, batch_size=b) for t, b in ((0.0, None), (1e-15, 10**9)))
+    assert [s.ids for s in tiny] == [s.ids for s in greedy]

@@ -94,6 +94,9 @@ def given_configs(args) -> dict:
     that comes from the data, such as --vocab-size, where given)."""
     given = getattr(args, "given", {}) | {n: getattr(args, n) for n in RunConfig.FROM_DATA if getattr(args, n, None) is not None}
     tables = RunConfig.read_toml(args.config) if getattr(args, "config", None) else {}
+    data_path = tables.get("data", {}).pop("path", None)  # [data] path: --data, unless the flag is typed
+    if data_path is not None and getattr(args, "data", None) is None:
+        args.data = data_path
     return {
         table: {**tables.get(table, {}), **{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given}}
         for table, cls in RunConfig.TABLES.items()

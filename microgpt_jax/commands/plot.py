@@ -11,12 +11,17 @@ def add_arguments(p):
         "--out",
         default=None,
         metavar="IMAGE",
-        help="image to write, .png, .svg, .pdf, ... (default: RUN_DIR/loss.png for one run, ./loss.png for several)",
+        help="a new image to write, .png, .svg, .pdf, ... (default: RUN_DIR/loss.png for one run, which is redrawn; "
+        "./loss.png for several)",
     )
 
 
 def run(args):
+    from microgpt_jax.errors import UserError
     from microgpt_jax.plot import plot_runs
 
-    out = args.out or (Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else Path("loss.png"))
+    own = Path(args.run_dirs[0]) / "loss.png" if len(args.run_dirs) == 1 else None  # the run's own plot, redrawn by train too
+    out = Path(args.out) if args.out else own or Path("loss.png")
+    if out.exists() and out != own:
+        raise UserError(f"{out} already exists; pass a new file name with --out so nothing is overwritten")
     print(f"loss curves: {plot_runs(args.run_dirs, out)}")

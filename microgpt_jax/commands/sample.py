@@ -3,7 +3,7 @@
 import itertools
 import json
 
-from microgpt_jax.errors import positive_int
+from microgpt_jax.errors import positive_int, seed_int
 
 PARSER = {
     "help": "sample from a trained run",
@@ -17,11 +17,13 @@ PARSER = {
 def add_arguments(p):
     p.add_argument("run_dir", help="a run directory (its latest good checkpoint), RUN_DIR@STEP, or an exported .safetensors file")
     p.add_argument("--num-samples", type=positive_int, default=20, help="samples to draw (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.5, help="softmax temperature; 0 means greedy (default %(default)s)")
+    p.add_argument(
+        "--temperature", type=float, default=0.5, help="softmax temperature; 0 (or below 1e-6) means greedy (default %(default)s)"
+    )
     p.add_argument("--top-k", type=int, default=None, help="draw only from the K most likely tokens (default: all tokens)")
     p.add_argument("--top-p", type=float, default=None, help="draw only from the top tokens holding probability P (default: all tokens)")
     p.add_argument("--prompt", default="", help="every sample continues this text, e.g. ka (default: none, samples start fresh)")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the draws (default %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=42, help="random seed of the draws (default %(default)s)")
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -55,10 +57,12 @@ def run(args):
 
     options = dict(top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     check_options(args.temperature, reference=args.reference, **options)  # before the weights are read
-    cfg, tokenizer, params, _, run = load_weights(args.run_dir)
+    weights = load_weights(args.run_dir)
+    cfg, tokenizer, params = weights.cfg, weights.tokenizer, weights.params
     prompt = encode_prompt(tokenizer, args.prompt, cfg)
     drawn = dict(reference=args.reference, seed=args.seed, temperature=args.temperature, prompt=prompt, **options)
-    batches = sample_run(params, cfg, args.num_samples, tokenizer=tokenizer, mode=run.dcfg.mode if run else "docs", **drawn)
+    mode = (weights.settings or {}).get("data", {}).get("mode", "docs")  # a run's or an export's: stream starts at a line
+    batches = sample_run(params, cfg, args.num_samples, tokenizer=tokenizer, mode=mode, **drawn)
     framed = not args.json and breaks_lines(tokenizer)
 
     def render(number, s):

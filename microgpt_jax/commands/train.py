@@ -3,6 +3,7 @@
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from microgpt_jax.commands import DATA_HELP, add_vocab_size
 from microgpt_jax.errors import UserError, positive_int
@@ -26,7 +27,7 @@ def add_arguments(p):
         "--config",
         default=None,
         metavar="FILE.toml",
-        help="config values in tables [model], [train], [data], [checkpoint]; flags override them (default: none)",
+        help="config values in tables [model], [train], [data] (and path: the data), [checkpoint]; flags override them (default: none)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (a config file) and exit")
     p.add_argument(
@@ -55,8 +56,8 @@ def add_arguments(p):
         "--init-from",
         default=None,
         metavar="RUN_DIR[@STEP]",
-        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export): "
-        "fine-tuning (default: new weights)",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export), "
+        "with their model, tokenizer and train and data settings but those given: fine-tuning (default: new weights)",
     )
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
@@ -93,6 +94,21 @@ def chosen_loggers(args) -> list:
     return chosen
 
 
+def fine_tuning(start, init_from, given: dict) -> str:
+    """The one line a fine-tune starts with: which weights, and which settings came with them (the rest: given)."""
+    taken = {
+        f"{name} {value}"
+        for table in ("train", "data")
+        for name, value in (start.init.settings or {}).get(table, {}).items()
+        if name not in given.get(table, {}) and name in {"steps", "batch_size", "lr", "warmup", "schedule", "mode", "tokenizer"}
+    }
+    typed = [f"--{name.replace('_', '-')}" for table in given.values() for name in table]
+    settings = f"; its settings: {', '.join(sorted(taken))} and the rest of its train and data tables" if start.init.settings else ""
+    return f"fine-tuning from {init_from} (step {start.init.origin['step']}): its weights, model and tokenizer{settings}" + (
+        f"; given: {', '.join(typed)}" if typed else ""
+    )
+
+
 def run(args):
     from microgpt_jax import parallel
     from microgpt_jax.runtime import set_deterministic, set_precision
@@ -109,8 +125,11 @@ def run(args):
     loggers = chosen_loggers(args)
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
         start = held.enter_context(open_for_training(args.given_configs, args.data, args.resume, args.init_from, args.out))
-        if args.print_config:
-            return print(start.configs.to_toml(), end="")
+        if args.print_config:  # a config file of this very run: its data, and its vocabulary size where known before the data is read
+            known = start.vocab_size is not None or start.run is not None or start.init is not None
+            return print(start.configs.to_toml(Path(start.data_path).resolve(), vocab_known=known), end="")
+        if start.init:
+            print(fine_tuning(start, args.init_from, args.given_configs))
         set_precision(start.configs.train.dtype)
         session = Session(start.configs, start.data_path, args.devices, start.vocab_size, start.tokenizer)
         print(session.describe())
@@ -122,4 +141,9 @@ def run(args):
         if args.out:
             origin = start.init and start.init.origin
             run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, origin))
-        session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
+        try:
+            session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
+        except UserError as e:  # a new run that failed before it held anything (W&B would not start): gone, so the retry runs
+            if args.out and run.remove_if_empty():
+                raise UserError(f"{e} ({args.out}, which held nothing yet, was removed)") from None
+            raise
