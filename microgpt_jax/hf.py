@@ -65,9 +65,9 @@ def architecture(cfg: GPTConfig) -> str:
     return arch
 
 
-def hf_config(cfg: GPTConfig, arch: str) -> dict:
-    """config.json of cfg as `transformers` reads it for arch."""
-    common = dict(architectures=[arch], vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype="float32")
+def hf_config(cfg: GPTConfig, arch: str, dtype) -> dict:
+    """config.json of cfg as `transformers` reads it for arch, the weights in dtype."""
+    common = dict(architectures=[arch], vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, dtype=np.dtype(dtype).name)
     common |= dict(bos_token_id=cfg.bos, eos_token_id=cfg.bos)
     if arch == "GPT2LMHeadModel":
         return common | dict(
@@ -163,7 +163,7 @@ def to_hf(cfg: GPTConfig, params: dict) -> tuple[str, dict, dict]:
     for theirs, ours in key_map(cfg, arch):
         w = np.concatenate([np.asarray(params[k]) for k in ours], axis=0)
         tensors[theirs] = np.ascontiguousarray(w.T if transposed(arch, theirs) else w)
-    return arch, hf_config(cfg, arch), tensors
+    return arch, hf_config(cfg, arch, tensors[TOP[arch]["wte"] + ".weight"].dtype), tensors
 
 
 def hf_tokenizer_json(tokenizer) -> str:

@@ -140,7 +140,14 @@ class Session:
 
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
-        if weights.tokenizer != self.tokenizer:
+        if weights.tokenizer is None:  # a Hugging Face checkpoint without tokenizer.json: the data's tokenizer, of its size
+            if self.tokenizer.size != weights.cfg.vocab_size:
+                raise UserError(
+                    f"{weights.origin['hf']} has no tokenizer.json and {weights.cfg.vocab_size} token ids, the data's "
+                    f"{self.tokenizer.kind} tokenizer {self.tokenizer.size}; pass --tokenizer byte (257 ids) or data of that many ids, "
+                    "or add its tokenizer.json"
+                )
+        elif weights.tokenizer != self.tokenizer:
             raise UserError(
                 f"the data's vocabulary ({self.tokenizer.kind}, {self.tokenizer.size - 1} ids + BOS) differs from that of the weights "
                 f"({weights.tokenizer.kind}, {weights.tokenizer.size - 1}, {weights.origin}); fine-tune on data with the same characters "
