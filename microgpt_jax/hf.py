@@ -194,7 +194,7 @@ def save(cfg: GPTConfig, params: dict, tokenizer, out_dir) -> str:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer.kind == "bpe":
+        if getattr(tokenizer, "kind", None) == "bpe":  # (a Hugging Face import may have none)
             (tmp / TOKENIZER_FILE).write_text(hf_tokenizer_json(tokenizer))
             special = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=BOS_TOKEN, eos_token=BOS_TOKEN)
             (tmp / "tokenizer_config.json").write_text(json.dumps(special | {"model_max_length": cfg.block_size}, indent=2) + "\n")
