@@ -136,9 +136,14 @@ def init_state(cfg, rng, std=0.08):
     return state
 
 
+def entries(w):
+    """A matrix's entries row by row, or a vector's."""
+    return [p for row in w for p in (row if isinstance(row, list) else [row])]
+
+
 def parameters(state):
     """The flat parameter list Adam walks: every entry of every matrix, row-major, and of every vector."""
-    return [p for w in state.values() for row in w for p in (row if isinstance(row, list) else [row])]
+    return [p for w in state.values() for p in entries(w)]
 
 
 # --- the building blocks (spec section 3) ---

@@ -154,8 +154,6 @@ def test_an_imported_model_gives_transformers_logits_and_exports_the_same_bytes(
     theirs, ours = load_file(path / hf.WEIGHTS_FILE), load_file(tmp_path / "again" / hf.WEIGHTS_FILE)
     assert set(ours) == set(theirs)
     assert all(ours[k].dtype == theirs[k].dtype and ours[k].tobytes() == theirs[k].tobytes() for k in ours)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float64).eval()
-    assert_same_logits(logits_of(reloaded, IDS), logits_of(model, IDS), f"{arch} exported again")
 
 
 @pytest.fixture(scope="module")
