@@ -215,68 +215,67 @@ def is_checkpoint_dir(path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / "run.json").exists()
 
 
+def gpt2_fields(get, refuse) -> tuple[str, dict]:
+    """(activation_function, our fields) of a GPT-2 config.json (its defaults are GPT2Config's)."""
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
+        if get(key, want) != want:
+            refuse(key, get(key), f"our attention is scaled by 1 / sqrt(head size) only: {key} must be {json.dumps(want)}")
+    fields = dict(
+        n_embd=get("n_embd", 768),
+        n_head=get("n_head", 12),
+        n_layer=get("n_layer", 12),
+        block_size=get("n_positions", 1024),
+        mlp_hidden=get("n_inner") or 0,
+        norm_eps=float(get("layer_norm_epsilon", 1e-5)),
+        dropout=float(get("resid_pdrop", 0.1)),
+        tie_embeddings=get("tie_word_embeddings", True),
+    )
+    return get("activation_function", "gelu_new"), fields
+
+
+def llama_fields(get, refuse) -> tuple[str, dict]:
+    """(hidden_act, our fields) of a Llama config.json (its defaults are LlamaConfig's)."""
+    scaling = get("rope_scaling") or {}
+    rope = get("rope_parameters") or {"rope_type": scaling.get("rope_type", "default"), "rope_theta": get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        refuse("rope_parameters.rope_type", rope.get("rope_type"), "only the default rope: no scaling")
+    if get("attention_bias", False) != get("mlp_bias", False):
+        refuse("mlp_bias", get("mlp_bias"), "biases in all linear layers or none: mlp_bias must equal attention_bias")
+    n_embd, n_head = get("hidden_size", 4096), get("num_attention_heads", 32)
+    if get("head_dim") not in (None, n_embd // n_head):
+        refuse("head_dim", get("head_dim"), f"the head size is hidden_size / num_attention_heads = {n_embd // n_head}")
+    fields = dict(
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=get("num_key_value_heads") or n_head,
+        n_layer=get("num_hidden_layers", 32),
+        block_size=get("max_position_embeddings", 2048),
+        mlp_hidden=get("intermediate_size", 11008),
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        bias=get("attention_bias", False),
+        dropout=float(get("attention_dropout", 0.0)),
+        tie_embeddings=get("tie_word_embeddings", False),
+    )
+    return get("hidden_act", "silu"), fields
+
+
 def from_hf_config(config: dict, path) -> GPTConfig:
     """Our GPTConfig of a GPT-2 or Llama config.json; anything we do not compute is one line naming its key."""
-    arch = (config.get("architectures") or [None])[0] or {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}.get(
-        config.get("model_type")
-    )
+    by_type = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+    arch = (config.get("architectures") or [None])[0] or by_type.get(config.get("model_type"))
     if arch not in FIXED:
         raise UserError(f"{path}/{CONFIG_FILE}: architecture {arch!r} is not supported; start from a GPT2LMHeadModel or LlamaForCausalLM")
 
     def refuse(key, value, fix):
         raise UserError(f"{path}/{CONFIG_FILE}: {key} = {json.dumps(value)} is not supported ({fix})")
 
-    get = config.get
-    if arch == "GPT2LMHeadModel":
-        for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)):
-            if get(key, want) != want:
-                refuse(key, get(key), f"our attention is scaled by 1 / sqrt(head size) only: {key} must be {json.dumps(want)}")
-        act, fields = (
-            get("activation_function", "gelu_new"),
-            dict(
-                n_embd=get("n_embd", 768),
-                n_head=get("n_head", 12),
-                n_layer=get("n_layer", 12),
-                block_size=get("n_positions", 1024),
-                mlp_hidden=get("n_inner") or 0,
-                norm_eps=float(get("layer_norm_epsilon", 1e-5)),
-                dropout=float(get("resid_pdrop", 0.1)),
-                tie_embeddings=get("tie_word_embeddings", True),
-            ),
-        )
-    else:
-        rope = get("rope_parameters") or {
-            "rope_type": (get("rope_scaling") or {}).get("rope_type", "default"),
-            "rope_theta": get("rope_theta", 10000.0),
-        }
-        if rope.get("rope_type", "default") != "default":
-            refuse("rope_parameters.rope_type", rope.get("rope_type"), "only the default rope: no scaling")
-        if get("attention_bias", False) != get("mlp_bias", False):
-            refuse("mlp_bias", get("mlp_bias"), "biases in all linear layers or none: mlp_bias must equal attention_bias")
-        n_embd, n_head = get("hidden_size", 4096), get("num_attention_heads", 32)
-        if get("head_dim") not in (None, n_embd // n_head):
-            refuse("head_dim", get("head_dim"), f"the head size is hidden_size / num_attention_heads = {n_embd // n_head}")
-        act, fields = (
-            get("hidden_act", "silu"),
-            dict(
-                n_embd=n_embd,
-                n_head=n_head,
-                n_kv_head=get("num_key_value_heads") or n_head,
-                n_layer=get("num_hidden_layers", 32),
-                block_size=get("max_position_embeddings", 2048),
-                mlp_hidden=get("intermediate_size", 11008),
-                norm_eps=float(get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", 10000.0)),
-                bias=get("attention_bias", False),
-                dropout=float(get("attention_dropout", 0.0)),
-                tie_embeddings=get("tie_word_embeddings", False),
-            ),
-        )
+    gpt2 = arch == "GPT2LMHeadModel"
+    act, fields = (gpt2_fields if gpt2 else llama_fields)(config.get, refuse)
     if act not in FROM_HF_ACTIVATIONS:
-        refuse("activation_function" if arch == "GPT2LMHeadModel" else "hidden_act", act, f"ours: {', '.join(FROM_HF_ACTIVATIONS)}")
-    fixed = {k: v for k, v in FIXED[arch].items() if k != "qk_norm"}
+        refuse("activation_function" if gpt2 else "hidden_act", act, f"ours: {', '.join(FROM_HF_ACTIVATIONS)}")
     try:
-        return GPTConfig(vocab_size=get("vocab_size"), activation=FROM_HF_ACTIVATIONS[act], **fixed, **fields)
+        return GPTConfig(vocab_size=config.get("vocab_size"), activation=FROM_HF_ACTIVATIONS[act], **FIXED[arch], **fields)
     except UserError as e:
         raise UserError(f"{path}/{CONFIG_FILE}: {e}") from None
 
@@ -288,7 +287,10 @@ def read_tensors(path: Path) -> dict:
     if (path / WEIGHTS_FILE).is_file():
         files = [path / WEIGHTS_FILE]
     elif (path / INDEX_FILE).is_file():
-        files = [path / f for f in sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))]
+        try:
+            files = [path / f for f in sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"could not read the shard list {path / INDEX_FILE} ({e}); save the model again") from None
     else:
         raise UserError(f"{path} has no {WEIGHTS_FILE} (nor {INDEX_FILE}); save the model with save_pretrained(safe_serialization=True)")
     tensors = {}
