@@ -84,6 +84,7 @@ def made(tmp_path_factory):
         max_position_embeddings=48, attention_bias=True, mlp_bias=True, rope_theta=500.0, tie_word_embeddings=False,
     )  # fmt: skip
     models = {}
+    torch.manual_seed(0)  # the same models whatever ran before in this process
     for model in (transformers.GPT2LMHeadModel(gpt2), transformers.LlamaForCausalLM(llama)):
         arch = type(model).__name__
         model = perturbed(model)
