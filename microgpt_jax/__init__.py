@@ -6,7 +6,8 @@ Modules, in layers (each imports only its own layer or those below):
 - model (GPTConfig, params, forward, loss, KV cache), layout (batch
   layouts), dataset (prepared datasets read and checked), data (DataConfig,
   the split, batch sources), parallel (meshes, processes), memory, flops,
-  metrics (metrics.jsonl), plot, graph (a jitted step's program and buffers);
+  metrics (metrics.jsonl), plot, graph (a jitted step's program and buffers),
+  hf (Hugging Face GPT-2 and Llama checkpoints, both ways);
 - train (TrainConfig, the optimizer, the jitted step and loop, Evaluator),
   sample, prepare (writes datasets);
 - loop (fit, the chunk plan, the hooks), checkpoint, rundir (RunConfig,

@@ -50,13 +50,15 @@ def require_x64():
 
 
 def to_reference_state(params) -> dict:
-    """JAX params -> the scalar engine's state dict (fresh Value leaves)."""
-    return {name: [[reference.Value(float(x)) for x in row] for row in np.asarray(w, np.float64)] for name, w in params.items()}
+    """JAX params -> the scalar engine's state dict (fresh Value leaves: lists of rows, or of entries for a vector)."""
+    values = lambda w: [values(row) for row in w] if w.ndim > 1 else [reference.Value(float(x)) for x in w]
+    return {name: values(np.asarray(w, np.float64)) for name, w in params.items()}
 
 
 def from_reference_state(state, attr="data") -> dict:
     """The scalar engine's state dict -> arrays of each node's `data` (or `grad`)."""
-    return {name: np.array([[getattr(v, attr) for v in row] for row in m], np.float64) for name, m in state.items()}
+    numbers = lambda w: [numbers(row) for row in w] if isinstance(w, list) else getattr(w, attr)
+    return {name: np.array(numbers(m), np.float64) for name, m in state.items()}
 
 
 def reference_grads(params, cfg, docs, grad_accum=1, masks=None):

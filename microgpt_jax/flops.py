@@ -26,18 +26,19 @@ VENDOR_PEAKS = (
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per trained token (forward + backward = 3x forward), matmuls only.
 
-    Forward, per token: 2 FLOPs per weight of every matmul (per layer wq,
-    wo, fc1 and fc2, 10 n_embd^2, and wk and wv, 2 n_embd * n_kv_head *
-    head_dim; and the output layer, lm_head or the tied wte; wte and wpe as
+    Forward, per token: 2 FLOPs per weight of every matmul (per layer wq
+    and wo, 2 n_embd^2, fc1 and fc2 (and a gated MLP's gate), 2 (3) n_embd *
+    hidden, and wk and wv, 2 n_embd * n_kv_head * head_dim; and the output
+    layer, lm_head or the tied wte; wte and wpe as
     embeddings are lookups), plus attention's two T x T x n_embd products per
     layer (q.k and weights.v, 2 * 2 * T * n_embd, every query head whatever
     the key heads, counted over the full T x T square as the kernels compute
     it, masked or not). Elementwise work (norms, softmax, activations, rope,
-    dropout, Adam) is not counted. By default this is the usual 6N + 12 L T D.
-    Accumulation changes nothing per token.
+    dropout, biases, gains, Adam) is not counted. By default this is the usual
+    6N + 12 L T D. Accumulation changes nothing per token.
     """
-    D = cfg.n_embd
-    n_matmul = cfg.n_layer * (10 * D**2 + 2 * D * cfg.kv_heads * cfg.head_dim) + cfg.vocab_size * D
+    D, mlp_matrices = cfg.n_embd, 3 if cfg.mlp == "gated" else 2
+    n_matmul = cfg.n_layer * (2 * D**2 + mlp_matrices * D * cfg.hidden + 2 * D * cfg.kv_heads * cfg.head_dim) + cfg.vocab_size * D
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.block_size * D
 
 

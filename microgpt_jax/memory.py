@@ -100,12 +100,16 @@ def format_bytes(n) -> str:
 
 
 def num_params(cfg: GPTConfig) -> int:
-    """The number of weights: sum of out * in over model.param_shapes, in closed form (no dict of n_layer entries)."""
-    V, D, T, L, E = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer, kv_width(cfg)
+    """The number of weights: the sizes over model.param_shapes, in closed form (no dict of n_layer entries)."""
+    V, D, T, L, E, F = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer, kv_width(cfg), cfg.hidden
+    gated = cfg.mlp == "gated"
     # wte [V, D], lm_head [V, D] unless tied, wpe [T, D] unless rope;
-    # per layer wq, wo [D, D], wk, wv [E, D] (E = n_kv_head * head_dim), fc1 [4D, D], fc2 [D, 4D]
+    # per layer wq, wo [D, D], wk, wv [E, D] (E = n_kv_head * head_dim), fc1 [F, D], fc2 [D, F], gate [F, D] if gated
     embeddings = V * D + (0 if cfg.tie_embeddings else V * D) + (T * D if cfg.pos == "learned" else 0)
-    return embeddings + L * (2 * D * D + 2 * E * D + 2 * 4 * D * D)
+    # a bias per output of every linear layer of a block; a gain (and a layernorm's bias) [D] per norm
+    biases = L * (2 * D + 2 * E + (1 + gated) * F + D) if cfg.bias else 0
+    gains = len(cfg.norm_sites()) * D * (1 + (cfg.norm == "layernorm")) if cfg.norm_gain else 0
+    return embeddings + L * (2 * D * D + 2 * E * D + (2 + gated) * F * D) + biases + gains
 
 
 def kv_width(cfg: GPTConfig) -> int:
@@ -137,7 +141,7 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, gr
     # activations are one micro-batch's: B rows of the step's `rows`
     B, T, D, H, V, L = rows // grad_accum, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.n_layer
     BT, E = B * T, kv_width(cfg)
-    F = 4 * D
+    F = cfg.hidden
     scores = B * H * attention_scores(T)  # attention scores of one layer, all query blocks
 
     # the weights, in param_dtype (donated: the updated ones reuse their buffers)
@@ -151,17 +155,21 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, gr
     # saved for the backward pass, per layer: the residual input, its norm, q, the heads' output, the
     # residual after attention and its norm (6 of [B, T, D]) and k and v ([B, T, E]); the normed and the
     # rotated q and k with qk_norm and rope; the centred inputs of layernorm's two norms; fc1's output and
-    # its activation ([B, T, 4D] each, one more for gelu's tanh or relu2's relu); the masked scores and the
-    # probabilities of every query block; the blocks' masks (bools, counted as if broadcast over the heads)
+    # its activation ([B, T, F] each, one more for gelu's tanh or relu2's relu; two more, the gate's output
+    # and its activation, for a gated MLP); the two norms' outputs before their gains; the masked scores
+    # and the probabilities of every query block; the blocks' masks (bools, counted as if broadcast over the heads)
     qk = BT * (D + E) * (cfg.qk_norm + (cfg.pos == "rope"))
     centred = 2 * BT * D * (cfg.norm != "rmsnorm")
-    per_layer = a * (6 * BT * D + 2 * BT * E + qk + centred + (2 + (cfg.activation != "relu")) * BT * F + 2 * scores) + scores
+    gains = 2 * BT * D * cfg.norm_gain
+    mlp = (2 + (cfg.activation != "relu") + 2 * (cfg.mlp == "gated")) * BT * F
+    per_layer = a * (6 * BT * D + 2 * BT * E + qk + centred + gains + mlp + 2 * scores) + scores
     # dropout: the dropped weights and branches, the masks in the compute dtype, their drawn bits
     # (uint32) and keep masks (bools); a micro-batch draws its own rows' masks
     if cfg.dropout:
         per_layer += a * (scores + B * H * T * T + 4 * BT * D) + (4 + 1) * (B * H * T * T + 2 * BT * D)
-    # the embedding: both lookups, their sum and its norm (4 of [B, T, D]); rope's cos and sin tables
-    embed = a * 4 * BT * D + (a * BT * cfg.head_dim if cfg.pos == "rope" else 0)
+    # the embedding: both lookups, their sum and its norm (4 of [B, T, D]); rope's cos and sin tables;
+    # the final norm's input and output
+    embed = a * 4 * BT * D + (a * BT * cfg.head_dim if cfg.pos == "rope" else 0) + a * 2 * BT * D * cfg.final_norm
     # the attention mask [B, T, T] of bools, built once for all layers
     mask = B * T * T
     # the logits [B, T, V] and their gradient in the compute dtype; in float32 or wider the cast,
@@ -169,7 +177,7 @@ def estimate(cfg: GPTConfig, rows: int, chunk_steps: int, dtype, param_dtype, gr
     logits = BT * V * (2 * a + 4 * a + 1) + (BT * V * a if cfg.logit_softcap else 0)  # and the softcap's tanh
     # the largest transient of one layer's backward pass: the gradients of the last (largest) query
     # block's scores and probabilities and of its softmax, and those of the layer's [B, T, D] and
-    # [B, T, 4D] activations
+    # [B, T, F] activations
     last_block = B * H * min(T, QUERY_BLOCK) * T
     transient = a * (3 * last_block + 8 * BT * D + 2 * BT * F)
     # losses of the chunk's steps [chunk_steps], and the loss weights cast to float32 or wider [B, T]

@@ -5,8 +5,8 @@ Parameters are a flat dict of arrays keyed like microgpt's (`wte`, `wpe`,
 microgpt's `linear(x, W)`. Every function is pure: weights in, arrays out.
 
 Shape suffixes: B batch rows, T positions, D n_embd, H heads, K head size,
-F 4*n_embd, V vocabulary, S key positions, G key/value heads, R query heads
-per key/value head (H / G).
+F the MLP's hidden width (4*n_embd by default), V vocabulary, S key
+positions, G key/value heads, R query heads per key/value head (H / G).
 
     x = rmsnorm(wte[tok] + wpe[pos])
     per layer:  x += attn(rmsnorm(x));  x += fc2(relu(fc1(rmsnorm(x))))
@@ -16,7 +16,13 @@ with microgpt's choices as the defaults of GPTConfig's variants: the norm
 and the activation (by name, from NORMS and ACTIVATIONS), rotary positions
 instead of wpe, lm_head tied to wte, qk-norm, grouped-query attention
 (G = n_kv_head key/value heads), soft-capped logits and dropout (training
-only; the masks are an argument, drawn by `dropout_masks`).
+only; the masks are an argument, drawn by `dropout_masks`); and the pieces
+of GPT-2's and Llama's blocks: learnable norm gains (and layernorm biases),
+the norm after the embedding or not, a final norm before the head, biases
+in the blocks' linear layers, a gated MLP of its own width, rope's base and
+the norms' epsilon. Gains and biases are vectors [n]: `{site}_gain`,
+`{site}_bias` for the norms (sites: embed_norm, layer{i}.attn_norm,
+layer{i}.mlp_norm, final_norm), `{linear}_bias` for a layer's linear maps.
 
 One `block` is the layer for both ways of running the model: `forward` (a
 whole sequence, keys and values of the sequence itself) and `forward_cached`
@@ -41,24 +47,28 @@ NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
 
 
-def rmsnorm(x):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + NORM_EPS)
+def rmsnorm(x, eps=NORM_EPS):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-def layernorm(x):
-    """(x - mean) / sqrt(var + eps), no gain and no bias."""
+def layernorm(x, eps=NORM_EPS):
+    """(x - mean) / sqrt(var + eps), before any gain and bias."""
     c = x - jnp.mean(x, axis=-1, keepdims=True)
-    return c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + NORM_EPS)
+    return c * jax.lax.rsqrt(jnp.mean(c * c, axis=-1, keepdims=True) + eps)
 
 
 # by name (GPTConfig.norm and .activation): a new one is one entry here, and its name a valid choice
 NORMS = {"rmsnorm": rmsnorm, "layernorm": layernorm}
 ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": partial(jax.nn.gelu, approximate=True),  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+    "gelu": partial(jax.nn.gelu, approximate=True),  # the tanh form: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+    "gelu_exact": partial(jax.nn.gelu, approximate=False),  # 0.5 x (1 + erf(x / sqrt(2)))
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "silu": jax.nn.silu,  # x sigmoid(x); with mlp "gated" the MLP is SwiGLU
 }
 POSITIONS = ("learned", "rope")  # a wpe table added to wte, or rotary embeddings of each head's q and k
+MLPS = ("plain", "gated")  # fc2(act(fc1 x)), or fc2(act(gate x) * fc1 x) (GLU; SwiGLU with silu)
+NORM_SITES = ("attn_norm", "mlp_norm")  # per layer, before each part; embed_norm and final_norm outside the layers
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,14 @@ class GPTConfig:
     dropout: float = field(
         0.0, "dropout of the attention weights and of both residual branches, in training only", check=fraction, since="0.2"
     )
+    norm_gain: bool = field(False, "learnable gains on every norm (init 1), and biases (init 0) on layernorms", since="0.3")
+    embed_norm: bool = field(True, "a norm right after the embedding (microgpt's; GPT-2 and Llama have none)", since="0.3")
+    final_norm: bool = field(False, "a norm before the output layer (GPT-2's and Llama's)", since="0.3")
+    bias: bool = field(False, "biases (init 0) in every linear layer of the blocks (attention and MLP; not lm_head)", since="0.3")
+    mlp: str = field("plain", "the MLP: fc2(act(fc1 x)), or gated fc2(act(gate x) * fc1 x) (SwiGLU with silu)", choices=MLPS, since="0.3")
+    mlp_hidden: int = field(0, "the MLP's hidden width; 0 means 4 * n_embd", check=non_negative, since="0.3")
+    rope_theta: float = field(ROPE_BASE, "rope's base: angle p * rope_theta ** (-2 i / head size)", check=positive, since="0.3")
+    norm_eps: float = field(NORM_EPS, "the epsilon of every norm, inside the square root", check=positive, since="0.3")
 
     def __post_init__(self):
         validate(self)
@@ -113,44 +131,78 @@ class GPTConfig:
         """Key/value heads: n_kv_head, or one per query head."""
         return self.n_kv_head or self.n_head
 
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width F: mlp_hidden, or 4 * n_embd."""
+        return self.mlp_hidden or 4 * self.n_embd
 
-def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
-    """Name -> [out, in] of every weight, in the spec's creation order (no wpe with rope, no lm_head when tied)."""
-    d, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    def norm_sites(self) -> list[str]:
+        """Where the model's norms stand, by the prefix of their weights (layer{i}.attn_norm, ...)."""
+        layers = [f"layer{i}.{site}" for i in range(self.n_layer) for site in NORM_SITES]
+        return ["embed_norm"] * self.embed_norm + layers + ["final_norm"] * self.final_norm
+
+
+def matrix_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """Name -> [out, in] of every weight matrix, in the spec's creation order (no wpe with rope, no lm_head when tied)."""
+    d, kv, f = cfg.n_embd, cfg.kv_heads * cfg.head_dim, cfg.hidden
     shapes = {"wte": (cfg.vocab_size, d)}
     if cfg.pos == "learned":
         shapes["wpe"] = (cfg.block_size, d)
     if not cfg.tie_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, d)
     for i in range(cfg.n_layer):
-        shapes |= {
-            f"layer{i}.attn_wq": (d, d),
-            f"layer{i}.attn_wk": (kv, d),
-            f"layer{i}.attn_wv": (kv, d),
-            f"layer{i}.attn_wo": (d, d),
-            f"layer{i}.mlp_fc1": (4 * d, d),
-            f"layer{i}.mlp_fc2": (d, 4 * d),
-        }
+        p = f"layer{i}."
+        shapes |= {p + "attn_wq": (d, d), p + "attn_wk": (kv, d), p + "attn_wv": (kv, d), p + "attn_wo": (d, d)}
+        shapes |= {p + "mlp_gate": (f, d)} if cfg.mlp == "gated" else {}
+        shapes |= {p + "mlp_fc1": (f, d), p + "mlp_fc2": (d, f)}
     return shapes
 
 
+def vector_shapes(cfg: GPTConfig) -> dict[str, tuple[int]]:
+    """Name -> [n] of every gain (`{norm}_gain`, init 1) and bias (`{norm}_bias`, `{linear}_bias`, init 0).
+
+    Norm gains with norm_gain (and biases for layernorm), at each of
+    cfg.norm_sites(); a bias per linear layer of the blocks with bias.
+    """
+    shapes = {}
+    if cfg.norm_gain:
+        for site in cfg.norm_sites():
+            shapes[site + "_gain"] = (cfg.n_embd,)
+            shapes |= {site + "_bias": (cfg.n_embd,)} if cfg.norm == "layernorm" else {}
+    if cfg.bias:
+        shapes |= {name + "_bias": (n_out,) for name, (n_out, _) in matrix_shapes(cfg).items() if name.startswith("layer")}
+    return shapes
+
+
+def param_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter: the matrices [out, in] in creation order, then the gains and biases [n]."""
+    return matrix_shapes(cfg) | vector_shapes(cfg)
+
+
+def initial_vector(name, shape, dtype):
+    """A gain starts at 1, a bias at 0: the norm and the linear layer as they are without them."""
+    return (np.ones if name.endswith("_gain") else np.zeros)(shape, dtype)
+
+
 def init_params(cfg: GPTConfig, key, dtype=jnp.float32) -> dict:
-    """Every weight ~ N(0, 0.08^2), drawn with jax.random."""
-    shapes = param_shapes(cfg)
+    """Every weight matrix ~ N(0, 0.08^2), drawn with jax.random; gains 1, biases 0."""
+    shapes = matrix_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
-    return {name: INIT_STD * jax.random.normal(k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
+    params = {name: INIT_STD * jax.random.normal(k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
+    return params | {name: jnp.asarray(initial_vector(name, shape, dtype)) for name, shape in vector_shapes(cfg).items()}
 
 
 def init_params_reference(cfg: GPTConfig, rng, dtype=np.float64) -> dict:
-    """The scalar engine's initialisation: rng.gauss(0, 0.08) in the spec's order.
+    """The scalar engine's initialisation: rng.gauss(0, 0.08) in the spec's order, gains 1 and biases 0 (no draws).
 
     Given the same `random.Random` state, this gives the very weights the
     scalar engine starts from, and leaves rng where the scalar engine would.
     """
-    return {
+    params = {
         name: np.array([[rng.gauss(0, INIT_STD) for _ in range(n_in)] for _ in range(n_out)], dtype)
-        for name, (n_out, n_in) in param_shapes(cfg).items()
+        for name, (n_out, n_in) in matrix_shapes(cfg).items()
     }
+    return params | {name: initial_vector(name, shape, dtype) for name, shape in vector_shapes(cfg).items()}
 
 
 QUERY_BLOCK = 64  # queries per attention block: a block needs the keys up to its own end only
@@ -177,9 +229,9 @@ def split_heads(x_BTD, n_head):
     return x_BTD.reshape(B, T, n_head, D // n_head).transpose(0, 2, 1, 3)
 
 
-def rope_table(positions_BT, head_dim, dtype):
-    """(cos, sin) [B, 1, T, K / 2] of the rotary angles p * ROPE_BASE ** (-2 i / K): constants, no gradient."""
-    theta = np.array([ROPE_BASE ** (-2 * i / head_dim) for i in range(head_dim // 2)])  # as the scalar engine's floats
+def rope_table(positions_BT, head_dim, dtype, base=ROPE_BASE):
+    """(cos, sin) [B, 1, T, K / 2] of the rotary angles p * base ** (-2 i / K): constants, no gradient."""
+    theta = np.array([base ** (-2 * i / head_dim) for i in range(head_dim // 2)])  # as the scalar engine's floats
     wide = jnp.promote_types(dtype, jnp.float32)  # bfloat16 angles would lose whole radians at position 256
     angle_BTI = positions_BT[..., None].astype(wide) * theta.astype(wide)
     return jnp.cos(angle_BTI)[:, None].astype(dtype), jnp.sin(angle_BTI)[:, None].astype(dtype)
@@ -255,8 +307,26 @@ def attend_fused(q_BHTK, k_BGSK, v_BGSK, mask_BTS, implementation):
     return to_BTHK(out_BTHK)
 
 
-def mlp(x_BTD, fc1, fc2, activation):
-    return ACTIVATIONS[activation](x_BTD @ fc1.T) @ fc2.T
+def linear(params, name, x):
+    """x @ W.T, plus the layer's bias where the model has one (`{name}_bias`)."""
+    y = x @ params[name].T
+    return y if name + "_bias" not in params else y + params[name + "_bias"]
+
+
+def mlp(params, p, x_BTD, cfg: GPTConfig):
+    """fc2(act(fc1 x)), or with mlp "gated" fc2(act(gate x) * fc1 x): [B, T, F] in between."""
+    act = ACTIVATIONS[cfg.activation]
+    h_BTF = linear(params, p + "mlp_fc1", x_BTD)
+    h_BTF = act(linear(params, p + "mlp_gate", x_BTD)) * h_BTF if cfg.mlp == "gated" else act(h_BTF)
+    return linear(params, p + "mlp_fc2", h_BTF)
+
+
+def normed(params, site, x_BTD, cfg: GPTConfig):
+    """The norm at site (GPTConfig.norm_sites), times its gain and plus its bias where the model has them."""
+    y_BTD = NORMS[cfg.norm](x_BTD, cfg.norm_eps)
+    if site + "_gain" in params:
+        y_BTD = y_BTD * params[site + "_gain"]
+    return y_BTD if site + "_bias" not in params else y_BTD + params[site + "_bias"]
 
 
 def attention_mask(positions_BT, segments_BT):
@@ -356,20 +426,20 @@ def embed(params, tokens_BT, positions_BT, cfg: GPTConfig):
     x_BTD = params["wte"][tokens_BT]
     if cfg.pos == "learned":
         x_BTD = x_BTD + params["wpe"][positions_BT]
-    return NORMS[cfg.norm](x_BTD)
+    return normed(params, "embed_norm", x_BTD, cfg) if cfg.embed_norm else x_BTD
 
 
 def positions_table(positions_BT, cfg: GPTConfig, dtype):
     """What the layers need of the positions: rope's (cos, sin), or None (learned positions are in the embedding)."""
-    return rope_table(positions_BT, cfg.head_dim, dtype) if cfg.pos == "rope" else None
+    return rope_table(positions_BT, cfg.head_dim, dtype, cfg.rope_theta) if cfg.pos == "rope" else None
 
 
 def qkv_heads(params, p, h_BTD, cfg: GPTConfig, rope):
     """q [B, H, T, K], k and v [B, G, T, K] of layer p, q and k qk-normed and rotated as cfg says."""
-    q_BHTK = split_heads(h_BTD @ params[p + "attn_wq"].T, cfg.n_head)
-    k_BGTK, v_BGTK = (split_heads(h_BTD @ params[p + w].T, cfg.kv_heads) for w in ("attn_wk", "attn_wv"))
-    if cfg.qk_norm:
-        q_BHTK, k_BGTK = rmsnorm(q_BHTK), rmsnorm(k_BGTK)
+    q_BHTK = split_heads(linear(params, p + "attn_wq", h_BTD), cfg.n_head)
+    k_BGTK, v_BGTK = (split_heads(linear(params, p + w, h_BTD), cfg.kv_heads) for w in ("attn_wk", "attn_wv"))
+    if cfg.qk_norm:  # no gains: qk-norm is a plain rmsnorm
+        q_BHTK, k_BGTK = rmsnorm(q_BHTK, cfg.norm_eps), rmsnorm(k_BGTK, cfg.norm_eps)
     if rope is not None:
         q_BHTK, k_BGTK = rotate(q_BHTK, rope), rotate(k_BGTK, rope)
     return q_BHTK, k_BGTK, v_BGTK
@@ -386,9 +456,9 @@ def block(params, i, x_BTD, mask_BTS, cfg: GPTConfig, rope=None, cache=None, sta
     attention (ATTENTIONS) applies to the first way only: the cache's way is
     always `attend`. masks: dropout's (dropout_masks), or None.
     """
-    p, norm = f"layer{i}.", NORMS[cfg.norm]
+    p = f"layer{i}."
     D, H = x_BTD.shape[-1], cfg.n_head
-    q_BHTK, k_BGSK, v_BGSK = qkv_heads(params, p, norm(x_BTD), cfg, rope)
+    q_BHTK, k_BGSK, v_BGSK = qkv_heads(params, p, normed(params, p + "attn_norm", x_BTD, cfg), cfg, rope)
     if cache is None and attention != "einsum" and masks is None:
         out_BHTK = attend_fused(q_BHTK, k_BGSK, v_BGSK, mask_BTS, attention)
     elif cache is None:  # also with dropout: the fused kernels take no mask on the attention weights
@@ -398,13 +468,15 @@ def block(params, i, x_BTD, mask_BTS, cfg: GPTConfig, rope=None, cache=None, sta
         out_BHTK = attend(q_BHTK, cache.k[i], cache.v[i], mask_BTS)
     # concatenating the heads and applying wo, as one contraction over (head, k)
     attn_BTD = jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, H, D // H))
+    attn_BTD = attn_BTD + params[p + "attn_wo_bias"] if cfg.bias else attn_BTD
     x_BTD = x_BTD + dropped(attn_BTD, masks, p + "attn_out")
-    mlp_BTD = mlp(norm(x_BTD), params[p + "mlp_fc1"], params[p + "mlp_fc2"], cfg.activation)
+    mlp_BTD = mlp(params, p, normed(params, p + "mlp_norm", x_BTD, cfg), cfg)
     return x_BTD + dropped(mlp_BTD, masks, p + "mlp_out"), cache
 
 
 def output_logits(params, x_BTD, cfg: GPTConfig):
-    """lm_head(x) (wte(x) when tied), soft-capped at C * tanh(logits / C) when logit_softcap is C > 0."""
+    """lm_head(x) (wte(x) when tied) after the final norm if any, soft-capped at C * tanh(logits / C) when logit_softcap is C > 0."""
+    x_BTD = normed(params, "final_norm", x_BTD, cfg) if cfg.final_norm else x_BTD
     logits_BTV = x_BTD @ params["wte" if cfg.tie_embeddings else "lm_head"].T
     if not cfg.logit_softcap:
         return logits_BTV

@@ -29,7 +29,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from microgpt_jax import parallel
+from microgpt_jax import hf, parallel
 from microgpt_jax.checkpoint import CheckpointConfig, CheckpointStore
 from microgpt_jax.config import ConfigError, from_dict, read_toml, resumable_fields, to_toml
 from microgpt_jax.data import DataConfig
@@ -469,10 +469,12 @@ def inherited(given: dict, init: Weights, init_from) -> RunConfig:
 
 
 def _new_start(given: dict, data, init_from, vocab_size) -> Start:
-    init = load_weights(init_from) if init_from else None
+    init = start_weights(init_from) if init_from else None
     configs = inherited(given, init, init_from) if init else RunConfig.of(given)
     given_data, data_path = given.get("data", {}), resolve_data_path(data)
-    if init and "tokenizer" not in given_data:  # the weights' own tokenizer, unless another is asked for (and refused)
+    if (
+        init and init.tokenizer is not None and "tokenizer" not in given_data
+    ):  # the weights' own tokenizer, unless another is asked for (and refused)
         configs = configs.replace(data=dataclasses.replace(configs.data, tokenizer=init.tokenizer.kind))
     if is_dataset(data_path):  # a prepared dataset fixes the data's mode, tokenizer and split
         configs = configs.replace(data=adopt(data_path, configs.data, given_data))
@@ -484,6 +486,20 @@ def _new_start(given: dict, data, init_from, vocab_size) -> Start:
                 )
         configs = configs.replace(model=init.cfg)
     return Start(None, configs, data_path, init, init and init.tokenizer, vocab_size)
+
+
+def start_weights(spec) -> Weights:
+    """--init-from's weights: load_weights', or a Hugging Face checkpoint directory's (its tokenizer None without tokenizer.json)."""
+    if hf.is_checkpoint_dir(spec):
+        cfg, tokenizer, params = hf.load(spec)
+        return Weights(cfg, tokenizer, params, {"hf": str(Path(spec).resolve()), "step": 0})
+    return load_weights(spec)
+
+
+def export_hf(run_dir, out_dir) -> tuple[str, int]:
+    """A run's (or an export's) latest good params as a Hugging Face checkpoint directory (hf.save): (architecture, step)."""
+    weights = load_weights(run_dir)
+    return hf.save(weights.cfg, weights.params, weights.tokenizer, out_dir), weights.origin["step"]
 
 
 def export_safetensors(run_dir, out_path) -> int:

@@ -163,7 +163,14 @@ class Session:
 
     def state_from(self, weights) -> TrainState:
         """A new run's state from another model's weights (fine-tuning): the same model and vocabulary, a fresh optimizer."""
-        if weights.tokenizer != self.tokenizer:
+        if weights.tokenizer is None:  # a Hugging Face checkpoint without tokenizer.json: the data's tokenizer, of its size
+            if self.tokenizer.size != weights.cfg.vocab_size:
+                raise UserError(
+                    f"{weights.origin['hf']} has no tokenizer.json and {weights.cfg.vocab_size} token ids, the data's "
+                    f"{self.tokenizer.kind} tokenizer {self.tokenizer.size}; pass --tokenizer byte (257 ids) or data of that many ids, "
+                    "or add its tokenizer.json"
+                )
+        elif weights.tokenizer != self.tokenizer:
             raise UserError(vocabulary_mismatch(self.tokenizer, weights))
         dtype = self.configs.train.param_dtype
         return self.trainer.init(self.trainer.replicate({k: np.asarray(w, dtype) for k, w in weights.params.items()}))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from reference.gpt import (
     ACTIVATIONS,
+    MLPS,
     NORMS,
     POSITIONS,
     SCHEDULES,
@@ -30,6 +31,7 @@ from reference.gpt import (
     Config,
     check_config,
     dropout_masks,
+    entries,
     init_state,
     parameters,
     sample,
@@ -83,6 +85,7 @@ NON_NEGATIVE = checked(float, lambda v: v >= 0, "a number >= 0")
 RATE = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 MODEL_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "norm", "activation", "pos")
 MODEL_FIELDS += ("tie_embeddings", "qk_norm", "n_kv_head", "logit_softcap", "dropout")
+MODEL_FIELDS += ("norm_gain", "embed_norm", "final_norm", "bias", "mlp", "mlp_hidden", "rope_theta", "norm_eps")
 
 
 def parse_args(argv):
@@ -96,7 +99,16 @@ def parse_args(argv):
     model.add_argument("--n-embd", type=POSITIVE_INT, default=d.n_embd, metavar="N", help="embedding width")
     model.add_argument("--n-head", type=POSITIVE_INT, default=d.n_head, metavar="N", help="attention heads, a divisor of n_embd")
     model.add_argument("--block-size", type=POSITIVE_INT, default=d.block_size, metavar="N", help="most positions trained")
-    model.add_argument("--norm", choices=NORMS, default=d.norm, help="the norm (no gain, no bias)")
+    model.add_argument("--norm", choices=NORMS, default=d.norm, help="the norm")
+    model.add_argument("--norm-eps", type=POSITIVE, default=d.norm_eps, metavar="E", help="every norm's epsilon")
+    flag = argparse.BooleanOptionalAction
+    model.add_argument("--norm-gain", action=flag, default=d.norm_gain, help="gains (and layernorm biases) on the norms")
+    model.add_argument("--embed-norm", action=flag, default=d.embed_norm, help="the norm after the embedding")
+    model.add_argument("--final-norm", action=flag, default=d.final_norm, help="a norm before the output layer")
+    model.add_argument("--bias", action=flag, default=d.bias, help="biases in the blocks' linear layers")
+    model.add_argument("--mlp", choices=MLPS, default=d.mlp, help="plain, or gated: fc2(act(gate x) * fc1 x)")
+    model.add_argument("--mlp-hidden", type=COUNT, default=d.mlp_hidden, metavar="F", help="the MLP's width (0: 4 * n_embd)")
+    model.add_argument("--rope-theta", type=POSITIVE, default=d.rope_theta, metavar="B", help="rope's base")
     model.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="the MLP's activation")
     model.add_argument("--pos", choices=POSITIONS, default=d.pos, help="a learned wpe, or rotary q and k")
     model.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=d.tie_embeddings, help="logits from wte")
@@ -155,10 +167,11 @@ def save_safetensors(path, state):
     """Every weight as float64: an 8-byte little-endian header length, a JSON header, the raw bytes."""
     header, blobs, offset = {}, [], 0
     for name, matrix in state.items():
-        blob = array("d", (p.data for row in matrix for p in row))
+        blob = array("d", (p.data for p in entries(matrix)))
         if sys.byteorder == "big":
             blob.byteswap()  # the format is little-endian
-        header[name] = {"dtype": "F64", "shape": [len(matrix), len(matrix[0])], "data_offsets": [offset, offset + 8 * len(blob)]}
+        shape = [len(matrix), len(matrix[0])] if isinstance(matrix[0], list) else [len(matrix)]  # a gain or bias: a vector
+        header[name] = {"dtype": "F64", "shape": shape, "data_offsets": [offset, offset + 8 * len(blob)]}
         blobs.append(blob.tobytes())
         offset += 8 * len(blob)
     head = json.dumps(header).encode()

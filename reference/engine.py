@@ -50,6 +50,10 @@ class Value:
         t = math.tanh(self.data)
         return Value(t, (self,), (1 - t * t,), "tanh")
 
+    def erf(self):
+        # not in the seed: the exact gelu needs it. d erf(x)/dx = 2 / sqrt(pi) exp(-x^2)
+        return Value(math.erf(self.data), (self,), (2 / math.sqrt(math.pi) * math.exp(-self.data * self.data),), "erf")
+
     # Everything else is built from the primitives, as the spec says.
     def __neg__(self):
         return self * -1

@@ -10,7 +10,12 @@ of the config, each off by default: another norm or activation (looked up by
 name in NORMS and ACTIVATIONS: add an entry to add one), rotary positions,
 tied embeddings, qk-norm, grouped-query attention, a logit softcap, dropout
 (masks passed in, drawn by the caller), and in the optimizer weight decay,
-gradient clipping, warmup and a cosine schedule with a floor.
+gradient clipping, warmup and a cosine schedule with a floor. And the pieces
+of GPT-2's and Llama's blocks (issue 21): norm gains (and layernorm biases),
+which norms there are (after the embedding, before the head), biases in the
+blocks' linear layers, a gated MLP of its own width, rope's base and the
+norms' epsilon. A gain or bias is a vector (a list of Values), every other
+weight a matrix (a list of rows).
 
 `cfg` is anything with the fields of `Config` below (the JAX package's
 GPTConfig fits: same names, n_kv_head = 0 meaning n_head).
@@ -36,13 +41,19 @@ class Config(NamedTuple):
     n_kv_head: int = 0  # 0: one key/value head per query head
     logit_softcap: float = 0.0  # 0: off
     dropout: float = 0.0  # the masks' rate; the model multiplies in whatever masks it is given
+    norm_gain: bool = False  # a gain (init 1) on every norm, and a bias (init 0) on a layernorm
+    embed_norm: bool = True  # the norm right after the embedding (microgpt's)
+    final_norm: bool = False  # a norm before the output layer
+    bias: bool = False  # a bias (init 0) in every linear layer of the blocks
+    mlp: str = "plain"  # or "gated": fc2(act(gate x) * fc1 x)
+    mlp_hidden: int = 0  # 0: 4 * n_embd
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
 
 
 # Adam hyperparameters of the seed (spec section 4).
 LEARNING_RATE, BETA1, BETA2, EPS = 0.01, 0.85, 0.99, 1e-8
 TEMPERATURE = 0.5
-NORM_EPS = 1e-5
-ROPE_BASE = 10000.0
 GELU_C = (2 / math.pi) ** 0.5
 
 
@@ -54,6 +65,10 @@ def kv_heads(cfg):
     return cfg.n_kv_head or cfg.n_head
 
 
+def hidden(cfg):
+    return cfg.mlp_hidden or 4 * cfg.n_embd
+
+
 def check_config(cfg):
     """The config's problem in words, or None: what the model needs of its shape and names."""
     if cfg.n_embd % cfg.n_head:
@@ -62,7 +77,7 @@ def check_config(cfg):
         return f"n_kv_head ({cfg.n_kv_head}) must divide n_head ({cfg.n_head})"
     if cfg.pos == "rope" and head_dim(cfg) % 2:
         return f"rope needs an even head_dim, got {head_dim(cfg)} (n_embd / n_head)"
-    for field, table in (("norm", NORMS), ("activation", ACTIVATIONS), ("pos", POSITIONS)):
+    for field, table in (("norm", NORMS), ("activation", ACTIVATIONS), ("pos", POSITIONS), ("mlp", MLPS)):
         if getattr(cfg, field) not in table:
             return f"{field} must be one of {', '.join(table)}, got {getattr(cfg, field)!r}"
     return None
@@ -72,9 +87,10 @@ def param_shapes(cfg):
     """(name, [out, in]) of every weight matrix, in the spec's creation order.
 
     wpe is not made under rope, lm_head not with tied embeddings (so they draw
-    no random numbers either); attn_wk and attn_wv have n_kv_head heads.
+    no random numbers either); attn_wk and attn_wv have n_kv_head heads; a
+    gated MLP has mlp_gate before mlp_fc1.
     """
-    d, kv = cfg.n_embd, kv_heads(cfg) * head_dim(cfg)
+    d, kv, f = cfg.n_embd, kv_heads(cfg) * head_dim(cfg), hidden(cfg)
     shapes = [("wte", (cfg.vocab_size, d))]
     if cfg.pos == "learned":
         shapes.append(("wpe", (cfg.block_size, d)))
@@ -86,27 +102,61 @@ def param_shapes(cfg):
             (f"layer{i}.attn_wk", (kv, d)),
             (f"layer{i}.attn_wv", (kv, d)),
             (f"layer{i}.attn_wo", (d, d)),
-            (f"layer{i}.mlp_fc1", (4 * d, d)),
-            (f"layer{i}.mlp_fc2", (d, 4 * d)),
         ]
+        if cfg.mlp == "gated":
+            shapes.append((f"layer{i}.mlp_gate", (f, d)))
+        shapes += [(f"layer{i}.mlp_fc1", (f, d)), (f"layer{i}.mlp_fc2", (d, f))]
+    return shapes
+
+
+def norm_sites(cfg):
+    """The norms, by name: after the embedding, before each layer's attention and MLP, before the head."""
+    layers = [f"layer{i}.{part}_norm" for i in range(cfg.n_layer) for part in ("attn", "mlp")]
+    return ["embed_norm"] * cfg.embed_norm + layers + ["final_norm"] * cfg.final_norm
+
+
+def vector_shapes(cfg):
+    """(name, n) of every gain ({norm}_gain) and bias ({norm}_bias, {matrix}_bias): none by default."""
+    shapes = []
+    if cfg.norm_gain:
+        for site in norm_sites(cfg):
+            shapes.append((site + "_gain", cfg.n_embd))
+            if cfg.norm == "layernorm":
+                shapes.append((site + "_bias", cfg.n_embd))
+    if cfg.bias:
+        shapes += [(name + "_bias", n_out) for name, (n_out, _) in param_shapes(cfg) if name.startswith("layer")]
     return shapes
 
 
 def init_state(cfg, rng, std=0.08):
-    """Every weight drawn with rng.gauss(0, std), matrix by matrix, row by row."""
-    return {name: [[Value(rng.gauss(0, std)) for _ in range(n_in)] for _ in range(n_out)] for name, (n_out, n_in) in param_shapes(cfg)}
+    """Every weight matrix drawn with rng.gauss(0, std), matrix by matrix, row by row; then gains 1 and biases 0."""
+    state = {name: [[Value(rng.gauss(0, std)) for _ in range(n_in)] for _ in range(n_out)] for name, (n_out, n_in) in param_shapes(cfg)}
+    for name, n in vector_shapes(cfg):
+        state[name] = [Value(1.0 if name.endswith("_gain") else 0.0) for _ in range(n)]
+    return state
+
+
+def entries(w):
+    """A matrix's entries row by row, or a vector's."""
+    return [p for row in w for p in (row if isinstance(row, list) else [row])]
 
 
 def parameters(state):
-    """The flat parameter list Adam walks: every entry of every matrix, row-major."""
-    return [p for matrix in state.values() for row in matrix for p in row]
+    """The flat parameter list Adam walks: every entry of every matrix, row-major, and of every vector."""
+    return [p for w in state.values() for p in entries(w)]
 
 
 # --- the building blocks (spec section 3) ---
 
 
-def linear(x, w):
-    return [sum(wi * xi for wi, xi in zip(row, x)) for row in w]
+def linear(x, w, b=None):
+    out = [sum(wi * xi for wi, xi in zip(row, x)) for row in w]
+    return out if b is None else [o + bi for o, bi in zip(out, b)]
+
+
+def layer(state, name, x):
+    """The linear layer `name` of the state: its matrix, and its bias if the model has biases."""
+    return linear(x, state[name], state.get(name + "_bias"))
 
 
 def softmax(logits):
@@ -116,18 +166,18 @@ def softmax(logits):
     return [e / total for e in exps]
 
 
-def rmsnorm(x):
+def rmsnorm(x, eps=1e-5):
     ms = sum(xi * xi for xi in x) / len(x)
-    scale = (ms + NORM_EPS) ** -0.5
+    scale = (ms + eps) ** -0.5
     return [xi * scale for xi in x]
 
 
-def layernorm(x):
-    # rmsnorm of the centred vector: no gain, no bias, like the seed's norm
+def layernorm(x, eps=1e-5):
+    # rmsnorm of the centred vector (gain and bias, if any, come after: see `norm`)
     mu = sum(x) / len(x)
     c = [xi - mu for xi in x]
     var = sum(ci * ci for ci in c) / len(x)
-    scale = (var + NORM_EPS) ** -0.5
+    scale = (var + eps) ** -0.5
     return [ci * scale for ci in c]
 
 
@@ -136,23 +186,42 @@ def gelu(x):
     return 0.5 * x * (1 + (GELU_C * (x + 0.044715 * x**3)).tanh())
 
 
+def gelu_exact(x):
+    # the erf form (jax.nn.gelu(approximate=False))
+    return 0.5 * x * (1 + (x * 2**-0.5).erf())
+
+
 def relu2(x):
     return x.relu() ** 2
 
 
-# A norm maps a vector to a vector, an activation a number to a number. One entry adds one
-# (and its flag choice), e.g. "silu": lambda x: x * (1 + (-x).exp()) ** -1.
+def silu(x):
+    return x * (1 + (-x).exp()) ** -1
+
+
+# A norm maps a vector to a vector, an activation a number to a number. One entry adds one (and its flag choice).
 NORMS = {"rmsnorm": rmsnorm, "layernorm": layernorm}
-ACTIVATIONS = {"relu": Value.relu, "gelu": gelu, "relu2": relu2}
+ACTIVATIONS = {"relu": Value.relu, "gelu": gelu, "gelu_exact": gelu_exact, "relu2": relu2, "silu": silu}
 POSITIONS = ("learned", "rope")
+MLPS = ("plain", "gated")
 
 
-def rope(x, pos_id):
-    """One head's vector rotated pair by pair (i, i + half) by angle pos_id * ROPE_BASE^(-2i/K)."""
+def norm(state, cfg, site, x):
+    """The norm at `site`, times its gain and plus its bias where the model has them."""
+    x = NORMS[cfg.norm](x, cfg.norm_eps)
+    if site + "_gain" in state:
+        x = [xi * g for xi, g in zip(x, state[site + "_gain"])]
+    if site + "_bias" in state:
+        x = [xi + b for xi, b in zip(x, state[site + "_bias"])]
+    return x
+
+
+def rope(x, pos_id, base):
+    """One head's vector rotated pair by pair (i, i + half) by angle pos_id * base^(-2i/K)."""
     half = len(x) // 2
     out = [None] * len(x)
     for i in range(half):
-        angle = pos_id * ROPE_BASE ** (-2 * i / len(x))
+        angle = pos_id * base ** (-2 * i / len(x))
         c, s = math.cos(angle), math.sin(angle)  # plain numbers: no gradient through the angle
         out[i] = x[i] * c - x[i + half] * s
         out[i + half] = x[i] * s + x[i + half] * c
@@ -192,13 +261,15 @@ def dropout_masks(cfg, n, rng):
 def attention(state, cfg, li, x, pos_id, keys, values, masks=None):
     """This token's query against every cached key of the layer (so it is causal by construction)."""
     hd = head_dim(cfg)
-    q = linear(x, state[f"layer{li}.attn_wq"])
-    k = linear(x, state[f"layer{li}.attn_wk"])
-    v = linear(x, state[f"layer{li}.attn_wv"])
-    if cfg.qk_norm:  # before rope, as the contract says
-        q, k = per_head(rmsnorm, q, hd), per_head(rmsnorm, k, hd)
+    q = layer(state, f"layer{li}.attn_wq", x)
+    k = layer(state, f"layer{li}.attn_wk", x)
+    v = layer(state, f"layer{li}.attn_wv", x)
+    if cfg.qk_norm:  # before rope, as the contract says; never a gain
+        qk_norm = lambda h: rmsnorm(h, cfg.norm_eps)
+        q, k = per_head(qk_norm, q, hd), per_head(qk_norm, k, hd)
     if cfg.pos == "rope":
-        q, k = per_head(lambda h: rope(h, pos_id), q, hd), per_head(lambda h: rope(h, pos_id), k, hd)
+        turn = lambda h: rope(h, pos_id, cfg.rope_theta)
+        q, k = per_head(turn, q, hd), per_head(turn, k, hd)
     keys.append(k)  # the cache holds rotated keys
     values.append(v)
     group = cfg.n_head // kv_heads(cfg)  # query heads per key/value head
@@ -213,7 +284,7 @@ def attention(state, cfg, li, x, pos_id, keys, values, masks=None):
         if masks is not None:
             w = dropped(w, masks[f"layer{li}.attn"][h][pos_id])
         x_attn.extend(sum(w[s] * v_h[s][j] for s in range(len(v_h))) for j in range(hd))
-    return linear(x_attn, state[f"layer{li}.attn_wo"])
+    return layer(state, f"layer{li}.attn_wo", x_attn)
 
 
 def gpt(state, cfg, token_id, pos_id, keys, values, masks=None):
@@ -222,22 +293,30 @@ def gpt(state, cfg, token_id, pos_id, keys, values, masks=None):
     keys and values: one list per layer. masks: one document's dropout masks
     (the contract's per-row dict), or None for no dropout.
     """
-    norm, act = NORMS[cfg.norm], ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     x = state["wte"][token_id]
     if cfg.pos == "learned":
         x = [t + p for t, p in zip(x, state["wpe"][pos_id])]
-    x = norm(x)
+    if cfg.embed_norm:
+        x = norm(state, cfg, "embed_norm", x)
     for li in range(cfg.n_layer):
         x_residual = x
-        x = attention(state, cfg, li, norm(x), pos_id, keys[li], values[li], masks)
+        x = attention(state, cfg, li, norm(state, cfg, f"layer{li}.attn_norm", x), pos_id, keys[li], values[li], masks)
         x = dropped(x, mask_row(masks, f"layer{li}.attn_out", pos_id))
         x = [a + b for a, b in zip(x, x_residual)]
         # MLP
         x_residual = x
-        x = [act(xi) for xi in linear(norm(x), state[f"layer{li}.mlp_fc1"])]
-        x = linear(x, state[f"layer{li}.mlp_fc2"])
+        x_in = norm(state, cfg, f"layer{li}.mlp_norm", x)
+        up = layer(state, f"layer{li}.mlp_fc1", x_in)
+        if cfg.mlp == "gated":  # act(gate x) * fc1 x
+            x = [act(g) * u for g, u in zip(layer(state, f"layer{li}.mlp_gate", x_in), up)]
+        else:
+            x = [act(u) for u in up]
+        x = layer(state, f"layer{li}.mlp_fc2", x)
         x = dropped(x, mask_row(masks, f"layer{li}.mlp_out", pos_id))
         x = [a + b for a, b in zip(x, x_residual)]
+    if cfg.final_norm:
+        x = norm(state, cfg, "final_norm", x)
     logits = linear(x, state["wte"] if cfg.tie_embeddings else state["lm_head"])
     if cfg.logit_softcap:  # C * tanh(l / C): logits bounded by C, smoothly
         logits = [(l / cfg.logit_softcap).tanh() * cfg.logit_softcap for l in logits]

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from reference.engine import Value, topological_order
-from reference.gpt import empty_cache, loss, parameters
+from reference.gpt import empty_cache, entries, loss, parameters
 
 # `reference.gpt` the attribute is the function gpt(); the module is needed to wrap its functions.
 _gpt_module = importlib.import_module("reference.gpt")
@@ -140,7 +140,7 @@ def stages_of(order, state):
     A constant takes the stage of the operation that wrapped it.
     """
     matrices = forward_matrices(state)
-    bit = {id(p): 1 << i for i, name in enumerate(matrices) for row in state[name] for p in row}
+    bit = {id(p): 1 << i for i, name in enumerate(matrices) for p in entries(state[name])}
     mask, stage = {}, {}
     for v in order:
         m = bit.get(id(v), 0)
@@ -157,7 +157,7 @@ def stages_of(order, state):
 
 def weight_matrix_of(state):
     """id(weight node) -> the name of its matrix."""
-    return {id(p): name for name, matrix in state.items() for row in matrix for p in row}
+    return {id(p): name for name, matrix in state.items() for p in entries(matrix)}
 
 
 # --- one token's pass ---

@@ -98,6 +98,19 @@ MODEL_VARIANTS = {
     "gqa": dict(n_kv_head=1),
     "softcap": dict(logit_softcap=2.0),
     "dropout": dict(dropout=0.3),
+    # issue 21's pieces, as GPT-2's and Llama's blocks have them (each alone: tests/test_variants.py's shapes and formulas)
+    "gpt2_block": dict(norm="layernorm", norm_gain=True, embed_norm=False, final_norm=True, bias=True, activation="gelu_exact"),
+    "llama_block": dict(
+        norm_gain=True,
+        embed_norm=False,
+        final_norm=True,
+        mlp="gated",
+        activation="silu",
+        mlp_hidden=12,
+        norm_eps=1e-3,
+        pos="rope",
+        rope_theta=500.0,
+    ),
 }
 
 

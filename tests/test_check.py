@@ -108,7 +108,7 @@ def test_check_catches_a_real_difference(names, monkeypatch):
     cfg = GPTConfig(vocab_size=tokenizer.size)
     params = init_params_reference(cfg, random.Random(1))
 
-    def rmsnorm_other_eps(x):
+    def rmsnorm_other_eps(x, eps):
         scale = (sum(xi * xi for xi in x) / len(x) + 1e-4) ** -0.5
         return [xi * scale for xi in x]
 
@@ -138,11 +138,12 @@ TRAIN_VARIANTS = {
     "grad_accum": dict(batch_size=4, grad_accum=2),
 }
 ALL_AT_ONCE = (
-    all_variants(activation="gelu", n_layer=2, n_head=4, n_kv_head=2),
+    all_variants(activation="gelu_exact", n_layer=2, n_head=4, n_kv_head=2),
     {k: v for d in TRAIN_VARIANTS.values() for k, v in d.items()},
 )
 # the training variants alone are proven against numpy transcriptions (tests/test_variants.py); here all at once
-CASES = {name: (m, {}) for name, m in MODEL_VARIANTS.items()}
+# (gpt2_block's pieces are all in ALL_AT_ONCE, gelu_exact its activation: no case of its own)
+CASES = {name: (m, {}) for name, m in MODEL_VARIANTS.items() if name != "gpt2_block"}
 
 
 @pytest.mark.parametrize("model, train", [*CASES.values(), ALL_AT_ONCE], ids=[*CASES, "all_at_once"])

@@ -102,7 +102,7 @@ def test_check_takes_every_variant_flag(capsys):
 def test_check_exits_1_on_a_mismatch(capsys, monkeypatch):
     import reference.gpt
 
-    monkeypatch.setattr(reference.gpt, "linear", lambda x, w: [sum(wi * xi for wi, xi in zip(r, x)) * 1.001 for r in w])
+    monkeypatch.setattr(reference.gpt, "linear", lambda x, w, b=None: [sum(wi * xi for wi, xi in zip(r, x)) * 1.001 for r in w])
     code, out = run_in_process(capsys, "check", "--steps", "1", "--n-embd", "8", "--doc", "ava")
     assert code == 1
     assert "FAIL" in out.out and out.out.splitlines()[-1].endswith("failed") and " 0 failed" not in out.out

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from microgpt_jax import cli, loop, train
+from microgpt_jax import cli, hf, loop, memory, train
 from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig, RunDir, load_weights
 from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
 
@@ -78,6 +78,11 @@ def test_the_ready_config_files_load(path):
         model, tcfg = configs.model, configs.train
         shape = (model.n_layer, model.n_head, model.n_embd, model.block_size, tcfg.batch_size, tcfg.steps)
         assert shape == (4, 4, 128, 64, 12, 2000) and configs.data.mode == "stream"
+    arch = {"gpt2-arch.toml": "GPT2LMHeadModel", "gpt2-small.toml": "GPT2LMHeadModel", "llama-arch.toml": "LlamaForCausalLM"}
+    if path.name in arch:  # exactly that architecture: every field it fixes (hf.FIXED), so it exports as one
+        assert hf.architecture(configs.model) == arch[path.name]
+    if path.name == "gpt2-small.toml":  # GPT-2 small's own parameter count, with its vocabulary
+        assert memory.num_params(dataclasses.replace(configs.model, vocab_size=50257)) == 124_439_808
 
 
 def test_the_shakespeare_config_trains(tmp_path, capsys, shakespeare_path):

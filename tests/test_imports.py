@@ -9,7 +9,7 @@ PACKAGE = Path(microgpt_jax.__file__).parent
 # low to high: a module may import its own layer or those below it
 LAYERS = [
     {"errors", "config", "jsonfile", "text", "tokenizer", "runtime"},
-    {"model", "layout", "dataset", "data", "parallel", "memory", "flops", "metrics", "plot", "graph"},
+    {"model", "layout", "dataset", "data", "parallel", "memory", "flops", "metrics", "plot", "graph", "hf"},
     {"train", "sample", "prepare"},
     {"loop", "checkpoint", "rundir", "loggers"},
     {"session", "sweep", "evaluate", "check", "reproduce", "bench"},

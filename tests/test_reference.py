@@ -100,20 +100,26 @@ def test_the_order_is_the_seeds_recursive_order(ops):
 # --- the variants of the contract ---
 
 TINY = reference.Config(vocab_size=5, n_embd=4, n_head=2, n_layer=1, block_size=5)
+# every weight any variant has: the gated MLP, norm gains and layernorm biases at every site, the blocks' biases
+FULL = TINY._replace(mlp="gated", norm="layernorm", norm_gain=True, final_norm=True, bias=True)
 TOKENS = [4, 0, 3, 1, 1, 2, 4]  # cut to 5 positions
 VARIANTS = {
     **MODEL_VARIANTS,
-    "silu, one new table entry": dict(activation="silu"),
+    "softplus, one new table entry": dict(activation="softplus"),
     "all": all_variants(activation="gelu"),
 }
 
 
 def state_for(cfg, seed=0):
     """Weights for cfg cut from one full set: the same numbers whatever is left out, wpe zeroed
-    (so rope is compared with no position signal, not with another one)."""
-    full = reference.init_state(TINY, random.Random(seed))
+    (so rope is compared with no position signal, not with another one), gains and biases moved off 1 and 0."""
+    rng = random.Random(seed)
+    full = reference.init_state(FULL, rng)
     full["wpe"] = [[Value(0.0) for _ in row] for row in full["wpe"]]
-    return {name: [row[:n_in] for row in full[name][:n_out]] for name, (n_out, n_in) in reference.param_shapes(cfg)}
+    for name, _ in reference.gpt.vector_shapes(FULL):
+        full[name] = [Value(v.data + rng.gauss(0, 0.3)) for v in full[name]]
+    state = {name: [row[:n_in] for row in full[name][:n_out]] for name, (n_out, n_in) in reference.param_shapes(cfg)}
+    return state | {name: full[name][:n] for name, n in reference.gpt.vector_shapes(cfg)}
 
 
 def ones_like(masks):
@@ -137,7 +143,7 @@ def loss_and_grads(cfg, state, masks=None):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_each_variant_changes_the_loss_and_its_gradient_is_right(name, monkeypatch):
-    monkeypatch.setitem(reference.ACTIVATIONS, "silu", lambda x: x * (1 + (-x).exp()) ** -1)
+    monkeypatch.setitem(reference.ACTIVATIONS, "softplus", lambda x: (1 + x.exp()).log())
     cfg = TINY._replace(**VARIANTS[name])
     state, masks = state_for(cfg), masks_for(cfg)
     value, grads = loss_and_grads(cfg, state, masks)
@@ -146,7 +152,7 @@ def test_each_variant_changes_the_loss_and_its_gradient_is_right(name, monkeypat
     h, params = 1e-6, reference.parameters(state)
     start = 0
     for matrix in state.values():
-        n = len(matrix) * len(matrix[0])
+        n = len(reference.gpt.entries(matrix))
         i = max(range(start, start + n), key=lambda j: abs(grads[j]))
         start += n
         p, x = params[i], params[i].data
@@ -170,8 +176,8 @@ def test_dropout_masks_of_ones_are_no_dropout_exactly():
 
 def test_rope_at_position_0_is_no_rotation_and_else_a_rotation():
     x = [Value(v) for v in (0.3, -1.2, 0.7, 2.0)]
-    assert [v.data for v in rope(x, 0)] == [v.data for v in x]
-    y = [v.data for v in rope(x, 3)]
+    assert [v.data for v in rope(x, 0, 10000.0)] == [v.data for v in x]
+    y = [v.data for v in rope(x, 3, 10000.0)]
     assert y != [v.data for v in x]
     for i in range(2):  # each pair (i, i + half) keeps its length
         assert y[i] ** 2 + y[i + 2] ** 2 == pytest.approx(x[i].data ** 2 + x[i + 2].data ** 2, rel=1e-14)

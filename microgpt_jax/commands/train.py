@@ -56,8 +56,9 @@ def add_arguments(p):
         "--init-from",
         default=None,
         metavar="RUN_DIR[@STEP]",
-        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, or a .safetensors export), "
-        "with their model, tokenizer and train and data settings but those given: fine-tuning (default: new weights)",
+        help="start a new run from these weights (a run's latest checkpoint, a checkpoint STEP, a .safetensors export, or a "
+        "Hugging Face GPT-2 or Llama checkpoint directory, its tokenizer.json if any), with their model, tokenizer and train "
+        "and data settings but those given: fine-tuning (default: new weights)",
     )
     group = p.add_argument_group("devices and processes (see README, Beyond one device)")
     group.add_argument("--devices", type=positive_int, default=None, help="devices to split the batch over (default: all)")
