@@ -197,7 +197,9 @@ class SweepDir:
             base = RunConfig.from_json(meta)
             entries = meta["members"]
             sets = [(SETTABLE[k], k, [e["values"][k] for e in entries]) for k in entries[0]["values"]]
-            members = members_of(base, sorted({e["seed"] for e in entries}), [(t, k, list(dict.fromkeys(v))) for t, k, v in sets])
+            members = members_of(
+                base, list(dict.fromkeys(e["seed"] for e in entries)), [(t, k, list(dict.fromkeys(v))) for t, k, v in sets]
+            )
         except (ConfigError, KeyError, TypeError, IndexError, UserError) as e:
             raise bad("members", f"do not describe a sweep ({e})") from None
         if [m.name for m in members] != [e["name"] for e in entries]:
