@@ -43,7 +43,7 @@ from microgpt_jax.metrics import MetricsFile, read_metrics
 from microgpt_jax.model import init_params
 from microgpt_jax.rundir import RunConfig, RunDir, lock_directory
 from microgpt_jax.session import Session
-from microgpt_jax.train import MEMBER_FIELDS, SweepTrainer, TrainState, make_schedule
+from microgpt_jax.train import MEMBER_FIELDS, SweepTrainer, TrainState, make_schedule, spreads_members
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -131,6 +131,14 @@ def settings_label(values: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in values.items()) or "all"
 
 
+def settings_groups(members) -> dict:
+    """{setting's label: indices of its members (its seeds)}, in the members' order."""
+    groups = {}
+    for i, member in enumerate(members):
+        groups.setdefault(settings_label(member.values), []).append(i)
+    return groups
+
+
 # -- the sweep directory -----------------------------------------------------------------------
 
 
@@ -195,7 +203,9 @@ class SweepDir:
         check_format(meta, FORMAT, VERSION, "sweep directories", bad)
         try:
             base = RunConfig.from_json(meta)
-            entries = meta["members"]
+            entries, data_file = meta["members"], meta["data_file"]
+            if not isinstance(data_file, str):
+                raise TypeError("data_file must be a path")
             sets = [(SETTABLE[k], k, [e["values"][k] for e in entries]) for k in entries[0]["values"]]
             members = members_of(
                 base, list(dict.fromkeys(e["seed"] for e in entries)), [(t, k, list(dict.fromkeys(v))) for t, k, v in sets]
@@ -206,7 +216,7 @@ class SweepDir:
             raise bad("members", "do not match their seeds and values")
         lock = lock_directory(path)
         runs = [RunDir.open(path / "runs" / m.name).lock() for m in members]
-        sweep = cls(path, base, members, meta.get("data_file"), runs)
+        sweep = cls(path, base, members, data_file, runs)
         sweep._lock = lock
         return sweep
 
@@ -247,8 +257,7 @@ class Sweep(Session):
         self.member_axis = (M,)
         self.mesh = parallel.make_mesh(devices)
         parallel.check_batch(tcfg.batch_size, self.mesh)
-        by_member = self.mesh.devices.size > 1 and M % self.mesh.devices.size == 0
-        row_multiple = tcfg.grad_accum * (1 if by_member else self.mesh.devices.size)
+        row_multiple = tcfg.grad_accum * (1 if spreads_members(M, self.mesh.devices.size) else self.mesh.devices.size)
         self.chunk_steps = chunk_length((tcfg.log_every, tcfg.eval_every, ccfg.save_every), tcfg.steps)
         fits = dict(rows=tcfg.batch_size, chunk_steps=self.chunk_steps, dtype=tcfg.dtype, param_dtype=tcfg.param_dtype)
         memory.check_fits(cfg, **fits, grad_accum=tcfg.grad_accum, members=M)
@@ -365,9 +374,7 @@ class SweepLog:
         self.lrs = [make_schedule(c.train) for c in member_configs]
         self.every = (log_every, eval_every) if evaluate else (log_every,)
         self.last, self.records, self.frozen = None, [[] for _ in members], {}
-        self.groups = {}
-        for i, m in enumerate(members):
-            self.groups.setdefault(settings_label(m.values), []).append(i)
+        self.groups = settings_groups(members)
         self.out = out or sys.stdout
 
     def __enter__(self):
@@ -472,11 +479,8 @@ def summary(members, records, frozen_at, step) -> dict:
         row = {"name": member.name, "seed": member.seed, "values": member.values, "steps": int(frozen) if frozen >= 0 else step}
         row |= {"frozen": bool(frozen >= 0), "loss": history[-1]["loss"] if history else None, "val_loss": val}
         rows.append(row | {"run": f"runs/{member.name}"})
-    settings = {}
-    for i, member in enumerate(members):
-        settings.setdefault(settings_label(member.values), []).append(i)
     groups = []
-    for label, idx in settings.items():
+    for label, idx in settings_groups(members).items():
         vals = [rows[i]["val_loss"] for i in idx if not rows[i]["frozen"] and rows[i]["val_loss"] is not None]
         groups.append(
             {

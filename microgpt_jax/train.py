@@ -441,6 +441,11 @@ def _sweep_step(state: TrainState, batch, **step_args):
     return TrainState(params, Members(opt_state, members.hyper, frozen_at), state.step + 1), metrics
 
 
+def spreads_members(members: int, devices: int) -> bool:
+    """A sweep puts whole members on each device when their number divides over several; else it splits each member's rows."""
+    return devices > 1 and members % devices == 0
+
+
 class SweepTrainer(Trainer):
     """The compiled step, loop and evaluation of a sweep: members of one model shape, each with its own TrainConfig.
 
@@ -462,7 +467,7 @@ class SweepTrainer(Trainer):
         self.tcfg, self.tcfgs, self.dropouts = base, list(tcfgs), list(dropouts)
         self.hyper = Hyper.of(tcfgs, dropouts, base.param_dtype)
         devices = 1 if mesh is None else mesh.devices.size
-        self.by_member = devices > 1 and len(tcfgs) % devices == 0
+        self.by_member = spreads_members(len(tcfgs), devices)
         groups = 1 if mesh is None or self.by_member else devices
         check_accumulation(base, groups)
         fixed = dict(cfg=cfg, dtype=self.dtype, attention=self.attention, grad_accum=base.grad_accum, groups=groups)

@@ -151,7 +151,8 @@ def test_compare_pairs_each_variant_with_the_baseline_by_seed(capsys, tmp_path):
         diffs = [v["val_loss"][s] - base["val_loss"][s] for s in ("0", "1", "2")]
         assert (v["diff"], *v["ci95"]) == pytest.approx(paired_interval(diffs))
         assert v["distinguishable"] == (not v["ci95"][0] <= 0 <= v["ci95"][1])
-        assert ("distinguishable from zero" in out.out) and f"{v['variant']}:" in out.out
+        verdict = next(line for line in out.out.splitlines() if line.startswith(f"{v['variant']}: "))
+        assert ("is not distinguishable" in verdict) == (not v["distinguishable"]), verdict
 
 
 def test_a_used_directory_and_a_missing_sweep_are_one_line(capsys, tmp_path):
@@ -163,5 +164,8 @@ def test_a_used_directory_and_a_missing_sweep_are_one_line(capsys, tmp_path):
     assert (used / "notes.txt").read_text() == "mine"
     code, out = run_in_process(capsys, "sweep", "--resume", used)
     assert_one_line_error(code, out.err, "not a sweep directory")
+    (used / "sweep.json").write_text(json.dumps({"format": "microgpt-jax sweep", "version": 1, "members": 3}))
+    code, out = run_in_process(capsys, "sweep", "--resume", used)  # an edited sweep.json
+    assert_one_line_error(code, out.err, "sweep.json", "restore it from a copy")
     code, out = run_in_process(capsys, "compare", "--steps", "10")
     assert_one_line_error(code, out.err, "--variant")
