@@ -8,6 +8,7 @@ apart from steady-state time.
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -47,6 +48,7 @@ class Inputs(NamedTuple):
     data: str | None = None
     text: str | None = None
     corpus_mb: int = CORPUS_MB
+    breakdown: bool = False  # large: also its step's time by part
 
     def names_path(self) -> Path:
         from microgpt_jax.text import resolve_data_path
@@ -69,7 +71,7 @@ def run(names=None, json_path=None, print=print, inputs=Inputs()):
     unknown = sorted(set(names) - set(CASES))
     if unknown:
         raise UserError(f"unknown bench case(s) {unknown}; choose from {sorted(CASES)}")
-    results = {}
+    results = {"machine": machine()}  # every report names what it ran on: figures compare only within one machine
     for name in names:
         results |= CASES[name](inputs)
     width = max(len(k) for k in results)
@@ -233,19 +235,54 @@ def packing(inputs):
     return out
 
 
-def matmul_peak(n=2048, dtype="float32", repeats=5):
-    """FLOP/s of the best of `repeats` n x n matmuls: the peak the MFU is measured against."""
+# which vector and matrix extensions the CPU has, by /proc/cpuinfo flag (those XLA's and torch's kernels use)
+CPU_EXTENSIONS = {"avx2": "AVX2", "fma": "FMA", "avx512f": "AVX-512", "avx512_vnni": "AVX512-VNNI", "avx512_bf16": "AVX512-BF16"}
+CPU_EXTENSIONS |= {"avx512_fp16": "AVX512-FP16", "amx_tile": "AMX", "amx_bf16": "AMX-BF16", "sve": "SVE", "asimd": "NEON"}
+
+
+def machine() -> str:
+    """'CPU model (N cores; its vector extensions)' and, with a GPU, its kind: named beside every bench report."""
+    import os
+    import platform
+
+    import jax
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+    except OSError:
+        pass  # not Linux: the model from platform, no extensions
+    extensions = ", ".join(name for flag, name in CPU_EXTENSIONS.items() if flag in flags) or "extensions unknown"
+    device = "" if jax.default_backend() == "cpu" else f"; {jax.devices()[0].device_kind}"
+    return f"{model} ({os.cpu_count()} cores; {extensions}){device}"
+
+
+PEAK_SIZES = {"cpu": (1024, 2048, 3072), "gpu": (4096, 8192, 16384)}
+
+
+@functools.cache
+def matmul_peak(dtype="float32", repeats=5):
+    """FLOP/s of the best n x n matmul over sizes (PEAK_SIZES) and repeats, measured once per process and dtype: the peak
+    every MFU of a run is measured against, so that the MFU moves with the step and not with one lucky or unlucky matmul."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(timed(f, a)[1] for _ in range(repeats))
-    return 2 * n**3 / best
+    best = 0.0
+    for n in PEAK_SIZES.get(jax.default_backend(), PEAK_SIZES["gpu"]):
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda a: a @ a)
+        f(a).block_until_ready()
+        best = max(best, 2 * n**3 / min(timed(f, a)[1] for _ in range(repeats)))
+    return best
 
 
-def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n):
+def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks):
     """Tokens/s and MFU of stream-mode training on the text file: MFU = flops_per_token * tokens/s over a peak.
 
     `_mfu` is over the matmul peak measured in this run (matmul_peak), `_mfu_vendor` over the vendor's
@@ -261,9 +298,8 @@ def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n)
     tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
-    peak_before = matmul_peak(peak_n, dtype)
     _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
-    peak = max(peak_before, matmul_peak(peak_n, dtype))  # around the run: the machine's best, not a lucky step
+    peak = matmul_peak(dtype)
     kind = jax.devices()[0].device_kind
     vendor = vendor_peak(kind, dtype)
     flops_per_s = tokens_per_s * flops_per_token(cfg)
@@ -278,10 +314,199 @@ def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks, peak_n)
     }
 
 
+LARGE = dict(n_layer=4, n_embd=128, n_head=4, block_size=128)
+
+
 @case
 def large(inputs):
-    """n_layer 4, n_embd 128, n_head 4, block 128, batch 64, float32, stream mode on the text."""
-    return mfu_case(inputs.text_path(), "large", dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, "float32", 2, 5, 2048)
+    """n_layer 4, n_embd 128, n_head 4, block 128, batch 64, float32, stream mode on the text (--breakdown: its step by part)."""
+    out = mfu_case(inputs.text_path(), "large", LARGE, 64, "float32", 2, 5)
+    if inputs.breakdown:
+        out |= breakdown_case(inputs.text_path(), "large", LARGE, 64)
+    return out
+
+
+# --- where a step's time goes: a profile of one compiled chunk, each XLA op charged to the model part it computes ---
+
+
+def part_of(op_name: str) -> tuple[str, str]:
+    """(part, direction) of an XLA op from its metadata's op_name: the innermost of model.PARTS's named scopes in it
+    ("other" for none: residual adds, the mask, the gradient norm), "backward" under transpose(...) (JAX's
+    reverse mode), else "forward"; the optimizer's update is its own part."""
+    from microgpt_jax.model import PARTS
+
+    names = [word for word in re.findall(r"[A-Za-z_]+", op_name.split(";")[0]) if word in PARTS]
+    found = names[-1] if names else "other"
+    return found, "update" if found == "optimizer" else "backward" if "transpose(" in op_name else "forward"
+
+
+def op_parts(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (part, direction), from a compiled executable's text (each instruction's op_name)."""
+    found = re.finditer(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', hlo_text, re.M)
+    return {m.group(1): part_of(m.group(2)) for m in found}
+
+
+def traced_ops(trace_dir) -> list[tuple[str, float, float]]:
+    """(name, start µs, duration µs) of every complete event in the profiler's Perfetto trace under trace_dir."""
+    import gzip
+
+    (path,) = sorted(Path(trace_dir).rglob("*.trace.json.gz"))[-1:]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    return [(e["name"], e["ts"], e["dur"]) for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def busy_us(intervals) -> float:
+    """The length of the union of (start, duration) intervals: the time at least one op ran."""
+    total, end = 0.0, -np.inf
+    for start, duration in sorted(intervals):
+        total += max(0.0, start + duration - max(start, end))
+        end = max(end, start + duration)
+    return total
+
+
+def breakdown(trainer, state, data, chunk=4) -> dict:
+    """One step's milliseconds by part (model.PARTS and "other", forward and backward, the update), data and dispatch.
+
+    The steady step time (best of a few chunks) without a profiler, then one
+    chunk traced (jax.profiler): each XLA op's duration is charged to its part,
+    and the time the ops ran (at least one of them: the 2 cores overlap ops)
+    is shared out by each part's op time, so the parts and "dispatch and idle"
+    (the traced call's time no op ran) add up to the traced step. "data" is
+    the host's batch building and transfer, timed apart: in training it
+    overlaps the step, as run_steps prepares the next chunk while one runs.
+    """
+    import tempfile
+
+    import jax
+
+    clock = time.perf_counter()
+    batches = trainer.put(data.batches(0, chunk, chunk))
+    jax.block_until_ready(batches)
+    data_ms = (time.perf_counter() - clock) / chunk * 1e3
+    compiled, _ = trainer.compiled_steps(state, batches)
+    state = jax.block_until_ready(compiled(state, batches, chunk)[0])
+    seconds = []
+    for _ in range(3):
+        state, seconds_ = timed(lambda s: compiled(s, batches, chunk)[0], state)
+        seconds.append(seconds_)
+    parts = op_parts(compiled.as_text())
+    with tempfile.TemporaryDirectory(prefix="microgpt-jax-profile-") as tmp:
+        jax.profiler.start_trace(tmp)
+        state, traced_s = timed(lambda s: compiled(s, batches, chunk)[0], state)
+        jax.profiler.stop_trace()
+        ops = [(parts[name], start, duration) for name, start, duration in traced_ops(tmp) if name in parts]
+    op_us = {}
+    for key, _, duration in ops:
+        op_us[key] = op_us.get(key, 0.0) + duration
+    busy = busy_us([(start, duration) for _, start, duration in ops])
+    scale = busy / sum(op_us.values()) / chunk / 1e3  # op µs -> ms of the step's busy time
+    rows = {f"{part}_{direction}_ms": us * scale for (part, direction), us in sorted(op_us.items())}
+    return rows | {
+        "dispatch_and_idle_ms": max(0.0, traced_s * 1e3 - busy / 1e3) / chunk,
+        "traced_step_ms": traced_s * 1e3 / chunk,
+        "step_ms": min(seconds) * 1e3 / chunk,
+        "data_ms": data_ms,
+        "ops_overlap": sum(op_us.values()) / busy,
+    }
+
+
+def format_breakdown(rows: dict) -> str:
+    """The breakdown as a table: a part per line, its forward and backward ms and its share of the traced step."""
+    from microgpt_jax.model import PARTS
+
+    total = rows["traced_step_ms"]
+    lines = [f"{'part':<12} {'forward ms':>10} {'backward ms':>11} {'share':>6}"]
+    for part in (*PARTS, "other"):
+        fwd, bwd = rows.get(f"{part}_forward_ms", 0.0), rows.get(f"{part}_backward_ms", 0.0) + rows.get(f"{part}_update_ms", 0.0)
+        if fwd or bwd:
+            lines.append(f"{part:<12} {fwd:>10.2f} {bwd:>11.2f} {(fwd + bwd) / total:>6.1%}")
+    lines.append(f"{'dispatch and idle':<24} {rows['dispatch_and_idle_ms']:>11.2f} {rows['dispatch_and_idle_ms'] / total:>6.1%}")
+    lines.append(f"step: {total:.1f} ms traced, {rows['step_ms']:.1f} ms without the profiler; ops overlap {rows['ops_overlap']:.2f}x")
+    lines.append(f"data: {rows['data_ms']:.2f} ms a step on the host (overlapped with the step in training)")
+    return "\n".join(lines)
+
+
+def breakdown_case(text, prefix, cfg_kwargs, batch_size) -> dict:
+    """`{prefix}_breakdown_*`: the breakdown of this shape's float32 step (stream mode on the text), printed as a table."""
+    import jax
+
+    from microgpt_jax.data import DataConfig, load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import TrainConfig, Trainer
+
+    tcfg = TrainConfig(steps=100, batch_size=batch_size)
+    tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
+    trainer = Trainer(cfg, tcfg)
+    rows = breakdown(trainer, trainer.init(init_params(cfg, jax.random.key(0))), data)
+    print(format_breakdown(rows))
+    return {f"{prefix}_breakdown_{k}": v for k, v in rows.items()}
+
+
+# --- against PyTorch: the same GPT, the same batches, the same optimizer, side by side (bench_torch.py) ---
+
+TORCH_SHAPES = {  # name -> (model fields, batch size, steps per timed chunk): the large case's shape, nanoGPT's CPU recipe's
+    "large": (dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, 4),
+    "nanogpt_shape": (dict(n_layer=4, n_embd=128, n_head=4, block_size=64), 12, 25),
+}
+
+
+def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4, compiled=True):
+    """{ours, torch_eager, torch_compile: tokens/s, and their compile seconds} of training this shape on the text in stream
+    mode, from the same weights on the same batches, the nanoGPT recipe's optimizer settings; ours and torch eager measured
+    twice in turn (the best of each), torch.compile once after them (its compilation takes long)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from microgpt_jax import bench_torch
+    from microgpt_jax.data import load_train_data
+    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.train import Trainer, make_schedule
+
+    recipe = recipe_configs()
+    tcfg = dataclasses.replace(recipe.train, batch_size=batch_size, steps=chunk * chunks)
+    tokenizer, data = load_train_data(text, recipe.data, batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
+    params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
+    lrs = np.asarray(jax.vmap(make_schedule(tcfg))(jnp.arange(tcfg.steps))).tolist()  # no JAX call inside torch's loop
+    host = jax.tree.map(np.asarray, params)
+    out = {}
+    for _ in range(2):
+        _, rate, compile_s, _ = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
+        out["ours"], out["ours_compile_s"] = max(out.get("ours", 0.0), rate), compile_s
+        rate, first_s = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, lrs=lrs)
+        out["torch_eager"] = max(out.get("torch_eager", 0.0), rate)
+    if compiled:
+        try:
+            out["torch_compile"], out["torch_compile_s"] = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, True, lrs)
+        except Exception as e:  # torch.compile needs a C++ compiler for the CPU; say why it could not run, in one line
+            out["torch_compile"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    return out
+
+
+@case
+def torch(inputs):
+    """Our step against the same GPT in PyTorch (eager and torch.compile), same weights, batches and Adam, side by side:
+    the large shape and nanoGPT's CPU recipe shape, float32, stream mode on the text (torch from the [hf] extra)."""
+    from microgpt_jax import bench_torch
+
+    torch = bench_torch.torch_or_none()
+    if torch is None:
+        return {"torch": "skipped: torch is not installed (pip install 'microgpt-jax[hf]')"}
+    out = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+    for name, (cfg_kwargs, batch_size, chunk) in TORCH_SHAPES.items():
+        rates = torch_rates(inputs.text_path(), cfg_kwargs, batch_size, chunk)
+        out |= {f"{name}_ours_tokens_per_s": rates["ours"], f"{name}_torch_eager_tokens_per_s": rates["torch_eager"]}
+        out[f"{name}_vs_torch_eager_ratio"] = rates["ours"] / rates["torch_eager"]
+        compiled = rates["torch_compile"]
+        out[f"{name}_torch_compile_tokens_per_s"] = compiled
+        if not isinstance(compiled, str):
+            out[f"{name}_vs_torch_compile_ratio"] = rates["ours"] / compiled
+            out[f"{name}_torch_compile_s"] = rates["torch_compile_s"]
+    return out
 
 
 # --- what each variant (issue 11) does: validation loss after the nanoGPT CPU recipe, and speed ---
@@ -368,9 +593,8 @@ def sweep(inputs):
     out |= {"sweep16_vs_solo_time_ratio": solo / rate, "sweep16_compile_s": compile_s, "sweep16_solo_compile_s": solo_c}
     configs = recipe_configs()
     dtype = configs.train.dtype
-    peak_before = matmul_peak(2048, dtype)
     solo, rate, solo_c, compile_s, tokens_per_s, cfg = sweep_rates(configs, list(range(8)), inputs.text_path(), 10, 5)
-    peak = max(peak_before, matmul_peak(2048, dtype))
+    peak = matmul_peak(dtype)
     out |= {
         "sweep8_nanogpt_vs_solo_time_ratio": solo / rate,
         "sweep8_nanogpt_mfu": tokens_per_s * flops_per_token(cfg) / peak,
@@ -389,7 +613,7 @@ def gpu(inputs):
 
     if jax.default_backend() != "gpu":
         return {"gpu": "skipped: no GPU"}
-    return mfu_case(inputs.text_path(), "gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4, 8192)
+    return mfu_case(inputs.text_path(), "gpu", dict(n_layer=12, n_embd=768, n_head=12, block_size=1024), 16, "bfloat16", 10, 4)
 
 
 @case

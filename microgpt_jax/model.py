@@ -42,6 +42,11 @@ import numpy as np
 from microgpt_jax.config import ConfigError, field, fraction, non_negative, positive, validate
 from microgpt_jax.tokenizer import bos_id
 
+# The parts of a step by name (jax.named_scope on the functions below, "optimizer" in train._step): XLA keeps
+# them in each op's metadata, forward and backward, so a profile reads as the model does (bench large --breakdown).
+PARTS = ("embed", "norm", "attn_proj", "attn_core", "mlp", "head", "loss", "optimizer")
+part = jax.named_scope
+
 INIT_STD = 0.08
 NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -244,6 +249,7 @@ def rotate(x_BHTK, rope):
     return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
 
 
+@part("attn_core")
 def attend(q_BHTK, k_BGSK, v_BGSK, mask_BTS, query_block=None, drop_BHTS=None):
     """Softmax attention of T queries over S keys; mask_BTS[b, t, s] says whether t may see s.
 
@@ -291,6 +297,7 @@ def attention_implementation(backend, dtype, cfg: GPTConfig) -> str:
     return "cudnn" if fused and fits and not cfg.dropout else "einsum"
 
 
+@part("attn_core")
 def attend_fused(q_BHTK, k_BGSK, v_BGSK, mask_BTS, implementation):
     """`attend` as jax.nn.dot_product_attention computes it (implementation "xla" or "cudnn"), causal.
 
@@ -313,6 +320,7 @@ def linear(params, name, x):
     return y if name + "_bias" not in params else y + params[name + "_bias"]
 
 
+@part("mlp")
 def mlp(params, p, x_BTD, cfg: GPTConfig):
     """fc2(act(fc1 x)), or with mlp "gated" fc2(act(gate x) * fc1 x): [B, T, F] in between."""
     act = ACTIVATIONS[cfg.activation]
@@ -321,6 +329,7 @@ def mlp(params, p, x_BTD, cfg: GPTConfig):
     return linear(params, p + "mlp_fc2", h_BTF)
 
 
+@part("norm")
 def normed(params, site, x_BTD, cfg: GPTConfig):
     """The norm at site (GPTConfig.norm_sites), times its gain and plus its bias where the model has them."""
     y_BTD = NORMS[cfg.norm](x_BTD, cfg.norm_eps)
@@ -422,6 +431,7 @@ def init_cache(cfg: GPTConfig, batch_size, dtype=jnp.float32) -> KVCache:
     return KVCache(empty(), empty())
 
 
+@part("embed")
 def embed(params, tokens_BT, positions_BT, cfg: GPTConfig):
     x_BTD = params["wte"][tokens_BT]
     if cfg.pos == "learned":
@@ -434,6 +444,7 @@ def positions_table(positions_BT, cfg: GPTConfig, dtype):
     return rope_table(positions_BT, cfg.head_dim, dtype, cfg.rope_theta) if cfg.pos == "rope" else None
 
 
+@part("attn_proj")
 def qkv_heads(params, p, h_BTD, cfg: GPTConfig, rope):
     """q [B, H, T, K], k and v [B, G, T, K] of layer p, q and k qk-normed and rotated as cfg says."""
     q_BHTK = split_heads(linear(params, p + "attn_wq", h_BTD), cfg.n_head)
@@ -466,14 +477,15 @@ def block(params, i, x_BTD, mask_BTS, cfg: GPTConfig, rope=None, cache=None, sta
     else:
         cache = cache.write(i, start, k_BGSK, v_BGSK)
         out_BHTK = attend(q_BHTK, cache.k[i], cache.v[i], mask_BTS)
-    # concatenating the heads and applying wo, as one contraction over (head, k)
-    attn_BTD = jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, H, D // H))
-    attn_BTD = attn_BTD + params[p + "attn_wo_bias"] if cfg.bias else attn_BTD
+    with part("attn_proj"):  # concatenating the heads and applying wo, as one contraction over (head, k)
+        attn_BTD = jnp.einsum("bhtk,dhk->btd", out_BHTK, params[p + "attn_wo"].reshape(D, H, D // H))
+        attn_BTD = attn_BTD + params[p + "attn_wo_bias"] if cfg.bias else attn_BTD
     x_BTD = x_BTD + dropped(attn_BTD, masks, p + "attn_out")
     mlp_BTD = mlp(params, p, normed(params, p + "mlp_norm", x_BTD, cfg), cfg)
     return x_BTD + dropped(mlp_BTD, masks, p + "mlp_out"), cache
 
 
+@part("head")
 def output_logits(params, x_BTD, cfg: GPTConfig):
     """lm_head(x) (wte(x) when tied) after the final norm if any, soft-capped at C * tanh(logits / C) when logit_softcap is C > 0."""
     x_BTD = normed(params, "final_norm", x_BTD, cfg) if cfg.final_norm else x_BTD
@@ -537,11 +549,12 @@ def loss_fn(params, batch, cfg: GPTConfig, attention="einsum", masks=None, per_r
     masks: dropout's for the batch's rows (dropout_masks), None for none. per_row: each row's sum [B] instead.
     """
     logits_BTV = forward(params, batch.tokens, cfg, batch.positions, batch.segments, attention, masks)
-    # bfloat16 compute: the softmax and the loss still in float32
-    logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    # the target's log-probability picked by a one-hot mask: one fused multiply-sum, no gather and scatter
-    target_BTV = batch.targets[..., None] == jnp.arange(logp_BTV.shape[-1])
-    nll_BT = -jnp.sum(jnp.where(target_BTV, logp_BTV, 0), axis=-1)
-    loss_BT = batch.weights.astype(nll_BT.dtype) * nll_BT
-    return jnp.sum(loss_BT, axis=-1) if per_row else jnp.sum(loss_BT)
+    with part("loss"):
+        # bfloat16 compute: the softmax and the loss still in float32
+        logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
+        logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+        # the target's log-probability picked by a one-hot mask: one fused multiply-sum, no gather and scatter
+        target_BTV = batch.targets[..., None] == jnp.arange(logp_BTV.shape[-1])
+        nll_BT = -jnp.sum(jnp.where(target_BTV, logp_BTV, 0), axis=-1)
+        loss_BT = batch.weights.astype(nll_BT.dtype) * nll_BT
+        return jnp.sum(loss_BT, axis=-1) if per_row else jnp.sum(loss_BT)

@@ -36,6 +36,7 @@ from microgpt_jax.model import (
     keep_to_masks,
     loss_fn,
     param_shapes,
+    part,
 )
 
 DTYPES = ("float32", "float64", "bfloat16")
@@ -223,9 +224,11 @@ def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", s
     key = dropout_key(seed, state.step)  # unused without dropout
     loss_args = dict(cfg=cfg, dtype=dtype, attention=attention, key=key, dropout=dropout)
     loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, **loss_args)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    with part("optimizer"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), metrics
+    return TrainState(params, opt_state, state.step + 1), metrics
 
 
 def _steps(state: TrainState, batches, num_steps, step=None, **step_args):

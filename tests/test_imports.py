@@ -12,7 +12,7 @@ LAYERS = [
     {"model", "layout", "dataset", "data", "parallel", "memory", "flops", "metrics", "plot", "graph", "hf"},
     {"train", "sample", "prepare"},
     {"loop", "checkpoint", "rundir", "loggers"},
-    {"session", "sweep", "evaluate", "check", "reproduce", "bench"},
+    {"session", "sweep", "evaluate", "check", "reproduce", "bench", "bench_torch"},
     {"commands"},
     {"cli", "__main__", "__init__"},
 ]

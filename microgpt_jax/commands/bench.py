@@ -15,6 +15,12 @@ PARSER = {
 
 def add_arguments(p):
     p.add_argument("cases", nargs="*", metavar="CASE", help="cases to run, listed below (default: all of them)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="large: also print one step's time by part (attention, MLP, norms, loss, forward and backward, the update, data, "
+        "dispatch), from a profile of one compiled chunk",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON to this path (default: the table only)")
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument(
@@ -33,4 +39,4 @@ def add_arguments(p):
 
 
 def run(args):
-    bench.run(args.cases, args.json, inputs=bench.Inputs(args.data, args.text, args.corpus_mb))
+    bench.run(args.cases, args.json, inputs=bench.Inputs(args.data, args.text, args.corpus_mb, args.breakdown))
