@@ -6,18 +6,22 @@ chunk's batches built on the host while the current one runs). After each
 chunk `stop` is asked whether the run ends here (a signal: `Signals`), then the
 hooks that are due see a read-only `StepInfo`. A hook is a callable with an
 `every` attribute: None (after every chunk), N or a tuple of Ns (after the
-chunk ending at each multiple, and after the last one); one that is a context
-manager is entered around the loop. A hook stops the run by raising; what it
-returns (a string) is said in the message of a run that stops early.
+chunk ending at each multiple, and after the last one); it may also have
+`at`, a tuple of steps where a chunk ends and it is due, and `before(step,
+state)`, called before each chunk runs (with the step it starts at). One that
+is a context manager is entered around the loop. A hook stops the run by
+raising; what it returns (a string) is said in the message of a run that
+stops early.
 
 Chunks end exactly where some hook is due. Their length, the shape of the one
 compiled executable, is `chunk_length(cadences, steps)`: it does not depend on
 where the run starts, so a new, a resumed and an extended run run (and cache)
 the same executable.
 
-The hooks of a run, in the order `Session.hooks` puts them: NonFinite (stop
-at a NaN loss), Log (one record per log_every steps, with the validation loss
-every eval_every, handed to its sinks: metrics.jsonl, the progress display,
+The hooks of a run, in the order `Session.hooks` puts them: Profile (a
+profiler trace of some steps, train --profile), NonFinite (stop at a NaN
+loss), Log (one record per log_every steps, with the validation loss every
+eval_every, handed to its sinks: metrics.jsonl, the progress display,
 TensorBoard, W&B), Checkpoints, Plot.
 """
 
@@ -28,6 +32,7 @@ import sys
 import threading
 import time
 from functools import partial
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -47,16 +52,22 @@ def cadences(hooks) -> tuple:
     return tuple(sorted({k for e in every if e is not None for k in ((e,) if isinstance(e, int) else e)}))
 
 
+def fixed_steps(hooks) -> tuple:
+    """Every step some hook is due at (its `at`), sorted."""
+    return tuple(sorted({step for hook in hooks for step in getattr(hook, "at", ())}))
+
+
 def chunk_length(cadences, steps) -> int:
     """Steps per compiled call: the shortest cadence, at most MAX_CHUNK and the run's steps. Not where it starts."""
     return max(1, min(MAX_CHUNK, steps, *cadences))
 
 
-def chunk_ends(start, stop, length, every=()):
-    """Where each chunk of at most `length` steps ends: at multiples of every interval, and at stop (lazily)."""
+def chunk_ends(start, stop, length, every=(), at=()):
+    """Where each chunk of at most `length` steps ends: at multiples of every interval, at each step of `at`,
+    and at stop (lazily)."""
     step = start
     while step < stop:
-        step = min([stop, step + length] + [(step // k + 1) * k for k in every])
+        step = min([stop, step + length] + [(step // k + 1) * k for k in every] + [a for a in at if a > step])
         yield step
 
 
@@ -68,13 +79,15 @@ class Chunk(NamedTuple):
     compile_s: float  # seconds spent compiling before this chunk (the first one only)
 
 
-def run_steps(trainer: Trainer, state: TrainState, data, stop, length, every=()):
+def run_steps(trainer: Trainer, state: TrainState, data, stop, length, every=(), at=(), before=None):
     """Train from the state's step to `stop`, in compiled chunks of at most `length` steps; yield a Chunk after each.
 
     Every chunk runs one executable, compiled once before the first (the
     batches are always `length` steps long; a shorter chunk skips the tail).
     While a chunk runs, the next chunk's batches are built on the host and
-    sent to the device, so the step never waits for its data.
+    sent to the device, so the step never waits for its data. Chunks end as
+    chunk_ends(every, at) says; before(step, state), if given, is called just
+    before each chunk runs.
     """
     first = int(state.step)
 
@@ -82,13 +95,15 @@ def run_steps(trainer: Trainer, state: TrainState, data, stop, length, every=())
         batches = data.batches(first, end - first, length)
         return trainer.put(batches), int(np.count_nonzero(batches.weights))
 
-    ends = chunk_ends(first, stop, length, every)
+    ends = chunk_ends(first, stop, length, every, at)
     end = next(ends, None)
     if end is None:
         return
     batches, tokens = prepare(first, end)
     compiled, compile_s = trainer.compiled_steps(state, batches)
     while end is not None:
+        if before is not None:
+            before(first, state)
         state, metrics = compiled(state, batches, end - first)  # runs asynchronously
         following = next(ends, None)
         if following is not None:
@@ -132,8 +147,8 @@ class StepInfo(NamedTuple):
 
 
 def _due(hook, info: StepInfo) -> bool:
-    every = cadences([hook])
-    return not every or info.final or any(info.step % k == 0 for k in every)
+    every, at = cadences([hook]), fixed_steps([hook])
+    return not (every or at) or info.final or info.step in at or any(info.step % k == 0 for k in every)
 
 
 def fit(trainer: Trainer, state: TrainState, data, hooks=(), stop=None, length=None) -> TrainState:
@@ -144,15 +159,17 @@ def fit(trainer: Trainer, state: TrainState, data, hooks=(), stop=None, length=N
     entered as a context manager around the loop. length: steps per compiled
     chunk (default chunk_length of the hooks' cadences).
     """
-    every, steps = cadences(hooks), trainer.tcfg.steps
+    every, at, steps = cadences(hooks), fixed_steps(hooks), trainer.tcfg.steps
     length = length or chunk_length(every, steps)
+    befores = [hook.before for hook in hooks if hasattr(hook, "before")]
     history, window = [], max(every, default=1)
     with contextlib.ExitStack() as stack:
         for hook in [stop, *hooks]:
             if hasattr(hook, "__enter__"):
                 stack.enter_context(hook)
         began = last = time.perf_counter()
-        for chunk in run_steps(trainer, state, data, stop=steps, length=length, every=every):
+        before = (lambda step, state: [b(step, state) for b in befores]) if befores else None
+        for chunk in run_steps(trainer, state, data, stop=steps, length=length, every=every, at=at, before=before):
             state, n = chunk.state, len(chunk.metrics["loss"])
             seconds = max(time.perf_counter() - last - chunk.compile_s, 1e-9)
             history = [c for c in history if c[0] + len(c[1]["loss"]) > chunk.start - window]
@@ -350,3 +367,55 @@ class Plot:
             self.note(f"loss curves: {plot_runs([self.run_dir], self.run_dir / 'loss.png')}")
         except UserError as e:
             self.note(f"no loss plot: {e}")
+
+
+class Profile:
+    """A JAX profiler trace of steps start..stop (counted as state.step counts them) in `directory`.
+
+    Chunks end at start and stop (`at`), so the trace holds exactly those
+    steps: it starts just before the chunk that begins at start and stops
+    after the one that ends at stop, once its state is ready, before the hooks
+    after it (evaluation, saving) run. A run that stops earlier stops the
+    trace there. The trace is what jax.profiler.start_trace writes:
+    directory/plugins/profile/TIME/HOST.xplane.pb (TensorBoard's profile
+    plugin) and perfetto_trace.json.gz (ui.perfetto.dev). directory None: no
+    trace, only the chunk plan (the other processes of a multi-process run,
+    whose chunks must end where process 0's do). note: says, at the end,
+    where the trace is.
+    """
+
+    every = None
+
+    def __init__(self, start, stop, directory, note=print):
+        self.at, self.directory, self.note = (start, stop), directory and Path(directory), note
+        self.tracing, self.traced = False, None  # traced: the trace is written, whole (True) or cut short (False)
+
+    def before(self, step, state):
+        if step == self.at[0] and self.directory is not None:
+            jax.block_until_ready(state)  # nothing of the steps before start in the trace
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.tracing = True
+
+    def __call__(self, info: StepInfo):  # due at start, stop and the run's last chunk
+        if self.tracing and (info.step >= self.at[1] or info.final):
+            jax.block_until_ready(info.state)  # the last chunk's work in the trace, whole
+            self._stop(whole=info.step >= self.at[1])
+
+    def _stop(self, whole):
+        self.tracing = False
+        jax.profiler.stop_trace()
+        self.traced = whole
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.tracing:  # the run ended mid-trace (an error, ctrl-C): keep what was traced
+            self._stop(whole=False)
+        if self.traced is None:
+            return
+        start, stop = self.at
+        traces = sorted(self.directory.glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        steps = f"steps {start}:{stop}" + ("" if self.traced else f" (cut short: the run stopped before step {stop})")
+        perfetto = f", or open {traces[-1]} at ui.perfetto.dev" if traces else ""
+        self.note(f"profile of {steps} in {self.directory}: view it with `tensorboard --logdir {self.directory}` (profile tab){perfetto}")

@@ -8,6 +8,7 @@
       damaged/          checkpoints that failed their check, moved aside on resume
       metrics.jsonl     one record per line, appended (metrics.py)
       loss.png          the loss curves
+      profile/          a JAX profiler trace of some steps (train --profile START:STOP)
       .lock             held by the process training the run (its pid inside)
 
 run.json is validated on open by the same config classes as the flags: a

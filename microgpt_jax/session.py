@@ -16,7 +16,7 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.flops import describe_peak, flops_per_token
 from microgpt_jax.layout import Batch
 from microgpt_jax.loggers import TensorBoard, WandB
-from microgpt_jax.loop import Checkpoints, Log, NonFinite, Plot, Progress, Signals, chunk_length, fit
+from microgpt_jax.loop import Checkpoints, Log, NonFinite, Plot, Profile, Progress, Signals, chunk_length, fit
 from microgpt_jax.metrics import MetricsFile
 from microgpt_jax.rundir import SCHEDULE_RULE, RunConfig
 from microgpt_jax.train import Trainer, TrainState, abstract_state, check_accumulation, init_state
@@ -204,15 +204,18 @@ class Session:
             )
         return self.trainer.replicate(checkpoint.state)
 
-    def train(self, run=None, resume=False, peer_timeout=60.0, start=None, loggers=()) -> TrainState | None:
+    def train(self, run=None, resume=False, peer_timeout=60.0, start=None, loggers=(), profile=None) -> TrainState | None:
         """Train a new run (from the state `start`, if given), or resume run from its latest good checkpoint,
-        to the end (or a stop)."""
+        to the end (or a stop). profile: (START, STOP), a profiler trace of those steps in RUN_DIR/profile."""
         state = self.resumed_state(run) if resume else start
         if resume:
             print(f"resuming {run.path} at step {int(state.step) if state else 0}")
             if run.extends:
                 print(f"extending it from {run.extends} to {self.configs.train.steps} steps: {SCHEDULE_RULE}")
                 run.record_extension(int(state.step) if state else 0)
+        if profile and profile[0] < (first := int(state.step) if state else 0):
+            window = f"--profile {profile[0]}:{profile[1]}"
+            raise UserError(f"{window}: {run.path} resumes at step {first}, after START; pass a START of at least {first}")
         if state and int(state.step) == self.configs.train.steps:
             return print(f"{run.path} has trained all {int(state.step)} steps; sample with: microgpt-jax sample {run.path}")
         if not run:
@@ -224,7 +227,7 @@ class Session:
         state = state or self.initial_state()
         try:
             stop = Signals(peer_timeout, run.resume_hint if run else (lambda: "no checkpoint was saved"))
-            state = fit(self.trainer, state, self.data, self.hooks(state, run, loggers), stop, self.chunk_steps)
+            state = fit(self.trainer, state, self.data, self.hooks(state, run, loggers, profile), stop, self.chunk_steps)
         except BrokenPipeError:
             raise  # the reader of our output went away: errors.run_cli says so
         except OSError as e:  # metrics, a plot, a checkpoint: whatever failed, what was saved before stays
@@ -235,11 +238,12 @@ class Session:
             print(f"saved to {run.path}; sample with: microgpt-jax sample {run.path}")
         return state
 
-    def hooks(self, state: TrainState, run=None, loggers=()) -> list:
-        """The hooks of a run, in order: stop on NaN, the log (validation loss, metrics file, loggers, progress),
-        checkpoints, plot.
+    def hooks(self, state: TrainState, run=None, loggers=(), profile=None) -> list:
+        """The hooks of a run, in order: the profile, stop on NaN, the log (validation loss, metrics file, loggers,
+        progress), checkpoints, plot.
 
-        loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py).
+        loggers: ("tensorboard",) and/or ("wandb", PROJECT), process 0 only (loggers.py). profile: (START, STOP),
+        a trace of those steps in RUN_DIR/profile, process 0 only (the others end their chunks at the same steps).
         """
         tcfg, main, start = self.configs.train, parallel.is_main_process(), int(state.step)
         resumed_at = start if start else None
@@ -255,7 +259,8 @@ class Session:
         if eval_set is not None:
             on_device = self.trainer.put(eval_set)
             evaluate = lambda params: self.trainer.evaluate(params, on_device)  # noqa: E731
-        hooks = [NonFinite(run.store.latest if run else (lambda: "no checkpoint was saved"))]
+        hooks = [Profile(*profile, run.path / "profile" if main else None)] if profile else []  # first: stops before the rest
+        hooks.append(NonFinite(run.store.latest if run else (lambda: "no checkpoint was saved")))
         hooks.append(Log(sinks, self.trainer.lr, tcfg.log_every, tcfg.eval_every, evaluate))
         if run:
             hooks.append(Checkpoints(run.store, run.ccfg.save_every, self.data.position, run.path))

@@ -1,5 +1,6 @@
 """`microgpt-jax train`: a new run, a resumed one (--resume) or a fine-tuned one (--init-from)."""
 
+import argparse
 import contextlib
 import os
 import sys
@@ -53,6 +54,15 @@ def add_arguments(p):
         "default: no W&B)",
     )
     p.add_argument(
+        "--profile",
+        type=profile_window,
+        default=None,
+        metavar="START:STOP",
+        help="write a JAX profiler trace of the training steps from step START to step STOP, as the log counts them "
+        "(0 <= START < STOP <= --steps; 2:4 traces the 3rd and 4th steps), into RUN_DIR/profile, for TensorBoard's profile "
+        "tab (pip install tensorboard-plugin-profile) or ui.perfetto.dev; the training itself is unchanged (default: no trace)",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
         metavar="RUN_DIR[@STEP]",
@@ -81,6 +91,33 @@ def add_arguments(p):
         metavar="SECONDS",
         help="a process whose peer is gone gives up after this long, naming the last good checkpoint (default %(default)s)",
     )
+
+
+def profile_window(text) -> tuple[int, int]:
+    """--profile START:STOP as (START, STOP), 0 <= START < STOP."""
+    start, colon, stop = text.partition(":")
+    try:
+        window = int(start), int(stop)
+    except ValueError:
+        window = None
+    if not colon or window is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:STOP, two step numbers (e.g. 10:20)")
+    if window[0] < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: steps count from 0; pass a START of 0 or more")
+    if window[0] >= window[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: START must be below STOP; pass START:STOP with START < STOP (e.g. 10:20)")
+    return window
+
+
+def check_profile(args, steps=None):
+    """--profile writes into a run directory (checked first), within the run's steps (once they are known)."""
+    if args.profile is None:
+        return
+    window = f"--profile {args.profile[0]}:{args.profile[1]}"
+    if not (args.out or args.resume):
+        raise UserError(f"{window} writes its trace into the run directory (RUN_DIR/profile); pass --out RUN_DIR")
+    if steps is not None and args.profile[1] > steps:
+        raise UserError(f"{window}: the run ends at step {steps}; pass a STOP of at most {steps} (or more --steps)")
 
 
 def chosen_loggers(args) -> list:
@@ -124,11 +161,13 @@ def run(args):
     from microgpt_jax.session import Session
 
     loggers = chosen_loggers(args)
+    check_profile(args)
     with contextlib.ExitStack() as held:  # the run directory's lock, released however the run ends
         start = held.enter_context(open_for_training(args.given_configs, args.data, args.resume, args.init_from, args.out))
         if args.print_config:  # a config file of this very run: its data, and its vocabulary size where known before the data is read
             known = start.vocab_size is not None or start.run is not None or start.init is not None
             return print(start.configs.to_toml(Path(start.data_path).resolve(), vocab_known=known), end="")
+        check_profile(args, start.configs.train.steps)
         if start.init:
             print(fine_tuning(start, args.init_from, args.given_configs))
         set_precision(start.configs.train.dtype)
@@ -143,7 +182,7 @@ def run(args):
             origin = start.init and start.init.origin
             run = held.enter_context(RunDir.create(args.out, session.configs, session.tokenizer, session.data_path, origin))
         try:
-            session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers)
+            session.train(run, resume=bool(args.resume), peer_timeout=args.peer_timeout, start=init, loggers=loggers, profile=args.profile)
         except UserError as e:  # a new run that failed before it held anything (W&B would not start): gone, so the retry runs
             if args.out and run.remove_if_empty():
                 raise UserError(f"{e} ({args.out}, which held nothing yet, was removed)") from None
