@@ -170,7 +170,7 @@ def reference_mode(inputs):
         dcfg = DataConfig(layout="padded", val_fraction=0.0)
         data = DocumentSource(encoded, [], dcfg, tcfg.batch_size, cfg.block_size)
         params = jax.tree.map(jax.numpy.asarray, init_params_reference(cfg, random.Random(42)))
-        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 1000, 4)
+        steps_per_s, _, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=dcfg.packed), params, data, 1000, 4)
     finally:
         jax.config.update("jax_enable_x64", x64)
     return {
@@ -228,7 +228,7 @@ def packing(inputs):
         tokenizer, data = load_train_data(inputs.names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
         cfg = GPTConfig(vocab_size=tokenizer.size)
         params = init_params(cfg, jax.random.key(0))
-        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, 20, 11)
+        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=layout == "packed"), params, data, 20, 11)
         out |= {f"{layout}_tokens_per_s": tokens_per_s, f"{layout}_compile_s": compile_s, f"{layout}_peak_mb": mem}
         out[f"{layout}_rows"] = data.rows
     out["packed_vs_padded_ratio"] = out["packed_tokens_per_s"] / out["padded_tokens_per_s"]
@@ -298,7 +298,7 @@ def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks):
     tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
-    _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
+    _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=False), params, data, chunk, chunks)
     peak = matmul_peak(dtype)
     kind = jax.devices()[0].device_kind
     vendor = vendor_peak(kind, dtype)
@@ -438,7 +438,7 @@ def breakdown_case(text, prefix, cfg_kwargs, batch_size) -> dict:
     tcfg = TrainConfig(steps=100, batch_size=batch_size)
     tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
-    trainer = Trainer(cfg, tcfg)
+    trainer = Trainer(cfg, tcfg, packed=False)
     rows = breakdown(trainer, trainer.init(init_params(cfg, jax.random.key(0))), data)
     print(format_breakdown(rows))
     return {f"{prefix}_breakdown_{k}": v for k, v in rows.items()}
@@ -467,7 +467,7 @@ def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4, compiled=True):
     from microgpt_jax.train import Trainer, make_schedule
 
     recipe = recipe_configs()
-    tcfg = dataclasses.replace(recipe.train, batch_size=batch_size, steps=chunk * chunks)
+    tcfg = dataclasses.replace(recipe.train, batch_size=batch_size)  # its 2000 steps' schedule; chunk * chunks of them run
     tokenizer, data = load_train_data(text, recipe.data, batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
@@ -475,7 +475,7 @@ def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4, compiled=True):
     host = jax.tree.map(np.asarray, params)
     out = {}
     for _ in range(2):
-        _, rate, compile_s, _ = steady_rate(Trainer(cfg, tcfg), params, data, chunk, chunks)
+        _, rate, compile_s, _ = steady_rate(Trainer(cfg, tcfg, packed=False), params, data, chunk, chunks)
         out["ours"], out["ours_compile_s"] = max(out.get("ours", 0.0), rate), compile_s
         rate, first_s = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, lrs=lrs)
         out["torch_eager"] = max(out.get("torch_eager", 0.0), rate)
@@ -664,7 +664,7 @@ def scaling_worker(text):
     dcfg = DataConfig(mode="stream")
     tokenizer, data = load_train_data(text, dcfg, tcfg.batch_size, 128, tcfg.seed, row_multiple=mesh.devices.size)
     cfg = GPTConfig(vocab_size=tokenizer.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
-    trainer = Trainer(cfg, tcfg, mesh)
+    trainer = Trainer(cfg, tcfg, mesh, packed=False)
     params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))
     steps_per_s, _, compile_s, _ = steady_rate(trainer, params, data, chunk, chunks)
     print(json.dumps({"steps_per_s": steps_per_s, "compile_s": compile_s}))

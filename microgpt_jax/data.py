@@ -59,6 +59,11 @@ class DataConfig:
     def __post_init__(self):
         validate(self)
 
+    @property
+    def packed(self) -> bool:
+        """Whether a row may hold several documents (the model then masks attention by document, not by position alone)."""
+        return self.mode == "docs" and self.layout == "packed"
+
 
 def split(items, val_fraction, what):
     """(train, validation): the last val_fraction of the items (documents or characters) are held out."""

@@ -33,8 +33,8 @@ def reproduce(data_path, steps=1000, print=print):
     print(f"num params: {num_params(cfg)}")
 
     tcfg = TrainConfig(steps=steps, dtype="float64")
-    trainer = Trainer(cfg, tcfg)
     dcfg = DataConfig(layout="padded", val_fraction=0.0)
+    trainer = Trainer(cfg, tcfg, packed=dcfg.packed)
     data = DocumentSource([tokenizer.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
     with ThreadPoolExecutor(1) as pool:
         sampler = pool.submit(compile_reference, params, cfg, NUM_SAMPLES, TEMPERATURE)  # on the other core, meanwhile

@@ -75,7 +75,7 @@ class Session:
         cfg = dataclasses.replace(cfg, vocab_size=self.tokenizer.size)
         memory.check_fits(cfg, **fits)  # again with the data's vocabulary
         self.configs, self.data_path = configs.replace(model=cfg), data_path
-        self.trainer = Trainer(cfg, tcfg, self.mesh)
+        self.trainer = Trainer(cfg, tcfg, self.mesh, packed=dcfg.packed)
         self.step_memory = None  # XLA's figure for the compiled chunk loop, once compile_step has run
         self._compile_s = 0.0  # compile time not yet reported
 

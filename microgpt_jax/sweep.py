@@ -276,7 +276,7 @@ class Sweep(Session):
         self.member_configs = [m.configs.replace(model=dataclasses.replace(cfg, dropout=m.configs.model.dropout)) for m in members]
         dropouts = [m.configs.model.dropout for m in members]
         model = dataclasses.replace(cfg, dropout=max(dropouts))  # the dropout code in if any member drops out
-        self.trainer = SweepTrainer(model, [m.configs.train for m in members], dropouts, self.mesh)
+        self.trainer = SweepTrainer(model, [m.configs.train for m in members], dropouts, self.mesh, packed=dcfg.packed)
         self.step_memory, self._compile_s = None, 0.0
 
     def describe(self) -> str:

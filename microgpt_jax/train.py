@@ -187,13 +187,16 @@ def micro_batches(a, grad_accum, groups=1):
     return a.reshape(groups, grad_accum, B // (groups * grad_accum), *rest).swapaxes(0, 1).reshape(grad_accum, B // grad_accum, *rest)
 
 
-def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None, per_row=False, dropout=None):
+def _loss(params, batch, cfg, dtype, attention="einsum", key=None, rows_B=None, per_row=False, dropout=None, packed=True):
     """loss_fn with the weights cast to the compute dtype (a no-op unless bfloat16); with a key, dropout's
     masks of the batch's rows rows_B (their indices in the step's whole batch) drawn from it. per_row: each row's sum.
-    dropout: (keep probability, scale) arrays of a sweep member, in place of cfg.dropout's."""
+    dropout: (keep probability, scale) arrays of a sweep member, in place of cfg.dropout's. packed: rows may hold
+    several documents (the attention mask from the batch's segments); else one each from position 0 (stream windows,
+    padded documents: the causal mask alone, a constant the compiler folds into the scores, is the same mask)."""
     keep_prob, scale = dropout or (None, None)
     keep = None if key is None else dropout_keep(key, cfg, rows_B, batch.tokens.shape[1], keep_prob)
     params = jax.tree.map(lambda p: p.astype(dtype), params)
+    batch = batch if packed else batch._replace(segments=None)
     return loss_fn(params, batch, cfg, attention, keep_to_masks(keep, cfg, dtype, scale), per_row=per_row)
 
 
@@ -219,10 +222,10 @@ def _loss_and_grads(params, batch, grad_accum, groups, **loss_args):
     return jax.lax.scan(add, zeros, micro)[0]
 
 
-def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1, dropout=None):
+def _step(state: TrainState, batch, cfg, optimizer, dtype, attention="einsum", seed=0, grad_accum=1, groups=1, dropout=None, packed=True):
     """One optimizer step: (the new state, its metrics). A metric added here is logged, stacked and shown everywhere."""
     key = dropout_key(seed, state.step)  # unused without dropout
-    loss_args = dict(cfg=cfg, dtype=dtype, attention=attention, key=key, dropout=dropout)
+    loss_args = dict(cfg=cfg, dtype=dtype, attention=attention, key=key, dropout=dropout, packed=packed)
     loss, grads = _loss_and_grads(state.params, batch, grad_accum, groups, **loss_args)
     with part("optimizer"):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -251,9 +254,9 @@ def _steps(state: TrainState, batches, num_steps, step=None, **step_args):
     return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
 
-def _row_losses(params, batches, cfg, dtype, attention="einsum"):
+def _row_losses(params, batches, cfg, dtype, attention="einsum", packed=True):
     """Each row's summed loss [E, rows] of a stacked validation set (its weights already average over all of it)."""
-    return jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention, per_row=True), batches)
+    return jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention, per_row=True, packed=packed), batches)
 
 
 class Evaluator:
@@ -273,13 +276,14 @@ class Evaluator:
     exact `attend`). `self.attention` says which.
     """
 
-    def __init__(self, cfg: GPTConfig, dtype, param_dtype, mesh=None, attention=None):
+    def __init__(self, cfg: GPTConfig, dtype, param_dtype, mesh=None, attention=None, packed=True):
         self.cfg, self.mesh, self.param_dtype = cfg, mesh, jnp.dtype(param_dtype)
         self.dtype = jnp.dtype(dtype)
         self.attention = attention or attention_implementation(jax.default_backend(), self.dtype, cfg)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        row_losses = partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention)
+        self.packed = packed
+        row_losses = partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention, packed=packed)
         self._row_losses = jax.jit(row_losses, **self._shardings((None, 1)))
 
     def evaluate(self, params, batches) -> float:
@@ -327,14 +331,14 @@ class Trainer(Evaluator):
     whole batch, whatever grad_accum, the mesh, or where the run was resumed.
     """
 
-    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None):
+    def __init__(self, cfg: GPTConfig, tcfg: TrainConfig, mesh=None, attention=None, packed=True):
         groups = 1 if mesh is None else mesh.devices.size
         check_accumulation(tcfg, groups)
-        super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention)
+        super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention, packed)
         self.tcfg = tcfg
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
-        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=self.dtype, attention=self.attention)
+        fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=self.dtype, attention=self.attention, packed=packed)
         fixed |= dict(seed=tcfg.seed, grad_accum=tcfg.grad_accum, groups=groups)
         self.step = jax.jit(partial(_step, **fixed), donate_argnums=0, **self._shardings((None, 0)))
         self.steps = jax.jit(partial(_steps, **fixed), donate_argnums=0, **self._shardings((None, 1, None)))
@@ -420,12 +424,12 @@ def member_optimizer(hyper: Hyper, steps, param_dtype) -> optax.GradientTransfor
     return make_optimizer(SimpleNamespace(**hyper._asdict(), steps=steps, param_dtype=param_dtype), every_option=True)
 
 
-def _member_step(state: TrainState, batch, hyper: Hyper, frozen_at, cfg, dtype, attention, grad_accum, groups, steps, param_dtype):
+def _member_step(state: TrainState, batch, hyper: Hyper, frozen_at, cfg, dtype, attention, grad_accum, groups, steps, param_dtype, packed):
     """One member's step (under vmap): its solo run's step, or nothing once it has gone non-finite."""
     optimizer = member_optimizer(hyper, steps, param_dtype)
     dropout = (hyper.keep_prob, hyper.drop_scale) if cfg.dropout else None
     args = dict(cfg=cfg, optimizer=optimizer, dtype=dtype, attention=attention, seed=hyper.seed, grad_accum=grad_accum, groups=groups)
-    new, metrics = _step(state, batch, dropout=dropout, **args)
+    new, metrics = _step(state, batch, dropout=dropout, packed=packed, **args)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     finite &= jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(new.params)]))
     ok = (frozen_at < 0) & finite
@@ -464,21 +468,21 @@ class SweepTrainer(Trainer):
     member's own rate is in its hyperparameters).
     """
 
-    def __init__(self, cfg: GPTConfig, tcfgs, dropouts, mesh=None, attention=None):
+    def __init__(self, cfg: GPTConfig, tcfgs, dropouts, mesh=None, attention=None, packed=True):
         base = tcfgs[0]
-        Evaluator.__init__(self, cfg, base.dtype, base.param_dtype, mesh, attention)
+        Evaluator.__init__(self, cfg, base.dtype, base.param_dtype, mesh, attention, packed)
         self.tcfg, self.tcfgs, self.dropouts = base, list(tcfgs), list(dropouts)
         self.hyper = Hyper.of(tcfgs, dropouts, base.param_dtype)
         devices = 1 if mesh is None else mesh.devices.size
         self.by_member = spreads_members(len(tcfgs), devices)
         groups = 1 if mesh is None or self.by_member else devices
         check_accumulation(base, groups)
-        fixed = dict(cfg=cfg, dtype=self.dtype, attention=self.attention, grad_accum=base.grad_accum, groups=groups)
+        fixed = dict(cfg=cfg, dtype=self.dtype, attention=self.attention, grad_accum=base.grad_accum, groups=groups, packed=packed)
         fixed |= dict(steps=base.steps, param_dtype=base.param_dtype)
         self.step = jax.jit(partial(_sweep_step, **fixed), donate_argnums=0, **self._sweep_shardings(0, 1))
         self.steps = jax.jit(partial(_steps, step=_sweep_step, **fixed), donate_argnums=0, **self._sweep_shardings(1, 2, looped=True))
         self._compiled = {}
-        row_losses = jax.vmap(partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention))
+        row_losses = jax.vmap(partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention, packed=packed))
         self._row_losses = jax.jit(row_losses, **self._sweep_shardings(0, 2, evaluation=True))
 
     def _sweep_shardings(self, member_axis, rows_axis, looped=False, evaluation=False):

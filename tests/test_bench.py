@@ -18,11 +18,14 @@ torch = pytest.importorskip("torch")  # the [hf] extra; CI installs it
 TOLERANCE = dict(rtol=1e-10, atol=1e-12)  # check's float64 tolerance: the same arithmetic, summed in another order
 
 
-def test_the_torch_model_is_ours_in_float64():
+@pytest.mark.parametrize("segments", ["given", "none"])
+def test_the_torch_model_is_ours_in_float64(segments):
+    """Both of our masks: from the batch's segments (packed rows), and the causal one alone (one document per row)."""
     cfg = GPTConfig(vocab_size=11, n_embd=8, n_head=2, n_layer=2, block_size=6)
     params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(3), np.float64))
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 40).astype(np.int32)
     batch = windows_batch(ids, [0, 9, 30], cfg.block_size)  # stream mode's rows: every position trained, equal weights
+    batch = batch if segments == "given" else batch._replace(segments=None)
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, cfg)
     model = bench_torch.make_model(params, cfg)
     theirs = model(torch.from_numpy(batch.tokens.astype(np.int64)), torch.from_numpy(batch.targets.astype(np.int64)))
