@@ -178,8 +178,8 @@ def wait_for_step(proc):
 
 
 def test_a_signal_to_one_process_stops_all_at_the_same_step_and_saves_it(tmp_path, capsys):
-    """The command line's side of it (tests/test_peers.py repeats the agreement itself at the worker level):
-    SIGTERM to process 1 alone, and both save the same step, exit 143 and say so in one line. And a fresh run
+    """SIGTERM to process 1 alone, and both save the same step, exit 143 and say so in one line (both signalled:
+    tests/test_peers.py, at the worker level). And a fresh run
     in 2 processes: the directory of a 1-process run, and the 1-process run's losses up to the stop."""
     run_dir, flags = tmp_path / "run", [*SMALL, "--log-every", "1", "--steps", "30"]
 
