@@ -19,7 +19,7 @@ import pytest
 from microgpt_jax import cli as microgpt_cli
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.rundir import RunDir
-from tests.helpers import ROOT, SLOW_TRAIN, assert_close, assert_one_line_error, cli
+from tests.helpers import ROOT, SLOW_TRAIN, assert_close, assert_one_line_error, cli, run_in_process
 
 SMALL = (
     "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 "
@@ -159,13 +159,15 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
     assert_usage_error(code, out, err, "is not divisible by the 3 devices")
 
 
-def test_unreachable_coordinator_and_bad_process_id(tmp_path):
+def test_unreachable_coordinator_and_bad_process_id(tmp_path, capsys):
+    """In this process: both are refused before JAX's distributed runtime is touched (a real process's one line: the
+    bad coordinator of tests/test_peers.py)."""
     port = free_port()  # nobody listens there
-    args = [*SMALL, "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    code, out, err = train(*args, "--process-id", "1", "--coordinator-timeout", "2")
-    assert_usage_error(code, out, err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
-    code, out, err = train(*args, "--process-id", "2")
-    assert_usage_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
+    args = [*SMALL, "--out", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    code, out = run_in_process(capsys, "train", *args, "--process-id", "1", "--coordinator-timeout", "2")
+    assert_usage_error(code, out.out, out.err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
+    code, out = run_in_process(capsys, "train", *args, "--process-id", "2")
+    assert_usage_error(code, out.out, out.err, "--process-id 2 is out of range: it must be in 0..1")
     assert not (tmp_path / "run").exists()
 
 
