@@ -26,7 +26,7 @@ DOCS = ["emma", "olivia", "ava", "isabella", "sophia", "mia", "charlotte", "amel
 
 def train(num_devices, steps=10, batch_size=8):
     tokenizer = CharTokenizer.from_docs(DOCS)
-    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=2, block_size=8)
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=1, block_size=8)
     tcfg = TrainConfig(steps=steps, batch_size=batch_size, dtype="float64")
     mesh = parallel.make_mesh(num_devices)
     trainer = Trainer(cfg, tcfg, mesh)
@@ -42,7 +42,7 @@ def train(num_devices, steps=10, batch_size=8):
 def sweep(num_devices, members, steps=10, batch_size=8):
     """Members with lr 0.01, 0.02, ... on the batches of `train`: member 0 is train's run."""
     tokenizer = CharTokenizer.from_docs(DOCS)
-    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=2, block_size=8)
+    cfg = GPTConfig(vocab_size=tokenizer.size, n_embd=8, n_head=2, n_layer=1, block_size=8)
     tcfgs = [TrainConfig(steps=steps, batch_size=batch_size, dtype="float64", lr=0.01 * (i + 1)) for i in range(members)]
     trainer = SweepTrainer(cfg, tcfgs, [0.0] * members, parallel.make_mesh(num_devices))
     params = jax.tree.map(lambda a: np.stack([a] * members), init_params(cfg, jax.random.key(0), jnp.float64))

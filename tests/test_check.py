@@ -16,6 +16,7 @@ from microgpt_jax.check import (
     ATOL,
     PARAM_ATOL,
     RTOL,
+    _forward,  # the jitted forward: one compile per shape, not one per op
     check_grads,
     check_logits,
     check_training,
@@ -23,7 +24,7 @@ from microgpt_jax.check import (
     jax_grads,
     run_check,
 )
-from microgpt_jax.model import GPTConfig, forward, init_params_reference
+from microgpt_jax.model import GPTConfig, init_params_reference
 from microgpt_jax.text import reference_docs
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig
@@ -124,9 +125,9 @@ def test_vectorized_forward_of_a_batch_equals_each_row_alone(names):
     rows = [tokenizer.encode(d)[: cfg.block_size] for d in docs[:3]]
     T = max(len(r) for r in rows)
     batch = jnp.asarray([r + [tokenizer.bos] * (T - len(r)) for r in rows])
-    logits = forward(params, batch, cfg)
+    logits = _forward(params, batch, cfg)
     for i, r in enumerate(rows):
-        alone = forward(params, jnp.asarray([r]), cfg)[0]
+        alone = _forward(params, jnp.asarray([r]), cfg)[0]
         np.testing.assert_allclose(logits[i, : len(r)], alone, rtol=RTOL, atol=ATOL)
 
 

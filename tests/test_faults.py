@@ -23,7 +23,6 @@ from microgpt_jax.errors import UserError
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.rundir import RunDir, load_weights
 from tests.helpers import ROOT, TINY, assert_one_line_error, run_in_process
-from tests.helpers import cli as cli_process
 
 FLAGS = [*TINY, "--steps", "6", "--batch-size", "2", "--save-every", "2", "--log-every", "2", "--eval-every", "2"]
 
@@ -172,8 +171,8 @@ def test_a_second_process_on_the_same_run_is_refused_naming_the_holder(tmp_path,
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(run_dir)
-        out = cli_process("train", "--resume", run_dir, "--steps", "8")
-        assert_one_line_error(out.returncode, out.stderr, f"{run_dir} is in use by another microgpt-jax process (pid {holder.pid})")
+        code, out = run_in_process(capsys, "train", "--resume", run_dir, "--steps", "8")  # the holder: another process
+        assert_one_line_error(code, out.err, f"{run_dir} is in use by another microgpt-jax process (pid {holder.pid})")
         code, out = run_in_process(capsys, "train", *FLAGS, "--out", run_dir)
         assert_one_line_error(code, out.err, "is an existing run")
         assert snapshot(run_dir) == before

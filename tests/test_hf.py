@@ -11,6 +11,7 @@ formulas, `float64_llama`), else the logits agree to 1e-7 only.
 """
 
 import json
+import random
 import shutil
 
 import jax
@@ -107,7 +108,7 @@ def llama_run(made, tmp_path_factory, names_path):
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory, names_docs):
     """A run of ours of the GPT-2 architecture (exact gelu, untied head, a bpe vocabulary), random weights, exported --format hf."""
-    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.model import GPTConfig, init_params_reference
     from microgpt_jax.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("gpt2")
@@ -117,8 +118,9 @@ def gpt2_run(tmp_path_factory, names_docs):
         embed_norm=False, final_norm=True, bias=True, activation="gelu_exact",
     )  # fmt: skip
     configs = RunConfig(model=cfg, data=DataConfig(tokenizer="bpe"))
-    noisy = lambda w: np.asarray(w + 0.3 * jax.random.normal(jax.random.key(1), w.shape), np.float32)
-    save_run(root / "run", jax.tree.map(noisy, init_params(cfg, jax.random.key(0))), configs, tokenizer, "\n".join(docs))
+    rng = np.random.default_rng(1)  # (numpy's draws and the scalar engine's init: no compile per weight's shape)
+    noisy = lambda w: np.asarray(w + 0.3 * rng.normal(size=w.shape), np.float32)
+    save_run(root / "run", jax.tree.map(noisy, init_params_reference(cfg, random.Random(0))), configs, tokenizer, "\n".join(docs))
     from microgpt_jax import cli
 
     cli.main(["export", str(root / "run"), str(root / "hf"), "--format", "hf"])
@@ -131,7 +133,9 @@ def logits_of(model, ids):
 
 
 def our_logits(cfg, params, ids):
-    return np.asarray(forward(jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params), jnp.asarray(ids), cfg))
+    return np.asarray(
+        jax.jit(forward, static_argnums=2)(jax.tree.map(lambda w: jnp.asarray(w, jnp.float64), params), jnp.asarray(ids), cfg)
+    )
 
 
 def assert_same_logits(got, want, name):
@@ -212,12 +216,11 @@ def test_without_tokenizer_json_the_datas_tokenizer_must_have_the_vocabulary_siz
 
 
 def test_refusals_are_one_line(made, gpt2_run, tmp_path, capsys, names_docs):
-    from microgpt_jax.model import GPTConfig, init_params
+    from microgpt_jax.model import GPTConfig, init_params_reference
 
     docs, tokenizer = names_docs
-    default = save_run(
-        tmp_path / "microgpt", init_params(GPTConfig(vocab_size=tokenizer.size), jax.random.key(0)), RunConfig(), tokenizer, "a\n"
-    )
+    params = init_params_reference(GPTConfig(vocab_size=tokenizer.size), random.Random(0), np.float32)
+    default = save_run(tmp_path / "microgpt", params, RunConfig(), tokenizer, "a\n")
     code, out = run_in_process(capsys, "export", default, tmp_path / "out", "--format", "hf")
     assert_one_line_error(code, out.err, 'model.norm = "rmsnorm" does not map to GPT2LMHeadModel', "--format safetensors")
     code, out = run_in_process(capsys, "export", gpt2_run[0], gpt2_run[1], "--format", "hf")

@@ -15,7 +15,7 @@ from microgpt_jax.loop import run_steps
 from microgpt_jax.model import GPTConfig, init_params, loss_fn
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer
-from tests.helpers import assert_close, cli, run_in_process
+from tests.helpers import assert_close, assert_one_line_error, run_in_process
 
 # --- layouts ---
 
@@ -220,19 +220,19 @@ def test_train_writes_metrics_and_plot_and_plot_overlays(tmp_path, names_path, s
         (["--layout", "ragged"], ("--layout: invalid choice: 'ragged'", "packed", "padded")),
     ],
 )
-def test_train_bad_input_is_one_line(tmp_path, args, message):
+def test_train_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, message):
+    """In this process (run_cli, as `microgpt-jax` runs it): a real process's one line is tests/test_cli.py's."""
     if jax.default_backend() != "cpu" and "bfloat16" in args:
         pytest.skip("bfloat16 is allowed on an accelerator")
     (tmp_path / "tiny.txt").write_text("to be or not to be\n")
     (tmp_path / "three.txt").write_text("ann\nbob\ncid\n")
-    r = cli("train", "--steps", "2", *args, "--out", "run", cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
-    for fragment in (message,) if isinstance(message, str) else message:
-        assert fragment in r.stderr, r.stderr
-    assert not (tmp_path / "run").exists()
+    monkeypatch.chdir(tmp_path)
+    code, out = run_in_process(capsys, "train", "--steps", "2", *args, "--out", "run")
+    assert code == 2
+    assert_one_line_error(code, out.err, *((message,) if isinstance(message, str) else message))
+    assert out.err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
-def test_plot_refuses_a_directory_without_metrics(tmp_path):
-    r = cli("plot", str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 2 and "metrics.jsonl not found" in r.stderr and r.stderr.count("\n") == 1
+def test_plot_refuses_a_directory_without_metrics(tmp_path, capsys):
+    code, out = run_in_process(capsys, "plot", tmp_path)
+    assert code == 2 and "metrics.jsonl not found" in out.err and out.err.count("\n") == 1

@@ -19,7 +19,7 @@ import pytest
 from microgpt_jax import cli as microgpt_cli
 from microgpt_jax.metrics import read_metrics
 from microgpt_jax.rundir import RunDir
-from tests.helpers import ROOT, SLOW_TRAIN, assert_close, assert_one_line_error, cli
+from tests.helpers import ROOT, SLOW_TRAIN, assert_close, assert_one_line_error, cli, run_in_process
 
 SMALL = (
     "--n-embd 8 --n-head 2 --n-layer 1 --block-size 16 --batch-size 8 --steps 10 "
@@ -114,28 +114,28 @@ def assert_same_run(got_dir, want_dir, step=10):
 
 
 def resume_from_step_5(src, dst):
-    """A copy of run src with its last checkpoint (step 10) gone: resuming it trains steps 6..10 again."""
+    """A copy of run src with its last checkpoint (step 10) and its plot gone: resuming it trains steps 6..10 again."""
     shutil.copytree(src, dst)
     shutil.rmtree(dst / "checkpoints" / "10")
+    (dst / "loss.png").unlink()  # the resumed run draws its own
     return dst
 
 
-def test_two_processes_equal_one_and_resume_across(tmp_path, capsys):
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_processes_resume_a_one_process_checkpoint_and_equal_one_process(tmp_path, capsys):
+    """Steps 6..10 of a 1-process run, resumed from its checkpoint 5 in 2 processes, are the 1-process run's: the
+    checkpoints do not depend on the process count, and the 2-process step, eval and save are the 1-process ones.
+    (A fresh 2-process run's directory and its first step: the SIGTERM test below.)"""
+    one = tmp_path / "one"
     code, _, err = train(*SMALL, "--out", str(one))
     assert code == 0, err
-    (out0, _), (out1, _) = train_two_processes(*SMALL, "--out", str(two))
-    assert "devices: 4 (2 process(es), cpu)" in out0
+    two = resume_from_step_5(one, tmp_path / "one_then_two")
+    (out0, _), (out1, _) = train_two_processes("--resume", str(two))
+    assert "devices: 4 (2 process(es), cpu)" in out0 and "resuming" in out0 and "at step 5" in out0
     assert "step 10 / 10" in out0 and "step" not in out1  # only process 0 logs
     assert (two / "loss.png").is_file() and sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert_same_run(two, one)
 
-    # a checkpoint of the 1-process run resumed in 2 processes (the checkpoints do not depend on the process count)
-    (out0, _), _ = train_two_processes("--resume", str(resume_from_step_5(one, tmp_path / "one_then_two")))
-    assert "resuming" in out0 and "at step 5" in out0
-    assert_same_run(tmp_path / "one_then_two", one)
-
-    # sampling from the run trained on 4 devices, on one: the samples of the 1-device run
+    # sampling from the checkpoint the 2 processes saved, on one device: the samples of the 1-device run
     samples = []
     for run_dir in (one, two):
         microgpt_cli.main(["sample", str(run_dir), "--num-samples", "5", "--json"])
@@ -159,13 +159,15 @@ def test_batch_not_divisible_by_the_devices(tmp_path):
     assert_usage_error(code, out, err, "is not divisible by the 3 devices")
 
 
-def test_unreachable_coordinator_and_bad_process_id(tmp_path):
+def test_unreachable_coordinator_and_bad_process_id(tmp_path, capsys):
+    """In this process: both are refused before JAX's distributed runtime is touched (a real process's one line: the
+    bad coordinator of tests/test_peers.py)."""
     port = free_port()  # nobody listens there
-    args = [*SMALL, "--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    code, out, err = train(*args, "--process-id", "1", "--coordinator-timeout", "2")
-    assert_usage_error(code, out, err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
-    code, out, err = train(*args, "--process-id", "2")
-    assert_usage_error(code, out, err, "--process-id 2 is out of range: it must be in 0..1")
+    args = [*SMALL, "--out", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    code, out = run_in_process(capsys, "train", *args, "--process-id", "1", "--coordinator-timeout", "2")
+    assert_usage_error(code, out.out, out.err, f"could not reach the coordinator at 127.0.0.1:{port} within 2s")
+    code, out = run_in_process(capsys, "train", *args, "--process-id", "2")
+    assert_usage_error(code, out.out, out.err, "--process-id 2 is out of range: it must be in 0..1")
     assert not (tmp_path / "run").exists()
 
 
@@ -177,26 +179,33 @@ def wait_for_step(proc):
         line = proc.stdout.readline()
 
 
+def first_loss(flags):
+    """The loss of step 1 of the run `train FLAGS` makes (its seed's weights on its first batch), in this process."""
+    import jax
+
+    from microgpt_jax.cli import build_parser, given_configs
+    from microgpt_jax.model import loss_fn
+    from microgpt_jax.rundir import RunConfig
+    from microgpt_jax.session import Session
+    from microgpt_jax.text import resolve_data_path
+
+    session = Session(RunConfig.of(given_configs(build_parser().parse_args(["train", *flags]))), resolve_data_path(None))
+    batch = jax.tree.map(jax.numpy.asarray, session.data.batch(0))
+    return float(jax.jit(loss_fn, static_argnums=2)(session.initial_state().params, batch, session.configs.model))
+
+
 def test_a_signal_to_one_process_stops_all_at_the_same_step_and_saves_it(tmp_path):
-    """The command line's side of it (tests/test_peers.py repeats the agreement itself at the worker level):
-    SIGTERM to process 1 alone, and both save the same step, exit 143 and say so in one line."""
-    run_dir = tmp_path / "run"
+    """SIGTERM to process 1 alone, and both save the same step, exit 143 and say so in one line (both signalled:
+    tests/test_peers.py, at the worker level). And a fresh run in 2 processes: a 1-process run's files, and its first
+    loss (the seed's weights, the first batch)."""
+    run_dir, flags = tmp_path / "run", [*SMALL, "--log-every", "1", "--steps", "30"]
 
     def term(procs):
         wait_for_step(procs[0])
         procs[1].send_signal(signal.SIGTERM)
 
     (_, err0), (_, err1) = train_two_processes(
-        *SMALL,
-        "--log-every",
-        "1",
-        "--steps",
-        "30",
-        "--out",
-        str(run_dir),
-        slow=True,
-        while_running=term,
-        returncode=128 + signal.SIGTERM,
+        *flags, "--out", str(run_dir), slow=True, while_running=term, returncode=128 + signal.SIGTERM
     )
     step = int(err0.strip().splitlines()[-1].split(" at step ")[1].split(":")[0])
     assert err0.strip().splitlines()[-1] == (
@@ -205,6 +214,12 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_saves_it(tmp_pat
     assert err1.strip().splitlines()[-1] == err0.strip().splitlines()[-1]  # the same step on both
     assert step < 30 and step in RunDir.open(run_dir).store.steps()
     assert "Traceback" not in err0 + err1
+    assert {p.name for p in run_dir.iterdir()} - {"loss.png"} == {".lock", "checkpoints", "metrics.jsonl", "run.json"}
+
+    # a fresh run: the seed's weights and the first batch in 2 processes are those of 1 (later steps: the resume test)
+    first = losses(run_dir)[0]
+    assert first[0] == 1 and len(losses(run_dir)) == step
+    assert_close(first[1], first_loss(flags))
 
 
 def test_a_dead_peer_ends_the_other_with_one_line_naming_the_checkpoint(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 from tests.helpers import ROOT
 
-STEPS = "30"
+STEPS = "10"  # every line kind (counts, steps, header, samples): more steps would print more of the same
 
 
 def run(*args):
@@ -20,7 +20,7 @@ def test_reproduce_matches_the_scalar_engine_line_for_line(names_path):
     assert ours == theirs
     # and it is the spec's output format: counts, one line per step, header, 20 samples
     assert ours[:3] == ["num docs: 32033", "vocab size: 27", "num params: 4192"]
-    assert ours[3].startswith("step    1 /   30 | loss ")
+    assert ours[3].startswith(f"step    1 / {STEPS:>4} | loss ")
     assert ours[3 + int(STEPS)] == ""
     assert ours[4 + int(STEPS)] == "--- inference (new, hallucinated names) ---"
     assert [line[:10] for line in ours[-20:]] == [f"sample {i:2d}:" for i in range(1, 21)]
