@@ -225,10 +225,11 @@ def packing(inputs):
     out = {}
     for layout in ("padded", "packed"):
         tcfg = TrainConfig(steps=220, batch_size=256)
-        tokenizer, data = load_train_data(inputs.names_path(), DataConfig(layout=layout), tcfg.batch_size, 16, tcfg.seed)
+        dcfg = DataConfig(layout=layout)
+        tokenizer, data = load_train_data(inputs.names_path(), dcfg, tcfg.batch_size, 16, tcfg.seed)
         cfg = GPTConfig(vocab_size=tokenizer.size)
         params = init_params(cfg, jax.random.key(0))
-        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=layout == "packed"), params, data, 20, 11)
+        _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=dcfg.packed), params, data, 20, 11)
         out |= {f"{layout}_tokens_per_s": tokens_per_s, f"{layout}_compile_s": compile_s, f"{layout}_peak_mb": mem}
         out[f"{layout}_rows"] = data.rows
     out["packed_vs_padded_ratio"] = out["packed_tokens_per_s"] / out["padded_tokens_per_s"]
@@ -295,10 +296,11 @@ def mfu_case(text, prefix, cfg_kwargs, batch_size, dtype, chunk, chunks):
     from microgpt_jax.train import TrainConfig, Trainer
 
     tcfg = TrainConfig(steps=chunk * chunks, batch_size=batch_size, dtype=dtype)
-    tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    dcfg = DataConfig(mode="stream")
+    tokenizer, data = load_train_data(text, dcfg, batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
     params = init_params(cfg, jax.random.key(0), tcfg.param_dtype)
-    _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=False), params, data, chunk, chunks)
+    _, tokens_per_s, compile_s, mem = steady_rate(Trainer(cfg, tcfg, packed=dcfg.packed), params, data, chunk, chunks)
     peak = matmul_peak(dtype)
     kind = jax.devices()[0].device_kind
     vendor = vendor_peak(kind, dtype)
@@ -435,10 +437,10 @@ def breakdown_case(text, prefix, cfg_kwargs, batch_size) -> dict:
     from microgpt_jax.model import GPTConfig, init_params
     from microgpt_jax.train import TrainConfig, Trainer
 
-    tcfg = TrainConfig(steps=100, batch_size=batch_size)
-    tokenizer, data = load_train_data(text, DataConfig(mode="stream"), batch_size, cfg_kwargs["block_size"], tcfg.seed)
+    tcfg, dcfg = TrainConfig(steps=100, batch_size=batch_size), DataConfig(mode="stream")
+    tokenizer, data = load_train_data(text, dcfg, batch_size, cfg_kwargs["block_size"], tcfg.seed)
     cfg = GPTConfig(vocab_size=tokenizer.size, **cfg_kwargs)
-    trainer = Trainer(cfg, tcfg, packed=False)
+    trainer = Trainer(cfg, tcfg, packed=dcfg.packed)
     rows = breakdown(trainer, trainer.init(init_params(cfg, jax.random.key(0))), data)
     print(format_breakdown(rows))
     return {f"{prefix}_breakdown_{k}": v for k, v in rows.items()}
@@ -447,13 +449,13 @@ def breakdown_case(text, prefix, cfg_kwargs, batch_size) -> dict:
 # --- against PyTorch: the same GPT, the same batches, the same optimizer, side by side (bench_torch.py) ---
 
 TORCH_SHAPES = {  # name -> (model fields, batch size, steps per timed chunk): the large case's shape, nanoGPT's CPU recipe's
-    "large": (dict(n_layer=4, n_embd=128, n_head=4, block_size=128), 64, 4),
+    "large": (LARGE, 64, 4),
     "nanogpt_shape": (dict(n_layer=4, n_embd=128, n_head=4, block_size=64), 12, 25),
 }
 
 
-def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4, compiled=True):
-    """{ours, torch_eager, torch_compile: tokens/s, and their compile seconds} of training this shape on the text in stream
+def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4):
+    """{ours, torch_eager, torch_compile: tokens/s; torch_compile_s: its compilation} of training this shape on the text in stream
     mode, from the same weights on the same batches, the nanoGPT recipe's optimizer settings; ours and torch eager measured
     twice in turn (the best of each), torch.compile once after them (its compilation takes long)."""
     import dataclasses
@@ -475,15 +477,12 @@ def torch_rates(text, cfg_kwargs, batch_size, chunk, chunks=4, compiled=True):
     host = jax.tree.map(np.asarray, params)
     out = {}
     for _ in range(2):
-        _, rate, compile_s, _ = steady_rate(Trainer(cfg, tcfg, packed=False), params, data, chunk, chunks)
-        out["ours"], out["ours_compile_s"] = max(out.get("ours", 0.0), rate), compile_s
-        rate, first_s = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, lrs=lrs)
-        out["torch_eager"] = max(out.get("torch_eager", 0.0), rate)
-    if compiled:
-        try:
-            out["torch_compile"], out["torch_compile_s"] = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, True, lrs)
-        except Exception as e:  # torch.compile needs a C++ compiler for the CPU; say why it could not run, in one line
-            out["torch_compile"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        out["ours"] = max(out.get("ours", 0.0), steady_rate(Trainer(cfg, tcfg, packed=recipe.data.packed), params, data, chunk, chunks)[1])
+        out["torch_eager"] = max(out.get("torch_eager", 0.0), bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, lrs=lrs)[0])
+    try:
+        out["torch_compile"], out["torch_compile_s"] = bench_torch.train_rate(host, cfg, tcfg, data, chunk, chunks, True, lrs)
+    except Exception as e:  # torch.compile needs a C++ compiler for the CPU; say why it could not run, in one line
+        out["torch_compile"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     return out
 
 
@@ -664,7 +663,7 @@ def scaling_worker(text):
     dcfg = DataConfig(mode="stream")
     tokenizer, data = load_train_data(text, dcfg, tcfg.batch_size, 128, tcfg.seed, row_multiple=mesh.devices.size)
     cfg = GPTConfig(vocab_size=tokenizer.size, n_layer=4, n_embd=128, n_head=4, block_size=128)
-    trainer = Trainer(cfg, tcfg, mesh, packed=False)
+    trainer = Trainer(cfg, tcfg, mesh, packed=dcfg.packed)
     params = trainer.replicate(init_params(cfg, jax.random.key(0), tcfg.param_dtype))
     steps_per_s, _, compile_s, _ = steady_rate(trainer, params, data, chunk, chunks)
     print(json.dumps({"steps_per_s": steps_per_s, "compile_s": compile_s}))

@@ -5,8 +5,6 @@ spec order, float64, then 20 samples drawn from the same Python `random`
 stream. It prints what `python -m reference` prints, line for line.
 """
 
-from concurrent.futures import ThreadPoolExecutor
-
 import jax
 import jax.numpy as jnp
 
@@ -14,7 +12,7 @@ from microgpt_jax.data import DataConfig, DocumentSource
 from microgpt_jax.loop import run_steps
 from microgpt_jax.memory import num_params
 from microgpt_jax.model import GPTConfig, init_params_reference
-from microgpt_jax.sample import compile_reference, sample_reference
+from microgpt_jax.sample import sample_reference
 from microgpt_jax.text import reference_docs
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, Trainer
@@ -36,14 +34,11 @@ def reproduce(data_path, steps=1000, print=print):
     dcfg = DataConfig(layout="padded", val_fraction=0.0)
     trainer = Trainer(cfg, tcfg, packed=dcfg.packed)
     data = DocumentSource([tokenizer.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
-    with ThreadPoolExecutor(1) as pool:
-        sampler = pool.submit(compile_reference, params, cfg, NUM_SAMPLES, TEMPERATURE)  # on the other core, meanwhile
-        # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
-        for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
-            params = chunk.state.params
-            for s, loss in enumerate(chunk.metrics["loss"], chunk.start):
-                print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
-        sampler.result()
+    # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
+    for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
+        params = chunk.state.params
+        for s, loss in enumerate(chunk.metrics["loss"], chunk.start):
+            print(f"step {s + 1:4d} / {steps:4d} | loss {loss:.4f}")
 
     print("\n--- inference (new, hallucinated names) ---")
     for i, s in enumerate(sample_reference(params, cfg, rng, NUM_SAMPLES, TEMPERATURE)):

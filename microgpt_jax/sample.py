@@ -361,15 +361,6 @@ def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, n
     return jax.lax.fori_loop(0, num_samples, one, init)
 
 
-def compile_reference(params, cfg: GPTConfig, num_samples=20, temperature=0.5, prompt=()):
-    """Compile sample_reference's program for these weights' shapes (draws nothing from any rng): run in a thread
-    while the training loop compiles, the two compilations share the cores (XLA releases the GIL)."""
-    params = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float64), params)
-    uniforms = np.zeros(num_samples * (cfg.block_size - len(prompt)))
-    temperature = jnp.asarray(temperature, jnp.float64)
-    jax.block_until_ready(_sample_reference(params, _with_start(cfg, prompt), uniforms, temperature, cfg, num_samples))
-
-
 def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
     """num_samples samples drawn as microgpt draws them from rng, a `random.Random` left where microgpt leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):

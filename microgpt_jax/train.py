@@ -273,7 +273,8 @@ class Evaluator:
 
     attention: one of model.ATTENTIONS; by default the backend's and dtype's
     (model.attention_implementation: cuDNN for bfloat16 on a GPU, else the
-    exact `attend`). `self.attention` says which.
+    exact `attend`). `self.attention` says which. packed: whether a row may hold
+    several documents (DataConfig.packed); if not, the causal mask alone (see _loss).
     """
 
     def __init__(self, cfg: GPTConfig, dtype, param_dtype, mesh=None, attention=None, packed=True):
@@ -282,7 +283,6 @@ class Evaluator:
         self.attention = attention or attention_implementation(jax.default_backend(), self.dtype, cfg)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        self.packed = packed
         row_losses = partial(_row_losses, cfg=cfg, dtype=self.dtype, attention=self.attention, packed=packed)
         self._row_losses = jax.jit(row_losses, **self._shardings((None, 1)))
 
