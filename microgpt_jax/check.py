@@ -6,6 +6,7 @@ over a few Adam steps. `microgpt-jax check` prints the table this builds.
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ import numpy as np
 import reference
 from microgpt_jax.dataset import first_document, is_dataset
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import compiler_options
 from microgpt_jax.layout import padded_batch, step_docs
 from microgpt_jax.model import GPTConfig, dropout_masks, forward, init_params_reference, loss_fn
 from microgpt_jax.rundir import Weights, load_weights
@@ -68,13 +70,23 @@ def reference_grads(params, cfg, docs, grad_accum=1, masks=None):
     return loss, from_reference_state(state, "grad")
 
 
-_value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=2)
-_forward = jax.jit(forward, static_argnums=2)
+@functools.cache
+def _jit(fn):
+    """fn jitted (the config static) as check's programs are: as small as the scalar engine can follow, so on a CPU
+    compiled cheaply (flops.compiler_options), as a small training run is."""
+    return jax.jit(fn, static_argnums=2, compiler_options=compiler_options(jax.default_backend(), 0.0))
+
+
+_value_and_grad = jax.value_and_grad(loss_fn)
+
+
+def _forward(params, tokens_BT, cfg, masks=None):
+    return _jit(forward)(params, tokens_BT, cfg, masks=masks)
 
 
 def jax_grads(params, cfg, docs, masks=None):
     batch = jax.tree.map(jnp.asarray, padded_batch(docs, cfg.block_size))
-    loss, grads = _value_and_grad(params, batch, cfg, masks=masks)
+    loss, grads = _jit(_value_and_grad)(params, batch, cfg, masks=masks)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -144,8 +156,10 @@ def check_training(params, cfg, tcfg: TrainConfig, docs, progress=lambda message
         this_step = batch_docs(docs, s, tcfg.batch_size)
         row_masks = step_masks(cfg, tcfg, s, tcfg.batch_size)[1]
         ref_losses.append(reference.train_batch(state, cfg, adam, s, this_step, tcfg.grad_accum, row_masks))
-        train_state, metrics = trainer.step(train_state, jax.tree.map(jnp.asarray, padded_batch(this_step, cfg.block_size)))
-        jax_losses.append(float(metrics["loss"]))
+        # the training loop itself, compiled as a run compiles it, one step a call
+        batches = trainer.put(jax.tree.map(lambda a: a[None], padded_batch(this_step, cfg.block_size)))
+        train_state, metrics = trainer.compiled_steps(train_state, batches)[0](train_state, batches, 1)
+        jax_losses.append(float(metrics["loss"][0]))
     p = train_state.params
     final = from_reference_state(state)
     return [compare("train losses", jax_losses, ref_losses)] + [

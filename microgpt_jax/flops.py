@@ -67,3 +67,16 @@ def describe_peak(device_kind: str, dtype="bfloat16") -> str:
     if found is None:
         return f"vendor peak unknown for {device_kind} ({dtype})"
     return f"vendor peak {found[0] / 1e12:g} TFLOP/s ({found[1]}, dense)"
+
+
+# XLA:CPU's cheap pipeline (its loop emitters, LLVM at -O1) compiles a step about 2x faster than the default one and
+# runs it slower (bench reproduce: microgpt's loop 0.92 -> 0.41 s): the better deal for a program whose whole run is
+# less work than CHEAP_COMPILE_FLOPS, where compiling takes longer than running. (-O0 would compile faster still, but
+# then a loop of steps and the steps one by one differ in the last bit.)
+CHEAP_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization_level": 1}
+CHEAP_COMPILE_FLOPS = 1e10
+
+
+def compiler_options(platform: str, flops: float) -> dict | None:
+    """XLA's options for a program that will compute about `flops` in all on platform: CHEAP_COMPILE or the default (None)."""
+    return dict(CHEAP_COMPILE) if platform == "cpu" and flops < CHEAP_COMPILE_FLOPS else None

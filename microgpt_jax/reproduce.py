@@ -8,7 +8,8 @@ stream. It prints what `python -m reference` prints, line for line.
 import jax
 import jax.numpy as jnp
 
-from microgpt_jax.data import DataConfig, DocumentSource
+from microgpt_jax.data import DataConfig, DocumentSource, separated
+from microgpt_jax.layout import Docs
 from microgpt_jax.loop import run_steps
 from microgpt_jax.memory import num_params
 from microgpt_jax.model import GPTConfig, init_params_reference
@@ -33,7 +34,7 @@ def reproduce(data_path, steps=1000, print=print):
     tcfg = TrainConfig(steps=steps, dtype="float64")
     dcfg = DataConfig(layout="padded", val_fraction=0.0)
     trainer = Trainer(cfg, tcfg, packed=dcfg.packed)
-    data = DocumentSource([tokenizer.encode(d) for d in docs], [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
+    data = DocumentSource(Docs.separated(*separated(tokenizer, docs)), [], dcfg, 1, cfg.block_size)  # step s: docs[s % len(docs)]
     # one compiled call for the whole run: microgpt's 1000 steps are one loop on the device
     for chunk in run_steps(trainer, trainer.init(params), data, steps, length=steps):
         params = chunk.state.params

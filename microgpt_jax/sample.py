@@ -25,6 +25,7 @@ Each sample comes with its log-probability under the model itself
 BOS included, of log softmax(logits)[token], given the prompt.
 """
 
+import functools
 import math
 import random
 import sys
@@ -39,6 +40,7 @@ import numpy as np
 from microgpt_jax import memory
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import compiler_options, flops_per_token
 from microgpt_jax.model import GPTConfig, decode_step, forward, forward_cached, init_cache, softmax
 from microgpt_jax.runtime import set_precision
 
@@ -343,7 +345,6 @@ def sample(params, cfg: GPTConfig, num_samples, **options) -> list[Sample]:
     return [s for batch in sample_batches(params, cfg, num_samples, **options) for s in batch]
 
 
-@partial(jax.jit, static_argnames=("cfg", "num_samples"))
 def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, num_samples):
     """Samples one after another through the generation loop (batch 1), each draw taking the next uniform."""
     W = cfg.block_size - prompt_P.shape[0] + 1  # until the block is full, as microgpt stops
@@ -361,6 +362,12 @@ def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, n
     return jax.lax.fori_loop(0, num_samples, one, init)
 
 
+@functools.cache
+def _sample_reference_jit(options: tuple):
+    """_sample_reference compiled with these XLA options (flops.compiler_options, as items): one jax.jit for each."""
+    return jax.jit(_sample_reference, static_argnames=("cfg", "num_samples"), compiler_options=dict(options) or None)
+
+
 def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
     """num_samples samples drawn as microgpt draws them from rng, a `random.Random` left where microgpt leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):
@@ -371,7 +378,8 @@ def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.
     W = cfg.block_size - len(prompt)
     state = rng.getstate()
     uniforms = np.array([rng.random() for _ in range(num_samples * W)])
-    used, out_NW, logp_N = _sample_reference(
+    options = compiler_options(jax.default_backend(), num_samples * W * flops_per_token(cfg) / 3) or {}  # forward only
+    used, out_NW, logp_N = _sample_reference_jit(tuple(sorted(options.items())))(
         params, _with_start(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
     )
     rng.setstate(state)

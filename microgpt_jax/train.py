@@ -26,6 +26,7 @@ import optax
 
 from microgpt_jax import parallel
 from microgpt_jax.config import ConfigError, field, fits_64_bits, fraction, non_negative, positive, validate
+from microgpt_jax.flops import compiler_options, flops_per_token
 from microgpt_jax.layout import Batch
 from microgpt_jax.model import (
     ATTENTIONS,
@@ -259,6 +260,11 @@ def _row_losses(params, batches, cfg, dtype, attention="einsum", packed=True):
     return jax.lax.map(lambda batch: _loss(params, batch, cfg, dtype, attention, per_row=True, packed=packed), batches)
 
 
+def run_flops(cfg: GPTConfig, tcfg: TrainConfig) -> float:
+    """About what a whole run computes: tcfg.steps steps of batch_size rows of block_size tokens."""
+    return flops_per_token(cfg) * tcfg.steps * tcfg.batch_size * cfg.block_size
+
+
 class Evaluator:
     """The compiled evaluation of one model config, and where its arrays live (one device, or a mesh).
 
@@ -280,6 +286,7 @@ class Evaluator:
     def __init__(self, cfg: GPTConfig, dtype, param_dtype, mesh=None, attention=None, packed=True):
         self.cfg, self.mesh, self.param_dtype = cfg, mesh, jnp.dtype(param_dtype)
         self.dtype = jnp.dtype(dtype)
+        self.platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
         self.attention = attention or attention_implementation(jax.default_backend(), self.dtype, cfg)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
@@ -336,6 +343,7 @@ class Trainer(Evaluator):
         check_accumulation(tcfg, groups)
         super().__init__(cfg, tcfg.dtype, tcfg.param_dtype, mesh, attention, packed)
         self.tcfg = tcfg
+        self.compiler_options = compiler_options(self.platform, run_flops(cfg, tcfg))
         self.optimizer = make_optimizer(tcfg)
         self.lr = make_schedule(tcfg)
         fixed = dict(cfg=cfg, optimizer=self.optimizer, dtype=self.dtype, attention=self.attention, packed=packed)
@@ -349,14 +357,16 @@ class Trainer(Evaluator):
         """`steps` compiled ahead of time for these argument shapes, once per Trainer: (executable, seconds spent now).
 
         Calling the executable never traces or compiles again; arguments of
-        another shape are an error instead of a silent recompilation.
+        another shape are an error instead of a silent recompilation. It is
+        compiled with the run's compiler_options: a small run on a CPU compiles
+        cheaply (flops.compiler_options), as every chunk and resume of it does.
         """
         leaves, tree = jax.tree.flatten((state, batches))
         key = (tree, tuple((a.shape, str(a.dtype)) for a in leaves))
         if key in self._compiled:
             return self._compiled[key], 0.0
         clock = time.perf_counter()
-        self._compiled[key] = self.steps.lower(state, batches, 0).compile()
+        self._compiled[key] = self.steps.lower(state, batches, 0).compile(compiler_options=self.compiler_options)
         return self._compiled[key], time.perf_counter() - clock
 
     def init(self, params) -> TrainState:
@@ -471,6 +481,7 @@ class SweepTrainer(Trainer):
     def __init__(self, cfg: GPTConfig, tcfgs, dropouts, mesh=None, attention=None, packed=True):
         base = tcfgs[0]
         Evaluator.__init__(self, cfg, base.dtype, base.param_dtype, mesh, attention, packed)
+        self.compiler_options = compiler_options(self.platform, len(tcfgs) * run_flops(cfg, base))
         self.tcfg, self.tcfgs, self.dropouts = base, list(tcfgs), list(dropouts)
         self.hyper = Hyper.of(tcfgs, dropouts, base.param_dtype)
         devices = 1 if mesh is None else mesh.devices.size

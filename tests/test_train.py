@@ -12,6 +12,7 @@ import reference
 from microgpt_jax.check import ATOL, RTOL, from_reference_state, to_reference_state
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
+from microgpt_jax.flops import CHEAP_COMPILE, compiler_options
 from microgpt_jax.layout import padded_batch
 from microgpt_jax.model import GPTConfig, init_params, init_params_reference, loss_fn, param_shapes
 from microgpt_jax.tokenizer import CharTokenizer
@@ -96,6 +97,12 @@ def test_scan_loop_equals_stepping_one_by_one_and_compiles_once():
     # identical, bit for bit: the scan body is the step (weights, Adam's moments and the step count)
     assert scan_losses == step_losses
     chex.assert_trees_all_equal(t, s)
+
+
+def test_a_small_run_compiles_its_loop_cheaply_on_a_cpu_and_a_large_one_fully():
+    assert Trainer(CFG, TrainConfig(steps=1000)).compiler_options == CHEAP_COMPILE  # microgpt's run: compiling would dominate
+    assert Trainer(CFG, TrainConfig(steps=10**6, batch_size=256)).compiler_options is None
+    assert compiler_options("gpu", 0.0) is None  # the options are XLA:CPU's
 
 
 def test_step_donates_params_and_optimizer_state():
