@@ -1,6 +1,7 @@
 """Test setup: float64 everywhere, and the datasets from ../shared/data."""
 
 import os
+import shutil
 import tempfile
 
 import jax
@@ -12,11 +13,17 @@ from tests.helpers import NAMES, SHAKESPEARE
 jax.config.update("jax_enable_x64", True)
 # Every command and test reads names from ../shared/data; nothing goes to the network.
 os.environ.setdefault("MICROGPT_JAX_DATA", str(NAMES))
-# The compiled-program cache of this test session: never the user's.
-# One per test run, shared by pytest-xdist's workers and the commands they start: a program compiled once is read after.
-_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_prefix = "microgpt-jax-test-cache-"
-os.environ["MICROGPT_JAX_CACHE"] = os.path.join(tempfile.gettempdir(), _prefix + _run) if _run else tempfile.mkdtemp(prefix=_prefix)
+# The compiled-program cache of this test session: never the user's. One per test run, made by the process that
+# starts it (pytest-xdist's workers inherit it), shared by the workers and the commands they start, removed at the end.
+_owner = "MICROGPT_JAX_TEST_CACHE" not in os.environ
+if _owner:
+    os.environ["MICROGPT_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="microgpt-jax-test-cache-")
+os.environ["MICROGPT_JAX_CACHE"] = os.environ["MICROGPT_JAX_TEST_CACHE"]
+
+
+def pytest_sessionfinish(session):
+    if _owner:  # after every worker has finished
+        shutil.rmtree(os.environ["MICROGPT_JAX_TEST_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
