@@ -152,6 +152,17 @@ def _quiet_orbax():
         threading.excepthook, sys.unraisablehook = hooks
 
 
+def check_like(step, tree, like):
+    """A state to save must be what the run reads back (abstract_state): else it would read as damaged. One line if not."""
+    got, want = jax.tree.leaves_with_path(tree), jax.tree.leaves(like)
+    if len(got) != len(want):
+        raise ValueError(f"checkpoint {step}: the state has {len(got)} arrays, the run's config {len(want)}")
+    for (path, a), w in zip(got, want):
+        if (a.shape, a.dtype) != (w.shape, w.dtype):
+            where = ("params", "opt_state")[path[0].idx] + jax.tree_util.keystr(path[1:])
+            raise ValueError(f"checkpoint {step}: {where} is {a.dtype}{list(a.shape)}, the run's config makes it {w.dtype}{list(w.shape)}")
+
+
 class CheckpointStore:
     """The checkpoints of one run, each a TrainState of the run's model config and weights' dtype.
 
@@ -229,6 +240,7 @@ class CheckpointStore:
             return  # never overwrite a checkpoint in place
         self.check_no_files()
         params, opt_state = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        check_like(step, (params, opt_state), (self.like.params, self.like.opt_state))
         meta = {
             "step": step,
             "data_position": data_position,

@@ -84,7 +84,9 @@ def test_progress_bar_shows_loss_val_rate_and_eta(capsys):
 
 def hook_chain(tmp_path, save_every=4):
     """The NaN policy and the checkpoint hook over a store, as the loop calls them: (store, end_chunk)."""
-    store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8))
+    arrays = jax.ShapeDtypeStruct((2,), np.float64)  # the stand-in state's: {"w": [2]}, {"m": [2]}
+    like = train.TrainState({"w": arrays}, {"m": arrays}, jax.ShapeDtypeStruct((), np.int32))
+    store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8), like=like)
     chain = [loop.NonFinite(store.latest), loop.Checkpoints(store, save_every, lambda step: step, tmp_path)]
 
     def end_chunk(first, losses, params, opt_state):
@@ -105,6 +107,14 @@ def test_a_nan_mid_chunk_keeps_nothing_of_the_chunk(tmp_path):
     with pytest.raises(UserError, match=r"^loss is inf at step 6: .* the latest checkpoint is step 4"):
         end_chunk(4, [1.0, np.inf, 1.0, 1.0], params, opt_state)
     assert store.steps() == [4]
+
+
+def test_a_state_unlike_the_runs_is_refused_before_anything_is_written(tmp_path):
+    store = checkpoint.CheckpointStore(tmp_path / "checkpoints", GPTConfig(), train.TrainConfig(steps=8))
+    state = jax.tree.map(lambda a: np.zeros(a.shape, np.float64), store.like)  # float64 weights for a float32 run
+    with pytest.raises(ValueError, match=r"^checkpoint 0: params\['[\w.]+'\] is float64\[\d+(, \d+)?\], the run's config makes it float32"):
+        store.save(state, 0)  # (it would read back as damaged)
+    assert store.steps() == [] and not any(store.directory.glob("*/*"))
 
 
 def test_weights_that_overflow_with_a_finite_loss_are_never_saved(tmp_path):
