@@ -79,7 +79,16 @@ def _run(main, argv):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) and exit 2."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)  # what error() looks at
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
+        flag = message.removeprefix("argument ").split(":")[0].split("/")[-1]
+        given = getattr(self, "_given", [])
+        after = given[given.index(flag) + 1 : given.index(flag) + 2] if flag in given else []
+        if message.endswith("expected one argument") and after and after[0].startswith("-"):  # argparse took it for a flag
+            message += f" (a value that starts with '-' goes as {flag}={after[0]})"
         fail(f"{self.prog}: {message} (see {self.prog} --help)")  # a subcommand's prog is "microgpt-jax train"
 
     def unknown(self, extra: list):
