@@ -84,9 +84,9 @@ def test_sliding_samples_equal_the_definition_whatever_the_batch():
     assert max(map(len, want)) > T and min(map(len, want)) < N  # past the block, and some ended at BOS
     got = sample(params, CFG, 10, prompt=PROMPT, seed=3, batch_size=4, max_new_tokens=N, **OPTIONS)
     assert [s.ids for s in got] == want
-    size = sampling.sample_rows._cache_size()
+    size = sampling.sampler(CFG)._cache_size()
     sample(params, CFG, 7, prompt=PROMPT, seed=5, batch_size=4, max_new_tokens=N, temperature=0.3)
-    assert sampling.sample_rows._cache_size() == size  # one compilation per (batch, length)
+    assert sampling.sampler(CFG)._cache_size() == size >= 1  # one compilation per (batch, length)
 
 
 def test_batches_are_handed_over_as_they_complete(monkeypatch):

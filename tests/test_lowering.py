@@ -20,7 +20,7 @@ import pytest
 from microgpt_jax import parallel
 from microgpt_jax.layout import Batch, packed_batch, padded_batch
 from microgpt_jax.model import GPTConfig, attention_implementation, forward, init_params, loss_fn
-from microgpt_jax.sample import sample_rows
+from microgpt_jax.sample import compiled_sampler
 from microgpt_jax.train import TrainConfig, Trainer, abstract_state
 
 # the model shapes of configs/*.toml (vocabularies: names, tinyshakespeare, GPT-2's)
@@ -144,7 +144,7 @@ def test_sampler_lowers_for_cuda(name, dtype):
     rows = jax.ShapeDtypeStruct((8,), jnp.int32)
     knobs = (jax.ShapeDtypeStruct((), dtype), jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), dtype))
     prompt_P = jnp.asarray([cfg.bos, 1, 2], jnp.int32)
-    exported = jax.export.export(sample_rows, platforms=["cuda"])(params, prompt_P, jax.random.key(0), rows, *knobs, cfg=cfg)
+    exported = jax.export.export(compiled_sampler(), platforms=["cuda"])(params, prompt_P, jax.random.key(0), rows, *knobs, cfg=cfg)
     assert exported.platforms == ("cuda",)
     assert "cudnn$fmha" not in exported.mlir_module()
     assert [o.shape for o in exported.out_avals] == [(8, cfg.block_size - 2), (8,)]

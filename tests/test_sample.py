@@ -14,6 +14,7 @@ import reference
 import reference.gpt
 from microgpt_jax import cli
 from microgpt_jax.check import to_reference_state
+from microgpt_jax.flops import CHEAP_COMPILE
 from microgpt_jax.model import (
     GPTConfig,
     decode_step,
@@ -24,7 +25,16 @@ from microgpt_jax.model import (
     init_params_reference,
 )
 from microgpt_jax.rundir import RunConfig, RunDir
-from microgpt_jax.sample import draw_tokens, kept_mask, keyed_draw, sample, sample_reference, sample_rows
+from microgpt_jax.sample import (
+    draw_tokens,
+    kept_mask,
+    keyed_draw,
+    model_options,
+    sample,
+    sample_reference,
+    sample_rows,
+    sampler,
+)
 from microgpt_jax.tokenizer import CharTokenizer
 from microgpt_jax.train import TrainConfig, TrainState, make_optimizer
 from tests import helpers
@@ -158,14 +168,20 @@ def test_samples_end_at_bos_or_block_size_whatever_the_batch():
     assert [s.ids for s in sample(params, cfg, 40, prompt=prompt, temperature=1.5, seed=2)] != [s.ids for s in samples]
 
 
+def test_a_small_models_sampler_compiles_cheaply_on_a_cpu_and_a_large_ones_fully():
+    assert model_options(CFG) == tuple(sorted(CHEAP_COMPILE.items()))  # whatever the batch and the count
+    assert model_options(GPTConfig(vocab_size=65, n_embd=512, n_layer=8, n_head=8, block_size=256)) == ()
+
+
 def test_sampler_compiles_once_per_shape():
     params = random_params(CFG)
     sample(params, CFG, 20, prompt=PROMPT, batch_size=16)
-    size = sample_rows._cache_size()
+    size = sampler(CFG)._cache_size()
+    assert size >= 1  # the sampler this model's samples use
     # new values, same shapes (the last batch of 20 or 21 samples runs padded to 16 rows)
     sample(params, CFG, 21, prompt=PROMPT, batch_size=16, seed=1, temperature=0.3, top_k=5, top_p=0.5)
     sample(params, CFG, 40, prompt=PROMPT, batch_size=16, seed=2, temperature=0)
-    assert sample_rows._cache_size() == size
+    assert sampler(CFG)._cache_size() == size
 
 
 # --- top-k and top-p: a property test against a plain-Python statement of the rule ---
