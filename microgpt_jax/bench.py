@@ -203,14 +203,13 @@ def reproduce(inputs):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), JAX_COMPILATION_CACHE_DIR=cache)
         for run in ("cold", "warm"):
             start = time.perf_counter()
-            # the command as `python -m microgpt_jax` runs it, telling its own peak memory as it exits (VmHWM: see peak_rss_mb)
-            code = "import atexit, sys; atexit.register(lambda: sys.stderr.write(open('/proc/self/status').read()))"
+            # the command as `python -m microgpt_jax` runs it, telling its own peak memory as it exits (see peak_rss_mb)
+            code = "import atexit, sys; atexit.register(lambda: print(__import__('microgpt_jax.bench').bench.peak_rss_mb()))"
             code += "; from microgpt_jax.__main__ import entry; entry()"
             command = [sys.executable, "-c", code, "reproduce", "--data", str(inputs.names_path())]
-            done = subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
             seconds = time.perf_counter() - start
-            peak = re.findall(r"^VmHWM:\s*(\d+) kB", done.stderr, re.M)
-            out["reproduce_peak_rss_mb"] = max(out.get("reproduce_peak_rss_mb", 0.0), int(peak[-1]) / 1024) if peak else "no /proc here"
+            out["reproduce_peak_rss_mb"] = max(out.get("reproduce_peak_rss_mb", 0.0), float(done.stdout.splitlines()[-1]))
             prefix = "reproduce_cold" if run == "cold" else "reproduce_warm"
             out |= {f"{prefix}_s": seconds, f"{prefix}_vs_scalar_ratio": scalar_s / seconds}
     return out

@@ -6,7 +6,6 @@ over a few Adam steps. `microgpt-jax check` prints the table this builds.
 """
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,7 +16,7 @@ import numpy as np
 import reference
 from microgpt_jax.dataset import first_document, is_dataset
 from microgpt_jax.errors import UserError
-from microgpt_jax.flops import compiler_options
+from microgpt_jax.flops import compiler_options, jitted
 from microgpt_jax.layout import padded_batch, step_docs
 from microgpt_jax.model import GPTConfig, dropout_masks, forward, init_params_reference, loss_fn
 from microgpt_jax.rundir import Weights, load_weights
@@ -70,11 +69,10 @@ def reference_grads(params, cfg, docs, grad_accum=1, masks=None):
     return loss, from_reference_state(state, "grad")
 
 
-@functools.cache
 def _jit(fn):
     """fn jitted (the config static) as check's programs are: as small as the scalar engine can follow, so on a CPU
     compiled cheaply (flops.compiler_options), as a small training run is."""
-    return jax.jit(fn, static_argnums=2, compiler_options=compiler_options(jax.default_backend(), 0.0))
+    return jitted(fn, compiler_options(jax.default_backend(), 0.0), static_argnums=2)
 
 
 _value_and_grad = jax.value_and_grad(loss_fn)

@@ -84,11 +84,12 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        flag = message.removeprefix("argument ").split(":")[0].split("/")[-1]
-        given = getattr(self, "_given", [])
-        after = given[given.index(flag) + 1 : given.index(flag) + 2] if flag in given else []
-        if message.endswith("expected one argument") and after and after[0].startswith("-"):  # argparse took it for a flag
-            message += f" (a value that starts with '-' goes as {flag}={after[0]})"
+        if message.endswith("expected one argument"):  # argparse takes a value that starts with '-' (-1:2) for a flag
+            flag = message.removeprefix("argument ").split(":")[0].split("/")[-1]
+            given = getattr(self, "_given", [])
+            value = next((v for f, v in zip(given, given[1:]) if f == flag), "")
+            if value.startswith("-"):
+                message += f" (a value that starts with '-' goes as {flag}={value})"
         fail(f"{self.prog}: {message} (see {self.prog} --help)")  # a subcommand's prog is "microgpt-jax train"
 
     def unknown(self, extra: list):

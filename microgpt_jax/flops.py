@@ -4,8 +4,10 @@ The MFU (`bench`'s large and gpu cases) is flops_per_token * tokens/s over
 a peak; `train` names the device's vendor peak in its start-up lines.
 """
 
+import functools
 import re
 
+import jax
 import numpy as np
 
 from microgpt_jax.model import GPTConfig
@@ -77,6 +79,13 @@ CHEAP_COMPILE = {"xla_cpu_use_fusion_emitters": False, "xla_backend_optimization
 CHEAP_COMPILE_FLOPS = 1e10
 
 
-def compiler_options(platform: str, flops: float) -> dict | None:
-    """XLA's options for a program that will compute about `flops` in all on platform: CHEAP_COMPILE or the default (None)."""
-    return dict(CHEAP_COMPILE) if platform == "cpu" and flops < CHEAP_COMPILE_FLOPS else None
+def compiler_options(platform: str, flops: float) -> tuple:
+    """XLA's options for a program that will compute about `flops` in all on platform, as (name, value) items:
+    CHEAP_COMPILE's, or () for the default."""
+    return tuple(sorted(CHEAP_COMPILE.items())) if platform == "cpu" and flops < CHEAP_COMPILE_FLOPS else ()
+
+
+@functools.cache
+def jitted(fn, options: tuple = (), **static):
+    """jax.jit(fn, **static) compiled with these options (compiler_options'): one jit for each."""
+    return jax.jit(fn, compiler_options=dict(options) or None, **static)

@@ -25,7 +25,6 @@ Each sample comes with its log-probability under the model itself
 BOS included, of log softmax(logits)[token], given the prompt.
 """
 
-import functools
 import math
 import random
 import sys
@@ -39,7 +38,7 @@ import numpy as np
 from microgpt_jax import memory
 from microgpt_jax.config import ConfigError
 from microgpt_jax.errors import UserError
-from microgpt_jax.flops import compiler_options, flops_per_token
+from microgpt_jax.flops import compiler_options, flops_per_token, jitted
 from microgpt_jax.model import GPTConfig, decode_step, forward, forward_cached, init_cache, softmax
 from microgpt_jax.runtime import set_precision
 
@@ -251,14 +250,12 @@ def model_options(cfg: GPTConfig) -> tuple:
     """The XLA options (flops.compiler_options, as items) of cfg's samplers: by the model alone, so that a sample
     is the same whatever the batch and the count. A model whose default batch (TOKENS_PER_BATCH tokens' forward) is
     small compiles cheaply on a CPU: microgpt's sampler in 0.68 s instead of 1.16, 7% slower at batch 1000 (bench sampling)."""
-    options = compiler_options(jax.default_backend(), TOKENS_PER_BATCH * flops_per_token(cfg) / 3)  # forward only
-    return tuple(sorted((options or {}).items()))
+    return compiler_options(jax.default_backend(), TOKENS_PER_BATCH * flops_per_token(cfg) / 3)  # forward only
 
 
-@functools.cache
 def compiled_sampler(options: tuple = ()):
     """_sample_rows jitted with these XLA options (model_options): one jax.jit for each."""
-    return jax.jit(_sample_rows, static_argnames=("cfg", "new_tokens"), compiler_options=dict(options) or None)
+    return jitted(_sample_rows, options, static_argnames=("cfg", "new_tokens"))
 
 
 def sampler(cfg: GPTConfig):
@@ -383,12 +380,6 @@ def _sample_reference(params, prompt_P, uniforms, temperature, cfg: GPTConfig, n
     return jax.lax.fori_loop(0, num_samples, one, init)
 
 
-@functools.cache
-def _sample_reference_jit(options: tuple):
-    """_sample_reference compiled with these XLA options (model_options): one jax.jit for each."""
-    return jax.jit(_sample_reference, static_argnames=("cfg", "num_samples"), compiler_options=dict(options) or None)
-
-
 def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.5, prompt=()) -> list[Sample]:
     """num_samples samples drawn as microgpt draws them from rng, a `random.Random` left where microgpt leaves it."""
     if not (math.isfinite(temperature) and temperature > 0):
@@ -399,7 +390,7 @@ def sample_reference(params, cfg: GPTConfig, rng, num_samples=20, temperature=0.
     W = cfg.block_size - len(prompt)
     state = rng.getstate()
     uniforms = np.array([rng.random() for _ in range(num_samples * W)])
-    used, out_NW, logp_N = _sample_reference_jit(model_options(cfg))(
+    used, out_NW, logp_N = jitted(_sample_reference, model_options(cfg), static_argnames=("cfg", "num_samples"))(
         params, _with_start(cfg, prompt), uniforms, jnp.asarray(temperature, params["wte"].dtype), cfg, num_samples
     )
     rng.setstate(state)

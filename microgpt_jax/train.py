@@ -366,7 +366,7 @@ class Trainer(Evaluator):
         if key in self._compiled:
             return self._compiled[key], 0.0
         clock = time.perf_counter()
-        self._compiled[key] = self.steps.lower(state, batches, 0).compile(compiler_options=self.compiler_options)
+        self._compiled[key] = self.steps.lower(state, batches, 0).compile(compiler_options=dict(self.compiler_options) or None)
         return self._compiled[key], time.perf_counter() - clock
 
     def init(self, params) -> TrainState:

@@ -169,7 +169,7 @@ def test_samples_end_at_bos_or_block_size_whatever_the_batch():
 
 
 def test_a_small_models_sampler_compiles_cheaply_on_a_cpu_and_a_large_ones_fully():
-    assert model_options(CFG) == tuple(sorted(CHEAP_COMPILE.items()))  # whatever the batch and the count
+    assert dict(model_options(CFG)) == CHEAP_COMPILE  # whatever the batch and the count
     assert model_options(GPTConfig(vocab_size=65, n_embd=512, n_layer=8, n_head=8, block_size=256)) == ()
 
 
